@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The test command of the README (and of .ci/run): set up, build, run ctest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+scripts/build.sh
+cd build && ctest --output-on-failure -j "$(nproc)" --label-exclude "slow|bench" "$@"
