@@ -1,0 +1,2 @@
+// STUB: replaced by the configs parser.
+#include "configs/config.h"
