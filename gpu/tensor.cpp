@@ -48,6 +48,12 @@ Tensor Tensor::Reshape(std::vector<int64_t> shape) const {
   return t;
 }
 
+Tensor Tensor::Prefix(std::vector<int64_t> shape) const {
+  Tensor t(buf_, offset_, std::move(shape), dtype_, name_);
+  assert(t.numel() <= numel());
+  return t;
+}
+
 Tensor Tensor::Select(int64_t i) const {
   assert(!shape_.empty() && i >= 0 && i < shape_[0]);
   std::vector<int64_t> shape(shape_.begin() + 1, shape_.end());

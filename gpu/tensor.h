@@ -83,6 +83,8 @@ class Tensor {
   Tensor SliceRows(int64_t begin, int64_t end) const;
   // Same elements, new shape (numel must match).
   Tensor Reshape(std::vector<int64_t> shape) const;
+  // The first numel(shape) elements, viewed with `shape` (scratch reuse).
+  Tensor Prefix(std::vector<int64_t> shape) const;
   // Index i along dimension 0, dropping it: t[i].
   Tensor Select(int64_t i) const;
 

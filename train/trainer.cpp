@@ -1,0 +1,129 @@
+#include "train/trainer.h"
+
+#include <chrono>
+#include <cmath>
+
+#include "data/shards.h"
+#include "data/stats.h"
+#include "gpu/model/bias_update.h"
+#include "train/lr_schedule.h"
+
+namespace troupe {
+namespace {
+
+Expected<std::vector<uint16_t>> ReadAll(const std::vector<std::string>& paths, int vocab) {
+  std::vector<uint16_t> all;
+  for (const std::string& p : paths) {
+    TROUPE_ASSIGN_OR_RETURN(std::vector<uint16_t> part, data::ReadShard(p, vocab));
+    all.insert(all.end(), part.begin(), part.end());
+  }
+  return all;
+}
+
+}  // namespace
+
+Expected<std::unique_ptr<Trainer>> Trainer::Create(Backend& be, const JobConfig& job, DType dtype) {
+  std::unique_ptr<Trainer> t(new Trainer(be, job));
+  TROUPE_RETURN_IF_ERROR(t->Init(dtype));
+  return t;
+}
+
+Status Trainer::Init(DType dtype) {
+  const ModelConfig& mc = job_.model;
+  const TrainConfig& tc = job_.train;
+  const int extra = 1 + mc.num_nextn_predict_layers;
+  data::LoaderOptions train_opts{tc.seq_len, extra, data::LoaderMode::kTrain, tc.seed};
+  data::LoaderOptions val_opts{tc.seq_len, extra, data::LoaderMode::kEval, 0};
+  TROUPE_ASSIGN_OR_RETURN(data::TokenLoader train, data::TokenLoader::Open(job_.data.train_shards, mc.vocab_size, train_opts));
+  TROUPE_ASSIGN_OR_RETURN(data::TokenLoader val, data::TokenLoader::Open(job_.data.val_shards, mc.vocab_size, val_opts));
+  train_tokens_ = train.num_tokens();
+  train_loader_ = std::make_unique<data::TokenLoader>(std::move(train));
+  val_loader_ = std::make_unique<data::TokenLoader>(std::move(val));
+  {
+    TROUPE_ASSIGN_OR_RETURN(std::vector<uint16_t> train_tokens, ReadAll(job_.data.train_shards, mc.vocab_size));
+    TROUPE_ASSIGN_OR_RETURN(std::vector<uint16_t> val_tokens, ReadAll(job_.data.val_shards, mc.vocab_size));
+    TROUPE_ASSIGN_OR_RETURN(unigram_baseline_, data::UnigramCrossEntropy(train_tokens, val_tokens, mc.vocab_size));
+  }
+  TROUPE_ASSIGN_OR_RETURN(model_, Model::Create(be_, mc, dtype, tc.batch_size, tc.seq_len));
+  TROUPE_RETURN_IF_ERROR(InitParams(be_, mc, tc.seed, model_->params()));
+  TROUPE_ASSIGN_OR_RETURN(adam_m_, AllocateParams(be_, mc, dtype));
+  TROUPE_ASSIGN_OR_RETURN(adam_v_, AllocateParams(be_, mc, dtype));
+  return Status::Ok();
+}
+
+void Trainer::OptimizerStep(double lr, double clip_scale) {
+  const TrainConfig& tc = job_.train;
+  std::vector<ParamRef> params = ListParams(model_->params());
+  std::vector<ParamRef> grads = ListParams(model_->grads());
+  std::vector<ParamRef> m = ListParams(adam_m_);
+  std::vector<ParamRef> v = ListParams(adam_v_);
+  for (size_t i = 0; i < params.size(); ++i) {
+    if (!params[i].trainable) continue;
+    AdamWParams p;
+    p.lr = lr;
+    p.beta1 = tc.beta1;
+    p.beta2 = tc.beta2;
+    p.eps = tc.adam_eps;
+    p.weight_decay = params[i].weight_decay ? tc.weight_decay : 0.0;
+    p.step = step_ + 1;
+    p.grad_scale = clip_scale;
+    be_.AdamWStep(*params[i].tensor, *grads[i].tensor, *m[i].tensor, *v[i].tensor, p);
+  }
+}
+
+Expected<StepReport> Trainer::Step() {
+  const TrainConfig& tc = job_.train;
+  const auto start = std::chrono::steady_clock::now();
+  TROUPE_ASSIGN_OR_RETURN(std::vector<int32_t> batch, train_loader_->NextBatch(tc.batch_size));
+  model_->ZeroGrads();
+  StepReport r;
+  TROUPE_ASSIGN_OR_RETURN(r.loss, model_->Forward(batch.data(), LossWeights{tc.mtp_lambda, tc.balance_alpha}));
+  if (!std::isfinite(r.loss.total)) {
+    return Status::Internal("training diverged: loss is " + std::to_string(r.loss.total) + " at step " +
+                            std::to_string(step_ + 1) + " (try a lower train.lr)");
+  }
+  model_->Backward();
+  double sq = 0.0;
+  for (ParamRef& g : ListParams(model_->grads())) {
+    if (g.trainable) sq += be_.SumSquares(*g.tensor);
+  }
+  r.grad_norm = std::sqrt(sq);
+  const double clip_scale = (tc.grad_clip > 0 && r.grad_norm > tc.grad_clip) ? tc.grad_clip / r.grad_norm : 1.0;
+  r.lr = LearningRate(tc, step_);
+  OptimizerStep(r.lr, clip_scale);
+  // Auxiliary-loss-free balancing: one bias step per optimizer step, from this batch's loads.
+  std::vector<std::vector<int64_t>> loads = model_->ExpertLoads();
+  std::vector<std::vector<float>> biases = model_->RoutingBiases();
+  for (size_t l = 0; l < loads.size(); ++l) {
+    UpdateRoutingBias(biases[l], loads[l], tc.bias_update_gamma);
+    int64_t total = 0, most = 0;
+    for (int64_t x : loads[l]) {
+      total += x;
+      most = std::max(most, x);
+    }
+    if (total > 0) r.max_load_ratio = std::max(r.max_load_ratio, double(most) * loads[l].size() / total);
+  }
+  model_->SetRoutingBiases(biases);
+  ++step_;
+  r.step = step_;
+  r.tokens = static_cast<int64_t>(tc.batch_size) * tc.seq_len;
+  r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  return r;
+}
+
+Expected<double> Trainer::Evaluate() {
+  const TrainConfig& tc = job_.train;
+  val_loader_->Reset();
+  double sum = 0.0;
+  int64_t count = 0;
+  for (int i = 0; i < tc.eval_batches; ++i) {
+    TROUPE_ASSIGN_OR_RETURN(std::vector<int32_t> batch, val_loader_->NextBatch(tc.batch_size));
+    TROUPE_ASSIGN_OR_RETURN(BatchLoss loss, model_->Forward(batch.data(), LossWeights{tc.mtp_lambda, tc.balance_alpha},
+                                                            /*with_mtp=*/false));
+    sum += loss.main * loss.tokens;
+    count += loss.tokens;
+  }
+  return count ? sum / count : 0.0;
+}
+
+}  // namespace troupe

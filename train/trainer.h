@@ -1,0 +1,65 @@
+// Trainer: one process, one backend, the whole training loop of `troupe train`.
+//
+// Each Step(): next batch -> forward -> backward -> global-norm clip ->
+// AdamW -> auxiliary-loss-free bias update. Everything that decides a
+// number is seeded from the config, so the loss sequence is bitwise
+// reproducible on the CPU backend whatever the thread count.
+#pragma once
+
+#include <memory>
+#include <string>
+
+#include "common/status.h"
+#include "configs/config.h"
+#include "data/loader.h"
+#include "gpu/backend.h"
+#include "gpu/model/model.h"
+
+namespace troupe {
+
+struct StepReport {
+  int step = 0;  // 1-based, after this step
+  BatchLoss loss;
+  double lr = 0;
+  double grad_norm = 0;  // before clipping
+  double seconds = 0;    // wall time of the step
+  int64_t tokens = 0;    // tokens in the batch (B * T)
+  double max_load_ratio = 0;  // max over MoE layers of max_i load_i / mean load
+};
+
+class Trainer {
+ public:
+  // Builds the model (initialised from the seed), the optimizer state and
+  // the train/validation loaders. Fails with a clear Status on missing or
+  // bad shards.
+  static Expected<std::unique_ptr<Trainer>> Create(Backend& be, const JobConfig& job, DType dtype = DType::kF32);
+
+  Expected<StepReport> Step();
+  // Mean main-head loss over eval_batches batches of the validation split,
+  // always the same batches.
+  Expected<double> Evaluate();
+
+  Model& model() { return *model_; }
+  int step() const { return step_; }
+  const JobConfig& job() const { return job_; }
+  // Unigram cross-entropy of the validation tokens under train-set
+  // frequencies: the baseline a model that ignores context reaches.
+  double unigram_baseline() const { return unigram_baseline_; }
+  int64_t train_tokens() const { return train_tokens_; }
+
+ private:
+  Trainer(Backend& be, JobConfig job) : be_(be), job_(std::move(job)) {}
+  Status Init(DType dtype);
+  void OptimizerStep(double lr, double clip_scale);
+
+  Backend& be_;
+  JobConfig job_;
+  std::unique_ptr<Model> model_;
+  ModelParams adam_m_, adam_v_;
+  std::unique_ptr<data::TokenLoader> train_loader_, val_loader_;
+  int step_ = 0;
+  double unigram_baseline_ = 0;
+  int64_t train_tokens_ = 0;
+};
+
+}  // namespace troupe
