@@ -54,12 +54,11 @@ Expected<std::vector<uint16_t>> EncodeToShard(const data::Tokenizer& tok, const 
 
 Status RunBrown(const BrownArgs& args) {
   const auto start = std::chrono::steady_clock::now();
+  TROUPE_ASSIGN_OR_RETURN(std::vector<data::Document> docs, data::ReadBrownCorpus(args.corpus_dir));
   const fs::path out(args.out_dir);
   std::error_code ec;
   fs::create_directories(out, ec);
   if (ec) return Status::IOError("cannot create " + args.out_dir + ": " + ec.message());
-
-  TROUPE_ASSIGN_OR_RETURN(std::vector<data::Document> docs, data::ReadBrownCorpus(args.corpus_dir));
   const size_t num_docs = docs.size();
   const data::CorpusSplit split = data::SplitByDocument(std::move(docs), args.val_every);
   const std::string train_text = data::DocumentsToText(split.train);

@@ -415,10 +415,10 @@ TEST_F(LoaderShardTest, OpensAndConcatenatesShards) {
 
 class TokenizerTest : public TempDirTest {
  protected:
-  // ~30 distinct characters, so 300 pieces leave room for merges.
+  // Seven distinct characters, so 300 pieces (259 fixed) leave ~34 merges.
   std::string SyntheticText() const {
-    const std::vector<std::string> words = {"the", "cat", "sat", "on", "a", "mat", "dog", "ran", "far",
-                                            "quick", "brown", "fox", "jumps", "over", "lazy", "hills"};
+    const std::vector<std::string> words = {"the", "then", "than", "ten", "net", "hat", "that", "ant",
+                                            "tan", "eat", "tea", "neat", "heat", "hen", "teeth"};
     std::string text;
     uint64_t x = 12345;
     for (int doc = 0; doc < 20; ++doc) {
@@ -450,7 +450,7 @@ TEST_F(TokenizerTest, TrainEncodeDecodeRoundTrip) {
 
   auto ids = tok->EncodeText(text);
   ASSERT_TRUE(ids.ok());
-  EXPECT_LT(ids->size(), text.size() * 3 / 4);  // merges were learned (only ~13 fit in 300)
+  EXPECT_LT(ids->size(), text.size() / 2);  // merges were learned
   EXPECT_EQ(ids->front(), tok->bos_id());
   EXPECT_EQ(std::count(ids->begin(), ids->end(), tok->bos_id()), 20);   // documents
   EXPECT_EQ(std::count(ids->begin(), ids->end(), tok->eos_id()), 200);  // lines

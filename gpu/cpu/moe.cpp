@@ -65,7 +65,7 @@ void RouteToken(int32_t* idx, T* gate, const T* s, const T* b, int E, const Rout
   //    K/M selection values inside the group, summed largest first; keep the M
   //    best groups (ties -> lower group index); experts elsewhere are blocked.
   if (M < G) {
-    const int per_group = group_size;
+    const int per_group = std::min(group_size, std::max(1, K / M));
     for (int g = 0; g < G; ++g) {
       T sum = 0;
       for (int r = 0; r < per_group; ++r) {

@@ -2,17 +2,10 @@
 
 #include <cmath>
 
+#include "gpu/model/linear.h"
+
 namespace troupe {
 namespace {
-
-// y [N, O] = x [N, I] W^T, W [O, I].
-void Linear(Backend& be, Tensor& y, const Tensor& x, const Tensor& w) { be.Matmul(y, x, w, false, true, 1.0, 0.0); }
-
-// dx += dy W;  dW += dy^T x.
-void LinearBackward(Backend& be, Tensor& dx, Tensor& dw, const Tensor& dy, const Tensor& x, const Tensor& w) {
-  be.Matmul(dx, dy, w, false, false, 1.0, 1.0);
-  be.Matmul(dw, dy, x, true, false, 1.0, 1.0);
-}
 
 class Maker {
  public:
@@ -170,6 +163,12 @@ void LayerForward(Backend& be, const ModelConfig& c, const LayerParams& p, Layer
   MlaForward(be, c, p.attn, a, shape, a.h1);  // h1 = attention output for now
   be.Add(a.h1, a.h1, x);                      // h1 = x + MLA(ln1)
   be.RmsNormForward(a.ln2, a.rstd2, a.h1, p.post_norm, c.rms_norm_eps);
+  FfnForward(be, c, p, a, shape, balance_alpha);
+  be.Add(out, a.h1, a.ffn);
+}
+
+void FfnForward(Backend& be, const ModelConfig& c, const LayerParams& p, LayerActs& a, BatchShape shape,
+                double balance_alpha) {
   if (p.is_moe) {
     MoeForward(be, c, p.moe, a, shape, balance_alpha);
   } else {
@@ -177,7 +176,6 @@ void LayerForward(Backend& be, const ModelConfig& c, const LayerParams& p, Layer
     be.SwiGluForward(a.act, a.gate_up);
     Linear(be, a.ffn, a.act, p.dense.down);
   }
-  be.Add(out, a.h1, a.ffn);
 }
 
 // ---- backward -------------------------------------------------------------

@@ -57,6 +57,9 @@ Status AllocateLayerScratch(Backend& be, const ModelConfig& cfg, BatchShape shap
 // MoE layers also fill a.balance (weighted by balance_alpha) and a.load.
 void LayerForward(Backend& be, const ModelConfig& cfg, const LayerParams& p, LayerActs& a, BatchShape shape,
                   const Tensor& x, Tensor& out, double balance_alpha);
+// The FFN half alone: a.ffn = FFN(a.ln2). Used by LayerForward and decoding.
+void FfnForward(Backend& be, const ModelConfig& cfg, const LayerParams& p, LayerActs& a, BatchShape shape,
+                double balance_alpha);
 // d_x += d(out)/d(x) . d_out;  grads += d(out)/d(params) . d_out (+ the balance
 // loss, weighted by balance_dloss = d total loss / d(sum of balance values)).
 void LayerBackward(Backend& be, const ModelConfig& cfg, const LayerParams& p, LayerParams& grads, LayerActs& a,

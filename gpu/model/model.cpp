@@ -3,15 +3,10 @@
 #include <string>
 
 #include "gpu/host_io.h"
+#include "gpu/model/linear.h"
 
 namespace troupe {
 namespace {
-
-void Linear(Backend& be, Tensor& y, const Tensor& x, const Tensor& w) { be.Matmul(y, x, w, false, true, 1.0, 0.0); }
-void LinearBackward(Backend& be, Tensor& dx, Tensor& dw, const Tensor& dy, const Tensor& x, const Tensor& w) {
-  be.Matmul(dx, dy, w, false, false, 1.0, 1.0);
-  be.Matmul(dw, dy, x, true, false, 1.0, 1.0);
-}
 
 }  // namespace
 
