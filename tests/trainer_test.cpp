@@ -1,0 +1,157 @@
+// The training loop: bitwise determinism across thread counts, the seed's
+// role, the learning-rate schedules, and that training learns.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <filesystem>
+#include <random>
+
+#include "data/shards.h"
+#include "gpu/cpu/cpu_backend.h"
+#include "train/lr_schedule.h"
+#include "train/trainer.h"
+
+namespace troupe {
+namespace {
+
+class TrainerTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = std::filesystem::temp_directory_path() /
+           ("troupe_trainer_" + std::string(::testing::UnitTest::GetInstance()->current_test_info()->name()));
+    std::filesystem::create_directories(dir_);
+  }
+  void TearDown() override { std::filesystem::remove_all(dir_); }
+
+  // A shard of `n` tokens: a repeating pattern plus noise, so there is something to learn.
+  std::string WriteTokens(const std::string& name, int n, int vocab, uint64_t seed) {
+    std::mt19937_64 rng(seed);
+    std::vector<int> t(n);
+    for (int i = 0; i < n; ++i) t[i] = (rng() % 4 == 0) ? static_cast<int>(rng() % vocab) : (i * 7) % vocab;
+    const std::string path = (dir_ / name).string();
+    EXPECT_TRUE(data::WriteShard(path, t).ok());
+    return path;
+  }
+
+  JobConfig SmallJob() {
+    JobConfig j;
+    ModelConfig& m = j.model;
+    m.vocab_size = 32;
+    m.hidden_size = 16;
+    m.num_hidden_layers = 2;
+    m.first_k_dense_replace = 1;
+    m.num_attention_heads = 2;
+    m.q_lora_rank = 8;
+    m.kv_lora_rank = 8;
+    m.qk_nope_head_dim = 4;
+    m.qk_rope_head_dim = 4;
+    m.v_head_dim = 4;
+    m.intermediate_size = 24;
+    m.moe_intermediate_size = 8;
+    m.n_routed_experts = 4;
+    m.num_experts_per_tok = 2;
+    m.n_group = 2;
+    m.topk_group = 1;
+    m.num_nextn_predict_layers = 1;
+    TrainConfig& t = j.train;
+    t.seq_len = 16;
+    t.batch_size = 4;
+    t.steps = 40;
+    t.lr = 1e-2;
+    t.warmup_steps = 5;
+    t.eval_batches = 2;
+    j.data.train_shards = {WriteTokens("train.bin", 4000, m.vocab_size, 1)};
+    j.data.val_shards = {WriteTokens("val.bin", 600, m.vocab_size, 2)};
+    return j;
+  }
+
+  std::vector<double> Losses(const JobConfig& job, int threads, int steps) {
+    CpuBackend be(threads);
+    auto trainer = Trainer::Create(be, job);
+    EXPECT_TRUE(trainer.ok()) << trainer.status().message();
+    std::vector<double> out;
+    for (int i = 0; i < steps; ++i) {
+      auto r = (*trainer)->Step();
+      EXPECT_TRUE(r.ok());
+      out.push_back(r->loss.total);
+    }
+    auto val = (*trainer)->Evaluate();
+    EXPECT_TRUE(val.ok());
+    out.push_back(*val);
+    return out;
+  }
+
+  std::filesystem::path dir_;
+};
+
+TEST_F(TrainerTest, LossSequenceIsBitwiseIdenticalForAnyThreadCount) {
+  const JobConfig job = SmallJob();
+  const std::vector<double> one = Losses(job, 1, 8);
+  const std::vector<double> two = Losses(job, 2, 8);
+  const std::vector<double> three = Losses(job, 3, 8);
+  ASSERT_EQ(one.size(), two.size());
+  EXPECT_EQ(0, std::memcmp(one.data(), two.data(), one.size() * sizeof(double)));
+  EXPECT_EQ(0, std::memcmp(one.data(), three.data(), one.size() * sizeof(double)));
+}
+
+TEST_F(TrainerTest, TheSeedDecidesTheRun) {
+  JobConfig job = SmallJob();
+  const std::vector<double> a = Losses(job, 2, 3);
+  job.train.seed += 1;
+  const std::vector<double> b = Losses(job, 2, 3);
+  EXPECT_NE(a[0], b[0]);
+}
+
+TEST_F(TrainerTest, TrainingLowersTheValidationLoss) {
+  const JobConfig job = SmallJob();
+  CpuBackend be(2);
+  auto trainer = Trainer::Create(be, job);
+  ASSERT_TRUE(trainer.ok()) << trainer.status().message();
+  auto before = (*trainer)->Evaluate();
+  ASSERT_TRUE(before.ok());
+  EXPECT_NEAR(*before, std::log(32.0), 0.2);
+  for (int i = 0; i < job.train.steps; ++i) ASSERT_TRUE((*trainer)->Step().ok());
+  auto after = (*trainer)->Evaluate();
+  ASSERT_TRUE(after.ok());
+  // The pattern makes 3/4 of the tokens predictable; the unigram baseline is near ln(32).
+  EXPECT_LT(*after, (*trainer)->unigram_baseline() - 0.5) << "before " << *before;
+}
+
+TEST_F(TrainerTest, MissingShardIsAClearError) {
+  JobConfig job = SmallJob();
+  job.data.train_shards = {(dir_ / "nope.bin").string()};
+  CpuBackend be(1);
+  auto trainer = Trainer::Create(be, job);
+  ASSERT_FALSE(trainer.ok());
+  EXPECT_TRUE(trainer.status().IsNotFound());
+  EXPECT_NE(trainer.status().message().find("nope.bin"), std::string::npos);
+}
+
+TEST(LrSchedule, WarmupThenCosineToTheFloor) {
+  TrainConfig t;
+  t.lr = 1.0;
+  t.warmup_steps = 10;
+  t.steps = 110;
+  t.min_lr_ratio = 0.1;
+  EXPECT_DOUBLE_EQ(LearningRate(t, 0), 0.1);
+  EXPECT_DOUBLE_EQ(LearningRate(t, 9), 1.0);
+  EXPECT_DOUBLE_EQ(LearningRate(t, 10), 1.0);
+  EXPECT_NEAR(LearningRate(t, 60), 0.55, 1e-12);  // half-way: the mean of peak and floor
+  EXPECT_NEAR(LearningRate(t, 110), 0.1, 1e-12);
+}
+
+TEST(LrSchedule, MultiStepDropsAt80And90Percent) {
+  TrainConfig t;
+  t.lr = 1.0;
+  t.warmup_steps = 0;
+  t.steps = 100;
+  t.schedule = LrSchedule::kMultiStep;
+  EXPECT_DOUBLE_EQ(LearningRate(t, 78), 1.0);
+  EXPECT_DOUBLE_EQ(LearningRate(t, 80), 0.316);
+  EXPECT_DOUBLE_EQ(LearningRate(t, 89), 0.316);
+  EXPECT_DOUBLE_EQ(LearningRate(t, 90), 0.1);
+}
+
+}  // namespace
+}  // namespace troupe
