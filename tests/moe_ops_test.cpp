@@ -322,7 +322,8 @@ TEST_F(MoeOpsTest, RouteBackwardGradCheck) {
       for (size_t i = 0; i < g.size(); ++i) l += g[i] * rv[i];
       return l;
     };
-    EXPECT_LT(GradCheckError(s, ds, loss, /*max_elements=*/N * E), 1e-6);
+    // eps 1e-6 keeps every perturbation inside the selection (checked in loss()).
+    EXPECT_LT(GradCheckError(s, ds, loss, /*max_elements=*/N * E, /*eps=*/1e-6), 1e-6);
   }
 }
 
@@ -362,7 +363,8 @@ TEST_F(MoeOpsTest, PermuteBackwardGradCheck) {
     be.MoePermute(xs, a.offsets, a.slot, x, a.idx, E);
     return Dot(be, xs, w);
   };
-  EXPECT_LT(GradCheckError(x, dx, loss, N * D), 1e-6);
+  // The loss is linear in x: a large step has no truncation error and less roundoff.
+  EXPECT_LT(GradCheckError(x, dx, loss, N * D, /*eps=*/1e-3), 1e-6);
 }
 
 TEST_F(MoeOpsTest, CombineBackwardGradCheck) {
@@ -386,8 +388,9 @@ TEST_F(MoeOpsTest, CombineBackwardGradCheck) {
     be.MoeCombine(y, ys, gate, a.slot);
     return Dot(be, y, w);
   };
-  EXPECT_LT(GradCheckError(ys, dys, loss, N * K * D), 1e-6);
-  EXPECT_LT(GradCheckError(gate, dgate, loss, N * K), 1e-6);
+  // Linear in each of y_sorted and gate: a large step only reduces roundoff.
+  EXPECT_LT(GradCheckError(ys, dys, loss, N * K * D, /*eps=*/1e-3), 1e-6);
+  EXPECT_LT(GradCheckError(gate, dgate, loss, N * K, /*eps=*/1e-3), 1e-6);
 }
 
 // Forward against the definition, then the gradient.
@@ -429,7 +432,9 @@ TEST_F(MoeOpsTest, BalanceLossMatchesFormulaAndGradCheck) {
     const std::vector<double> v = ToVector(be, l);
     return dloss * std::accumulate(v.begin(), v.end(), 0.0);
   };
-  EXPECT_LT(GradCheckError(s, ds, loss, N * E), 1e-6);
+  // Smooth in s (the selection is an input here); eps 1e-4 balances truncation
+  // (~eps^2) against roundoff on entries where c_j - r_t is close to 0.
+  EXPECT_LT(GradCheckError(s, ds, loss, N * E, /*eps=*/1e-4), 1e-6);
 }
 
 // Backward ops that are documented "+=" really add.
