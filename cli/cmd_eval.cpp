@@ -11,6 +11,19 @@
 namespace troupe::cli {
 namespace {
 
+// "--flag N" must be a whole number >= `min` (CLI11's own checks print a
+// floating-point range and accept nothing better for non-numbers).
+CLI::Validator IntAtLeast(int min) {
+  return CLI::Validator(
+      [min](std::string& s) -> std::string {
+        int v = 0;
+        if (!CLI::detail::lexical_cast(s, v)) return "'" + s + "' is not a whole number";
+        if (v < min) return "must be at least " + std::to_string(min) + ", not " + s;
+        return {};
+      },
+      "INT>=" + std::to_string(min));
+}
+
 struct EvalFlags {
   std::string config, weights, tokens, device;
   int threads = -1;
@@ -27,7 +40,10 @@ int RunEval(const EvalFlags& f) {
   Backend& be = **backend;
   const int extra = 1 + mc.num_nextn_predict_layers;
   auto loader = data::TokenLoader::Open({f.tokens}, mc.vocab_size, {tc.seq_len, extra, data::LoaderMode::kEval, 0});
-  if (!loader.ok()) return Fail(loader.status());
+  if (!loader.ok()) {  // shard errors name the path; loader ones (too short) do not
+    const Status& st = loader.status();
+    return Fail(st.message().rfind(f.tokens, 0) == 0 ? st : st.WithContext(f.tokens));
+  }
   auto model = Model::Create(be, mc, DType::kF32, tc.batch_size, tc.seq_len);
   if (!model.ok()) return Fail(model.status());
   Status st = ImportWeights(be, mc, f.weights, (*model)->params());
@@ -65,8 +81,8 @@ void AddEvalCommand(CLI::App& app, RunFn& run) {
   cmd->add_option("--weights", flags->weights, "model weights (safetensors)")->required();
   cmd->add_option("--tokens", flags->tokens, "token shard (llm.c .bin)")->required();
   cmd->add_option("--device", flags->device, "cpu or cuda");
-  cmd->add_option("--threads", flags->threads, "CPU threads (0 = all cores)")->check(CLI::NonNegativeNumber);
-  cmd->add_option("--batches", flags->max_batches, "evaluate only the first N batches")->check(CLI::PositiveNumber);
+  cmd->add_option("--threads", flags->threads, "CPU threads (0 = all cores)")->check(IntAtLeast(0));
+  cmd->add_option("--batches", flags->max_batches, "evaluate only the first N batches")->check(IntAtLeast(1));
   cmd->callback([flags, &run] { run = [flags] { return RunEval(*flags); }; });
 }
 

@@ -11,6 +11,19 @@
 namespace troupe::cli {
 namespace {
 
+// "--flag N" must be a whole number >= `min` (CLI11's own checks print a
+// floating-point range and accept nothing better for non-numbers).
+CLI::Validator IntAtLeast(int min) {
+  return CLI::Validator(
+      [min](std::string& s) -> std::string {
+        int v = 0;
+        if (!CLI::detail::lexical_cast(s, v)) return "'" + s + "' is not a whole number";
+        if (v < min) return "must be at least " + std::to_string(min) + ", not " + s;
+        return {};
+      },
+      "INT>=" + std::to_string(min));
+}
+
 struct TrainFlags {
   std::string config;
   std::string device;
@@ -37,6 +50,13 @@ int RunTrain(const TrainFlags& f) {
     Status st = ImportWeights(be, job->model, f.weights, trainer.model().params());
     if (!st.ok()) return Fail(st);
   }
+  // The output folder is made (or refused) after the inputs check out but before any training, so a bad
+  // --out costs nothing rather than the whole run.
+  std::string out_dir = f.out_dir;
+  if (out_dir.empty()) out_dir = "runs/" + std::filesystem::path(f.config).stem().string();
+  std::error_code ec;
+  std::filesystem::create_directories(out_dir, ec);
+  if (ec) return Fail(Status::IOError("cannot create output folder " + out_dir + ": " + ec.message()));
   ModelParams& params = trainer.model().params();
   std::printf("troupe train: %s on %s\n", f.config.c_str(), be.Describe().c_str());
   std::printf("model: %.2fM parameters, %.2fM active per token; batch %d x %d tokens; %lld training tokens\n",
@@ -69,11 +89,6 @@ int RunTrain(const TrainFlags& f) {
   }
   std::printf("done: val_loss %.4f vs unigram baseline %.4f (%+.4f nats); %.0f training tokens/s\n", last_val,
               trainer.unigram_baseline(), last_val - trainer.unigram_baseline(), tokens / seconds);
-  std::string out_dir = f.out_dir;
-  if (out_dir.empty()) out_dir = "runs/" + std::filesystem::path(f.config).stem().string();
-  std::error_code ec;
-  std::filesystem::create_directories(out_dir, ec);
-  if (ec) return Fail(Status::IOError("cannot create " + out_dir + ": " + ec.message()));
   const std::string path = out_dir + "/model.safetensors";
   Status st = ExportWeights(be, job->model, params, path,
                             {{"config", job->toml_text}, {"step", std::to_string(trainer.step())}});
@@ -90,8 +105,8 @@ void AddTrainCommand(CLI::App& app, RunFn& run) {
   cmd->add_option("--config", flags->config, "job config (TOML)")->required();
   cmd->add_option("--device", flags->device, "cpu or cuda (default: the config's train.device)");
   cmd->add_option("--threads", flags->threads, "CPU threads (default: the config's; 0 = all cores)")
-      ->check(CLI::NonNegativeNumber);
-  cmd->add_option("--steps", flags->steps, "optimizer steps (default: the config's)")->check(CLI::PositiveNumber);
+      ->check(IntAtLeast(0));
+  cmd->add_option("--steps", flags->steps, "optimizer steps (default: the config's)")->check(IntAtLeast(1));
   cmd->add_option("--weights", flags->weights, "start from these safetensors weights instead of the seed's");
   cmd->add_option("--out", flags->out_dir, "where to write model.safetensors (default runs/<config name>)");
   cmd->callback([flags, &run] { run = [flags] { return RunTrain(*flags); }; });

@@ -1,5 +1,6 @@
 // troupe: the one binary. main() only dispatches to a subcommand.
 #include <cstdio>
+#include <string>
 
 #include "cli/commands.h"
 
@@ -14,7 +15,17 @@ int main(int argc, char** argv) {
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
-    return app.exit(e);  // prints usage or the flag error, returns its code
+    if (e.get_exit_code() == 0) return app.exit(e);  // --help: usage on stdout, exit 0
+    // Every other flag error: one line, like every other failure.
+    std::string msg = e.what();
+    if (argc >= 2 && argv[1][0] != '-' && app.get_subcommands().empty())
+      msg = "unknown command '" + std::string(argv[1]) + "' (expected data, train, eval or export)";
+    else if (argc < 2)
+      msg = "a command is required (data, train, eval or export)";
+    for (char& c : msg)
+      if (c == '\n') c = ' ';
+    std::fprintf(stderr, "troupe: error: %s; see --help\n", msg.c_str());
+    return 2;
   }
   return run ? run() : 2;
 }

@@ -58,6 +58,9 @@ class Backend {
   virtual void CopyFromHost(Tensor& dst, const void* src) = 0;  // dst.bytes() bytes
   virtual void CopyToHost(void* dst, const Tensor& src) = 0;    // src.bytes() bytes
   virtual void Copy(Tensor& dst, const Tensor& src) = 0;        // same dtype, same numel
+  // Waits for queued work; returns the first asynchronous failure (a CUDA
+  // kernel fault, say) since the last call. The CPU backend is synchronous.
+  virtual Status Synchronize() { return Status::Ok(); }
 
   // ---- dense algebra -----------------------------------------------------
   // c = alpha * op(a) @ op(b) + beta * c, op = transpose when the flag is set.

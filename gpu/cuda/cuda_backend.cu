@@ -1,0 +1,152 @@
+// CudaBackend: creation, memory, copies and error handling. Kernels live in
+// the other gpu/cuda/*.cu files, one concern each.
+#include <cublasLt.h>
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+
+#include <cstdio>
+#include <mutex>
+
+#include "gpu/cuda/cuda_backend.h"
+
+namespace troupe {
+namespace {
+
+class CudaBuffer final : public Buffer {
+ public:
+  CudaBuffer(void* p, size_t bytes, CudaBackend* owner) : Buffer(p, bytes, DeviceKind::kCuda), owner_(owner) {}
+  ~CudaBuffer() override {
+    cudaFree(ptr());
+    owner_->OnFree(bytes());
+  }
+
+ private:
+  CudaBackend* owner_;
+};
+
+std::string Mib(size_t b) {
+  char buf[64];
+  std::snprintf(buf, sizeof buf, "%.1f MiB", static_cast<double>(b) / (1024.0 * 1024.0));
+  return buf;
+}
+
+std::mutex g_error_mutex;
+
+}  // namespace
+
+Expected<std::unique_ptr<CudaBackend>> CudaBackend::Create(int device, MatmulPrecision precision) {
+  int count = 0;
+  cudaError_t err = cudaGetDeviceCount(&count);
+  if (err != cudaSuccess || count == 0) {
+    cudaGetLastError();
+    return Status::InvalidArgument(std::string("no CUDA device: ") +
+                                   (err != cudaSuccess ? cudaGetErrorString(err) : "none found"));
+  }
+  if (device < 0 || device >= count) {
+    return Status::InvalidArgument("CUDA device " + std::to_string(device) + " does not exist (" +
+                                   std::to_string(count) + " present)");
+  }
+  std::unique_ptr<CudaBackend> be(new CudaBackend(device, precision));
+  cudaSetDevice(device);
+  if ((err = cudaStreamCreateWithFlags(&be->stream_, cudaStreamNonBlocking)) != cudaSuccess) {
+    return Status::Internal(std::string("cudaStreamCreate: ") + cudaGetErrorString(err));
+  }
+  if (cublasCreate(&be->cublas_) != CUBLAS_STATUS_SUCCESS) return Status::Internal("cublasCreate failed");
+  cublasSetStream(be->cublas_, be->stream_);
+  if (cublasLtCreate(&be->cublaslt_) != CUBLAS_STATUS_SUCCESS) return Status::Internal("cublasLtCreate failed");
+  cudaDeviceProp prop{};
+  cudaGetDeviceProperties(&prop, device);
+  be->name_ = prop.name;
+  return Expected<std::unique_ptr<CudaBackend>>(std::move(be));
+}
+
+CudaBackend::~CudaBackend() {
+  if (stream_) cudaStreamSynchronize(stream_);
+  if (workspace_) cudaFree(workspace_);
+  if (cublaslt_) cublasLtDestroy(cublaslt_);
+  if (cublas_) cublasDestroy(cublas_);
+  if (stream_) cudaStreamDestroy(stream_);
+}
+
+std::string CudaBackend::Describe() const {
+  return "cuda:" + std::to_string(device_) + " (" + name_ + ", " +
+         (precision_ == MatmulPrecision::kBf16 ? "bf16" : "fp32") + " matmul)";
+}
+
+void CudaBackend::Fail(const std::string& what, const std::string& why) {
+  std::lock_guard<std::mutex> lock(g_error_mutex);
+  if (!failed_.exchange(true)) first_error_ = "CUDA " + what + ": " + why;
+}
+
+Status CudaBackend::Synchronize() {
+  cudaError_t err = cudaStreamSynchronize(stream_);
+  if (err != cudaSuccess) Fail("stream", cudaGetErrorString(err));
+  if (failed_.load()) return Status::Internal(first_error_);
+  return Status::Ok();
+}
+
+void* CudaBackend::Workspace(size_t bytes) {
+  if (bytes <= workspace_bytes_) return workspace_;
+  cudaStreamSynchronize(stream_);  // the old workspace may still be in use
+  if (workspace_) cudaFree(workspace_);
+  workspace_ = nullptr;
+  workspace_bytes_ = 0;
+  if (cudaMalloc(&workspace_, bytes) != cudaSuccess) {
+    cudaGetLastError();
+    Fail("workspace", "out of device memory allocating " + Mib(bytes) + " of scratch");
+    return nullptr;
+  }
+  workspace_bytes_ = bytes;
+  return workspace_;
+}
+
+Expected<Tensor> CudaBackend::Alloc(std::vector<int64_t> shape, DType dtype, std::string name) {
+  int64_t n = 1;
+  for (int64_t s : shape) {
+    if (s < 0) return Status::InvalidArgument("tensor " + name + ": negative dimension");
+    n *= s;
+  }
+  const size_t bytes = static_cast<size_t>(n) * DTypeSize(dtype);
+  const size_t padded = ((bytes + 255) / 256) * 256 + 256;
+  void* p = nullptr;
+  cudaError_t err = cudaMalloc(&p, padded);
+  if (err != cudaSuccess) {
+    cudaGetLastError();
+    size_t free_b = 0, total_b = 0;
+    cudaMemGetInfo(&free_b, &total_b);
+    return Status::OutOfMemory("out of GPU memory allocating tensor " + name + " " + std::to_string(n) + " x " +
+                               DTypeName(dtype) + " (" + Mib(bytes) + "); Troupe holds " + Mib(in_use_.load()) +
+                               ", the device has " + Mib(free_b) + " free of " + Mib(total_b));
+  }
+  cudaMemsetAsync(p, 0, padded, stream_);
+  const size_t now = (in_use_ += padded);
+  size_t peak = peak_.load();
+  while (now > peak && !peak_.compare_exchange_weak(peak, now)) {
+  }
+  auto buf = std::make_shared<CudaBuffer>(p, padded, this);
+  return Tensor(std::move(buf), 0, std::move(shape), dtype, std::move(name));
+}
+
+void CudaBackend::Zero(Tensor& t) {
+  if (!failed()) cudaMemsetAsync(t.raw(), 0, t.bytes(), stream_);
+}
+
+void CudaBackend::CopyFromHost(Tensor& dst, const void* src) {
+  cudaError_t err = cudaMemcpyAsync(dst.raw(), src, dst.bytes(), cudaMemcpyHostToDevice, stream_);
+  if (err == cudaSuccess) err = cudaStreamSynchronize(stream_);  // `src` may die after we return
+  if (err != cudaSuccess) Fail("CopyFromHost", cudaGetErrorString(err));
+}
+
+void CudaBackend::CopyToHost(void* dst, const Tensor& src) {
+  cudaError_t err = cudaMemcpyAsync(dst, src.raw(), src.bytes(), cudaMemcpyDeviceToHost, stream_);
+  if (err == cudaSuccess) err = cudaStreamSynchronize(stream_);
+  if (err != cudaSuccess) Fail("CopyToHost", cudaGetErrorString(err));
+}
+
+void CudaBackend::Copy(Tensor& dst, const Tensor& src) {
+  if (failed()) return;
+  cudaError_t err = cudaMemcpyAsync(dst.raw(), src.raw(), src.bytes(), cudaMemcpyDeviceToDevice, stream_);
+  if (err != cudaSuccess) Fail("Copy", cudaGetErrorString(err));
+}
+
+}  // namespace troupe
