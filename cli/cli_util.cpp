@@ -2,7 +2,7 @@
 
 #include "gpu/cpu/cpu_backend.h"
 #ifdef TROUPE_HAVE_CUDA
-#include "gpu/cuda/cuda_info.h"
+#include "gpu/cuda/cuda_backend.h"
 #endif
 
 namespace troupe::cli {
@@ -12,13 +12,22 @@ int Fail(const Status& status) {
   return status.IsInvalidArgument() || status.IsNotFound() || status.IsCorruption() ? 2 : 1;
 }
 
-Expected<std::unique_ptr<Backend>> MakeBackend(const std::string& device, int threads) {
-  if (device == "cpu") return std::unique_ptr<Backend>(new CpuBackend(threads));
+Expected<std::unique_ptr<Backend>> MakeBackend(const std::string& device, int threads, const std::string& precision) {
+  if (precision != "fp32" && precision != "bf16") {
+    return Status::InvalidArgument("--precision must be fp32 or bf16, not '" + precision + "'");
+  }
+  if (device == "cpu") {
+    if (precision != "fp32") return Status::InvalidArgument("--precision bf16 needs --device cuda");
+    return std::unique_ptr<Backend>(new CpuBackend(threads));
+  }
   if (device == "cuda") {
 #ifdef TROUPE_HAVE_CUDA
-    if (CudaDeviceCount() == 0) return Status::InvalidArgument("--device cuda: " + CudaDeviceSummary());
+    auto be = CudaBackend::Create(0, precision == "bf16" ? MatmulPrecision::kBf16 : MatmulPrecision::kFp32);
+    if (!be.ok()) return be.status().WithContext("--device cuda");
+    return std::unique_ptr<Backend>(std::move(be).value());
+#else
+    return Status::InvalidArgument("--device cuda: this build has no CUDA backend (built without nvcc)");
 #endif
-    return Status::Unimplemented("--device cuda: the CUDA backend is not built yet; use --device cpu");
   }
   return Status::InvalidArgument("--device must be cpu or cuda, not '" + device + "'");
 }

@@ -15,11 +15,13 @@ namespace troupe::cli {
 // (2 for bad input, 1 for everything else).
 int Fail(const Status& status);
 
-// The backend for `device` ("cpu" or "cuda"); threads applies to the CPU.
-Expected<std::unique_ptr<Backend>> MakeBackend(const std::string& device, int threads);
+// The backend for `device` ("cpu" or "cuda"); `threads` applies to the CPU,
+// `precision` ("fp32" or "bf16": bf16 tensor-core GEMMs, fp32 storage and
+// accumulation) to CUDA.
+Expected<std::unique_ptr<Backend>> MakeBackend(const std::string& device, int threads,
+                                               const std::string& precision = "fp32");
 
-// Loads and validates a config file, then applies command-line overrides
-// (a value < 0 or an empty string means "keep the file's").
+// Loads and validates a config file.
 Expected<JobConfig> LoadJob(const std::string& path);
 
 }  // namespace troupe::cli

@@ -17,7 +17,7 @@ CLI::Validator IntAtLeast(int min) {
   return CLI::Validator(
       [min](std::string& s) -> std::string {
         int v = 0;
-        if (!CLI::detail::lexical_cast(s, v)) return "'" + s + "' is not a whole number";
+        if (!CLI::detail::lexical_cast(s, v)) return "'" + s + "' is not a whole number (up to 2147483647)";
         if (v < min) return "must be at least " + std::to_string(min) + ", not " + s;
         return {};
       },
@@ -50,8 +50,8 @@ int RunTrain(const TrainFlags& f) {
     Status st = ImportWeights(be, job->model, f.weights, trainer.model().params());
     if (!st.ok()) return Fail(st);
   }
-  // The output folder is made (or refused) after the inputs check out but before any training, so a bad
-  // --out costs nothing rather than the whole run.
+  // Make (or refuse) the output folder once the inputs check out but before
+  // any training, so a bad --out costs nothing rather than the whole run.
   std::string out_dir = f.out_dir;
   if (out_dir.empty()) out_dir = "runs/" + std::filesystem::path(f.config).stem().string();
   std::error_code ec;

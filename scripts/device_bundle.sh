@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Packs what the GPU machine needs into .device/ (ignored by git): the built
+# binaries plus the Debian .so files they link (CAF, ZeroMQ, RocksDB,
+# OpenBLAS, ...). CUDA's own libraries and glibc come from the GPU image.
+# Usage: scripts/device_bundle.sh [binary ...]   (default: troupe + tests)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+grep -qx '/.device/' .git/info/exclude 2>/dev/null || echo '/.device/' >> .git/info/exclude
+rm -rf .device && mkdir -p .device/bin .device/lib
+bins=("$@")
+if [ ${#bins[@]} -eq 0 ]; then bins=(build/cli/troupe build/tests/*_test); fi
+for b in "${bins[@]}"; do cp "$b" .device/bin/; done
+skip='^(libc|libm|libdl|librt|libpthread|ld-linux-x86-64|libcuda|libcudart|libcublas|libcublasLt|libnccl|libnvidia|linux-vdso)\.'
+for b in "${bins[@]}"; do ldd "$b"; done | awk '/=> \//{print $3}' | sort -u | while read -r lib; do
+  name=$(basename "$lib")
+  [[ $name =~ $skip ]] && continue
+  cp -L "$lib" .device/lib/
+done
+strip --strip-unneeded .device/bin/* .device/lib/* 2>/dev/null || true
+du -sh .device
