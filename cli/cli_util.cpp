@@ -1,9 +1,7 @@
 #include "cli/cli_util.h"
 
 #include "gpu/cpu/cpu_backend.h"
-#ifdef TROUPE_HAVE_CUDA
-#include "gpu/cuda/cuda_backend.h"
-#endif
+#include "gpu/cuda/cuda_info.h"
 
 namespace troupe::cli {
 
@@ -21,13 +19,9 @@ Expected<std::unique_ptr<Backend>> MakeBackend(const std::string& device, int th
     return std::unique_ptr<Backend>(new CpuBackend(threads));
   }
   if (device == "cuda") {
-#ifdef TROUPE_HAVE_CUDA
-    auto be = CudaBackend::Create(0, precision == "bf16" ? MatmulPrecision::kBf16 : MatmulPrecision::kFp32);
+    auto be = CreateCudaBackend(0, precision == "bf16");
     if (!be.ok()) return be.status().WithContext("--device cuda");
-    return std::unique_ptr<Backend>(std::move(be).value());
-#else
-    return Status::InvalidArgument("--device cuda: this build has no CUDA backend (built without nvcc)");
-#endif
+    return std::move(be).value();
   }
   return Status::InvalidArgument("--device must be cpu or cuda, not '" + device + "'");
 }

@@ -16,5 +16,9 @@ void AddDataCommand(CLI::App& app, RunFn& run);
 void AddTrainCommand(CLI::App& app, RunFn& run);
 void AddEvalCommand(CLI::App& app, RunFn& run);
 void AddExportCommand(CLI::App& app, RunFn& run);
+void AddKeysCommand(CLI::App& app, RunFn& run);
+void AddCoordinatorCommand(CLI::App& app, RunFn& run);
+void AddNodeCommand(CLI::App& app, RunFn& run);
+void AddRunCommand(CLI::App& app, RunFn& run);
 
 }  // namespace troupe::cli

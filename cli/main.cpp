@@ -12,6 +12,10 @@ int main(int argc, char** argv) {
   troupe::cli::AddTrainCommand(app, run);
   troupe::cli::AddEvalCommand(app, run);
   troupe::cli::AddExportCommand(app, run);
+  troupe::cli::AddKeysCommand(app, run);
+  troupe::cli::AddCoordinatorCommand(app, run);
+  troupe::cli::AddNodeCommand(app, run);
+  troupe::cli::AddRunCommand(app, run);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -19,9 +23,9 @@ int main(int argc, char** argv) {
     // Every other flag error: one line, like every other failure.
     std::string msg = e.what();
     if (argc >= 2 && argv[1][0] != '-' && app.get_subcommands().empty())
-      msg = "unknown command '" + std::string(argv[1]) + "' (expected data, train, eval or export)";
+      msg = "unknown command '" + std::string(argv[1]) + "' (expected data, train, eval, export, keys, coordinator, node or run)";
     else if (argc < 2)
-      msg = "a command is required (data, train, eval or export)";
+      msg = "a command is required (data, train, eval, export, keys, coordinator, node or run)";
     for (char& c : msg)
       if (c == '\n') c = ' ';
     std::fprintf(stderr, "troupe: error: %s; see --help\n", msg.c_str());

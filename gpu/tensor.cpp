@@ -35,6 +35,12 @@ int64_t Tensor::numel() const {
   return n;
 }
 
+int64_t Tensor::rows() const {
+  int64_t n = 1;
+  for (size_t i = 0; i + 1 < shape_.size(); ++i) n *= shape_[i];
+  return n;
+}
+
 Tensor Tensor::SliceRows(int64_t begin, int64_t end) const {
   assert(begin >= 0 && begin <= end && end <= rows());
   std::vector<int64_t> shape = {end - begin, cols()};

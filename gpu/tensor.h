@@ -71,7 +71,7 @@ class Tensor {
   size_t bytes() const { return static_cast<size_t>(numel()) * DTypeSize(dtype_); }
   // Treat as a matrix: cols = last dimension, rows = product of the others.
   int64_t cols() const { return shape_.empty() ? 1 : shape_.back(); }
-  int64_t rows() const { return cols() == 0 ? 0 : numel() / cols(); }
+  int64_t rows() const;
   const std::string& name() const { return name_; }
   void set_name(std::string n) { name_ = std::move(n); }
 
