@@ -11,19 +11,21 @@ int Fail(const Status& status) {
 }
 
 Expected<std::unique_ptr<Backend>> MakeBackend(const std::string& device, int threads, const std::string& precision) {
-  if (precision != "fp32" && precision != "bf16") {
-    return Status::InvalidArgument("--precision must be fp32 or bf16, not '" + precision + "'");
+  if (precision != "auto" && precision != "fp32" && precision != "bf16") {
+    return Status::InvalidArgument("--precision must be auto, fp32 or bf16, not '" + precision + "'");
   }
+  if (device == "auto") return MakeBackend(CudaDeviceCount() > 0 ? "cuda" : "cpu", threads, precision);
   if (device == "cpu") {
+    if (precision == "auto") return MakeBackend(device, threads, "fp32");
     if (precision != "fp32") return Status::InvalidArgument("--precision bf16 needs --device cuda");
     return std::unique_ptr<Backend>(new CpuBackend(threads));
   }
   if (device == "cuda") {
-    auto be = CreateCudaBackend(0, precision == "bf16");
+    auto be = CreateCudaBackend(0, precision != "fp32");  // auto = bf16 GEMMs on the GPU
     if (!be.ok()) return be.status().WithContext("--device cuda");
     return std::move(be).value();
   }
-  return Status::InvalidArgument("--device must be cpu or cuda, not '" + device + "'");
+  return Status::InvalidArgument("--device must be auto, cpu or cuda, not '" + device + "'");
 }
 
 Expected<JobConfig> LoadJob(const std::string& path) { return LoadConfigFile(path); }

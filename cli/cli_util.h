@@ -15,11 +15,12 @@ namespace troupe::cli {
 // (2 for bad input, 1 for everything else).
 int Fail(const Status& status);
 
-// The backend for `device` ("cpu" or "cuda"); `threads` applies to the CPU,
-// `precision` ("fp32" or "bf16": bf16 tensor-core GEMMs, fp32 storage and
-// accumulation) to CUDA.
+// The backend for `device` ("auto": the GPU when one is present; "cpu";
+// "cuda"); `threads` applies to the CPU, `precision` to CUDA: "bf16"
+// (tensor-core GEMMs on bf16-rounded inputs, fp32 storage and accumulation;
+// what "auto" means on a GPU) or "fp32" (exact, for parity tests).
 Expected<std::unique_ptr<Backend>> MakeBackend(const std::string& device, int threads,
-                                               const std::string& precision = "fp32");
+                                               const std::string& precision = "auto");
 
 // Loads and validates a config file.
 Expected<JobConfig> LoadJob(const std::string& path);

@@ -80,7 +80,7 @@ void AddEvalCommand(CLI::App& app, RunFn& run) {
   cmd->add_option("--config", flags->config, "job config (TOML)")->required();
   cmd->add_option("--weights", flags->weights, "model weights (safetensors)")->required();
   cmd->add_option("--tokens", flags->tokens, "token shard (llm.c .bin)")->required();
-  cmd->add_option("--device", flags->device, "cpu or cuda");
+  cmd->add_option("--device", flags->device, "auto, cpu or cuda (default: the config's train.device)");
   cmd->add_option("--threads", flags->threads, "CPU threads (0 = all cores)")->check(IntAtLeast(0));
   cmd->add_option("--batches", flags->max_batches, "evaluate only the first N batches")->check(IntAtLeast(1));
   cmd->callback([flags, &run] { run = [flags] { return RunEval(*flags); }; });

@@ -27,6 +27,7 @@ CLI::Validator IntAtLeast(int min) {
 struct TrainFlags {
   std::string config;
   std::string device;
+  std::string precision = "auto";
   std::string weights;  // optional initial weights
   std::string out_dir;
   int threads = -1;
@@ -40,7 +41,7 @@ int RunTrain(const TrainFlags& f) {
   if (f.steps > 0) tc.steps = f.steps;
   if (f.threads >= 0) tc.threads = f.threads;
   if (!f.device.empty()) tc.device = f.device;
-  auto backend = MakeBackend(tc.device, tc.threads);
+  auto backend = MakeBackend(tc.device, tc.threads, f.precision);
   if (!backend.ok()) return Fail(backend.status());
   Backend& be = **backend;
   auto trainer_or = Trainer::Create(be, *job);
@@ -82,8 +83,10 @@ int RunTrain(const TrainFlags& f) {
       auto val = trainer.Evaluate();
       if (!val.ok()) return Fail(val.status());
       last_val = *val;
-      std::printf("step %5d/%d | val_loss %.4f | unigram_baseline %.4f | %.0f tok/s average\n", r->step, tc.steps,
-                  *val, trainer.unigram_baseline(), tokens / seconds);
+      std::printf("step %5d/%d | val_loss %.4f | unigram_baseline %.4f | %.0f tok/s average | memory %.1f MiB "
+                  "(peak %.1f)\n",
+                  r->step, tc.steps, *val, trainer.unigram_baseline(), tokens / seconds,
+                  be.bytes_in_use() / 1048576.0, be.peak_bytes() / 1048576.0);
     }
     std::fflush(stdout);
   }
@@ -103,7 +106,8 @@ void AddTrainCommand(CLI::App& app, RunFn& run) {
   auto flags = std::make_shared<TrainFlags>();
   CLI::App* cmd = app.add_subcommand("train", "train a model in this process");
   cmd->add_option("--config", flags->config, "job config (TOML)")->required();
-  cmd->add_option("--device", flags->device, "cpu or cuda (default: the config's train.device)");
+  cmd->add_option("--device", flags->device, "auto, cpu or cuda (default: the config's train.device)");
+  cmd->add_option("--precision", flags->precision, "GPU matmuls: bf16 (auto on a GPU) or fp32");
   cmd->add_option("--threads", flags->threads, "CPU threads (default: the config's; 0 = all cores)")
       ->check(IntAtLeast(0));
   cmd->add_option("--steps", flags->steps, "optimizer steps (default: the config's)")->check(IntAtLeast(1));

@@ -362,8 +362,8 @@ Status ValidateTrainConfig(const TrainConfig& t) {
   TROUPE_RETURN_IF_ERROR(AtLeast("train.eval_batches", t.eval_batches, 1));
   TROUPE_RETURN_IF_ERROR(AtLeast("train.log_every", t.log_every, 1));
   TROUPE_RETURN_IF_ERROR(AtLeast("train.threads", t.threads, 0));
-  if (t.device != "cpu" && t.device != "cuda") {
-    return Status::InvalidArgument("train.device = \"" + t.device + "\" is not a device (cpu | cuda)");
+  if (t.device != "auto" && t.device != "cpu" && t.device != "cuda") {
+    return Status::InvalidArgument("train.device = \"" + t.device + "\" is not a device (auto | cpu | cuda)");
   }
   return Status::Ok();
 }

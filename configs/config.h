@@ -62,7 +62,7 @@ struct TrainConfig {
   int eval_batches = 8;                 // validation batches per run
   int log_every = 10;                   // steps between log lines
   int threads = 0;                      // CPU threads (0 = all cores)
-  std::string device = "cpu";           // cpu | cuda
+  std::string device = "auto";          // auto (the GPU when one is present) | cpu | cuda
 };
 
 struct DataConfig {

@@ -104,6 +104,8 @@ Expected<StepReport> Trainer::Step() {
     if (total > 0) r.max_load_ratio = std::max(r.max_load_ratio, double(most) * loads[l].size() / total);
   }
   model_->SetRoutingBiases(biases);
+  // A GPU fault anywhere in the step surfaces here, never as a silent bad step.
+  TROUPE_RETURN_IF_ERROR(be_.Synchronize().WithContext("step " + std::to_string(step_ + 1)));
   ++step_;
   r.step = step_;
   r.tokens = static_cast<int64_t>(tc.batch_size) * tc.seq_len;
@@ -123,6 +125,7 @@ Expected<double> Trainer::Evaluate() {
     sum += loss.main * loss.tokens;
     count += loss.tokens;
   }
+  TROUPE_RETURN_IF_ERROR(be_.Synchronize().WithContext("evaluation"));
   return count ? sum / count : 0.0;
 }
 
