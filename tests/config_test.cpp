@@ -46,10 +46,10 @@ TEST(ConfigTest, TinyParsesAndValidates) {
   EXPECT_EQ(m.topk_group, 2);
   EXPECT_EQ(m.num_nextn_predict_layers, 1);
   EXPECT_EQ(job->train.seq_len, 64);
-  EXPECT_EQ(job->train.steps, 400);
+  EXPECT_EQ(job->train.steps, 1200);
   EXPECT_DOUBLE_EQ(job->train.lr, 3e-3);
   EXPECT_EQ(job->train.schedule, LrSchedule::kCosine);
-  EXPECT_EQ(job->train.eval_every, 50);
+  EXPECT_EQ(job->train.eval_every, 100);
   ASSERT_EQ(job->data.train_shards.size(), 1u);
   EXPECT_EQ(job->data.train_shards[0], "data/brown/train_000.bin");
   EXPECT_EQ(job->data.val_shards[0], "data/brown/val_000.bin");
