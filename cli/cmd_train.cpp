@@ -5,6 +5,7 @@
 
 #include "cli/cli_util.h"
 #include "cli/commands.h"
+#include "gpu/profiling_backend.h"
 #include "storage/model_weights.h"
 #include "train/trainer.h"
 
@@ -32,6 +33,7 @@ struct TrainFlags {
   std::string out_dir;
   int threads = -1;
   int steps = -1;
+  bool profile = false;
 };
 
 int RunTrain(const TrainFlags& f) {
@@ -43,7 +45,11 @@ int RunTrain(const TrainFlags& f) {
   if (!f.device.empty()) tc.device = f.device;
   auto backend = MakeBackend(tc.device, tc.threads, f.precision);
   if (!backend.ok()) return Fail(backend.status());
-  Backend& be = **backend;
+  // --profile: every backend op timed on the device clock; the table is
+  // printed at the end (steps after the first, which warms up the GPU).
+  std::unique_ptr<ProfilingBackend> profiler;
+  if (f.profile) profiler = std::make_unique<ProfilingBackend>(**backend);
+  Backend& be = profiler ? static_cast<Backend&>(*profiler) : **backend;
   auto trainer_or = Trainer::Create(be, *job);
   if (!trainer_or.ok()) return Fail(trainer_or.status());
   Trainer& trainer = **trainer_or;
@@ -70,6 +76,10 @@ int RunTrain(const TrainFlags& f) {
   for (int s = 0; s < tc.steps; ++s) {
     auto r = trainer.Step();
     if (!r.ok()) return Fail(r.status());
+    if (profiler) {
+      profiler->Collect();  // resolve this step's timers (keeps the event pool small)
+      if (r->step == 1) profiler->Clear();  // the first step pays for warm-up
+    }
     tokens += r->tokens;
     seconds += r->seconds;
     const bool last = r->step == tc.steps;
@@ -96,6 +106,7 @@ int RunTrain(const TrainFlags& f) {
   Status st = ExportWeights(be, job->model, params, path,
                             {{"config", job->toml_text}, {"step", std::to_string(trainer.step())}});
   if (!st.ok()) return Fail(st);
+  if (profiler) std::printf("profile (steps 2..%d, every backend op):\n%s", tc.steps, profiler->Report().c_str());
   std::printf("weights: %s\n", path.c_str());
   return 0;
 }
@@ -107,6 +118,7 @@ void AddTrainCommand(CLI::App& app, RunFn& run) {
   CLI::App* cmd = app.add_subcommand("train", "train a model in this process");
   cmd->add_option("--config", flags->config, "job config (TOML)")->required();
   cmd->add_option("--device", flags->device, "auto, cpu or cuda (default: the config's train.device)");
+  cmd->add_flag("--profile", flags->profile, "time every backend op and print a per-op table at the end");
   cmd->add_option("--precision", flags->precision, "GPU matmuls: bf16 (auto on a GPU) or fp32");
   cmd->add_option("--threads", flags->threads, "CPU threads (default: the config's; 0 = all cores)")
       ->check(IntAtLeast(0));

@@ -61,6 +61,12 @@ class Backend {
   // Waits for queued work; returns the first asynchronous failure (a CUDA
   // kernel fault, say) since the last call. The CPU backend is synchronous.
   virtual Status Synchronize() { return Status::Ok(); }
+  // Profiling: a timestamp queued in order with the work (a CUDA event on
+  // the GPU, the wall clock on the CPU); TimerMs(a, b) waits for b and
+  // returns the milliseconds between the two. Ids stay valid until ResetTimers().
+  virtual int RecordTimer() = 0;
+  virtual double TimerMs(int start, int end) = 0;
+  virtual void ResetTimers() = 0;
 
   // ---- dense algebra -----------------------------------------------------
   // c = alpha * op(a) @ op(b) + beta * c, op = transpose when the flag is set.

@@ -64,4 +64,15 @@ void CpuBackend::CopyFromHost(Tensor& dst, const void* src) { std::memcpy(dst.ra
 void CpuBackend::CopyToHost(void* dst, const Tensor& src) { std::memcpy(dst, src.raw(), src.bytes()); }
 void CpuBackend::Copy(Tensor& dst, const Tensor& src) { std::memmove(dst.raw(), src.raw(), src.bytes()); }
 
+int CpuBackend::RecordTimer() {
+  timers_.push_back(std::chrono::steady_clock::now());
+  return static_cast<int>(timers_.size()) - 1;
+}
+
+double CpuBackend::TimerMs(int start, int end) {
+  return std::chrono::duration<double, std::milli>(timers_.at(end) - timers_.at(start)).count();
+}
+
+void CpuBackend::ResetTimers() { timers_.clear(); }
+
 }  // namespace troupe

@@ -6,6 +6,8 @@
 #pragma once
 
 #include <atomic>
+#include <chrono>
+#include <vector>
 
 #include "gpu/backend.h"
 
@@ -26,6 +28,9 @@ class CpuBackend final : public Backend {
   void CopyFromHost(Tensor& dst, const void* src) override;
   void CopyToHost(void* dst, const Tensor& src) override;
   void Copy(Tensor& dst, const Tensor& src) override;
+  int RecordTimer() override;
+  double TimerMs(int start, int end) override;
+  void ResetTimers() override;
 
   void Matmul(Tensor& c, const Tensor& a, const Tensor& b, bool trans_a, bool trans_b, double alpha,
               double beta) override;
@@ -87,6 +92,7 @@ class CpuBackend final : public Backend {
   int threads_;
   std::atomic<size_t> in_use_{0};
   std::atomic<size_t> peak_{0};
+  std::vector<std::chrono::steady_clock::time_point> timers_;
 };
 
 }  // namespace troupe

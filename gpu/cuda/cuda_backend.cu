@@ -63,6 +63,7 @@ Expected<std::unique_ptr<CudaBackend>> CudaBackend::Create(int device, MatmulPre
 CudaBackend::~CudaBackend() {
   if (stream_) cudaStreamSynchronize(stream_);
   if (workspace_) cudaFree(workspace_);
+  for (void* e : timer_events_) cudaEventDestroy(static_cast<cudaEvent_t>(e));
   if (cublaslt_) cublasLtDestroy(cublaslt_);
   if (cublas_) cublasDestroy(cublas_);
   if (stream_) cudaStreamDestroy(stream_);
@@ -148,5 +149,29 @@ void CudaBackend::Copy(Tensor& dst, const Tensor& src) {
   cudaError_t err = cudaMemcpyAsync(dst.raw(), src.raw(), src.bytes(), cudaMemcpyDeviceToDevice, stream_);
   if (err != cudaSuccess) Fail("Copy", cudaGetErrorString(err));
 }
+
+int CudaBackend::RecordTimer() {
+  if (timers_used_ == static_cast<int>(timer_events_.size())) {
+    cudaEvent_t e = nullptr;
+    if (cudaEventCreate(&e) != cudaSuccess) {
+      Fail("RecordTimer", "cudaEventCreate failed");
+      return -1;
+    }
+    timer_events_.push_back(e);
+  }
+  cudaEventRecord(static_cast<cudaEvent_t>(timer_events_[timers_used_]), stream_);
+  return timers_used_++;
+}
+
+double CudaBackend::TimerMs(int start, int end) {
+  if (start < 0 || end < 0 || end >= timers_used_) return 0.0;
+  auto b = static_cast<cudaEvent_t>(timer_events_[end]);
+  cudaEventSynchronize(b);
+  float ms = 0.0f;
+  cudaEventElapsedTime(&ms, static_cast<cudaEvent_t>(timer_events_[start]), b);
+  return ms;
+}
+
+void CudaBackend::ResetTimers() { timers_used_ = 0; }
 
 }  // namespace troupe

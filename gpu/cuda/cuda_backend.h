@@ -14,6 +14,7 @@
 #include <atomic>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "gpu/backend.h"
 
@@ -45,6 +46,9 @@ class CudaBackend final : public Backend {
   void CopyToHost(void* dst, const Tensor& src) override;
   void Copy(Tensor& dst, const Tensor& src) override;
   Status Synchronize() override;
+  int RecordTimer() override;
+  double TimerMs(int start, int end) override;
+  void ResetTimers() override;
 
   void Matmul(Tensor& c, const Tensor& a, const Tensor& b, bool trans_a, bool trans_b, double alpha,
               double beta) override;
@@ -124,6 +128,8 @@ class CudaBackend final : public Backend {
   std::atomic<size_t> peak_{0};
   std::atomic<bool> failed_{false};
   std::string first_error_;
+  std::vector<void*> timer_events_;  // cudaEvent_t, reused across ResetTimers()
+  int timers_used_ = 0;
   std::string name_;
 };
 
