@@ -9,7 +9,9 @@ grep -qx '/.device/' .git/info/exclude 2>/dev/null || echo '/.device/' >> .git/i
 rm -rf .device && mkdir -p .device/bin .device/lib
 bins=("$@")
 if [ ${#bins[@]} -eq 0 ]; then bins=(build/cli/troupe build/tests/*_test); fi
-for b in "${bins[@]}"; do cp "$b" .device/bin/; done
+# The CUDA module is dlopen'ed by troupe, so ldd cannot see it: add it and its needs.
+if [ -f build/gpu/libtroupe_cuda.so ]; then cp build/gpu/libtroupe_cuda.so .device/lib/; bins+=(build/gpu/libtroupe_cuda.so); fi
+for b in "${bins[@]}"; do [[ $b == *.so ]] || cp "$b" .device/bin/; done
 skip='^(libc|libm|libdl|librt|libpthread|ld-linux-x86-64|libcuda|libcudart|libcublas|libcublasLt|libnccl|libnvidia|linux-vdso)\.'
 for b in "${bins[@]}"; do ldd "$b"; done | awk '/=> \//{print $3}' | sort -u | while read -r lib; do
   name=$(basename "$lib")
