@@ -12,6 +12,7 @@ APT_PACKAGES=(
   libtomlplusplus-dev libcli11-dev libspdlog-dev libfmt-dev nlohmann-json3-dev
   libsentencepiece-dev sentencepiece libcpp-httplib-dev libssl-dev
   libopenblas-dev
+  clang libclang-rt-14-dev
   python3 python3-numpy python3-torch
   nodejs npm
 )

@@ -80,6 +80,7 @@ batch_size = 2
 mtp_lambda = 0.3
 balance_alpha = 0.01
 threads = 1
+device = "cpu"
 )";
 
 std::string Slurp(const std::string& path) {
@@ -112,7 +113,10 @@ double JsonNumber(const std::string& json, const std::string& key) {
 
 double Rel(double a, double b) { return std::abs(a - b) / std::max(std::abs(b), 1e-300); }
 
-// Norm weights away from 1 and non-zero routing biases, so those paths are compared too.
+// Norm weights away from 1 and non-zero routing biases, so those paths are
+// compared too. The biases stay small (std 0.05, affinities spread ~0.1):
+// larger ones send every token of this 16-token batch to the same group and
+// leave whole groups of experts without a gradient to compare.
 void PerturbParams(Backend& be, ModelParams& p, uint64_t seed) {
   uint64_t s = seed;
   for (ParamRef& r : ListParams(p)) {
@@ -120,7 +124,7 @@ void PerturbParams(Backend& be, ModelParams& p, uint64_t seed) {
     const bool bias = r.name.find("e_score_correction_bias") != std::string::npos;
     if (!norm && !bias) continue;
     std::vector<double> v = ToHostDoubles(be, *r.tensor);
-    std::vector<double> noise = testing::RandomValues(v.size(), ++s, bias ? 0.2 : 0.2);
+    std::vector<double> noise = testing::RandomValues(v.size(), ++s, bias ? 0.05 : 0.2);
     for (size_t i = 0; i < v.size(); ++i) v[i] += noise[i];
     FromHostDoubles(be, *r.tensor, v);
   }
@@ -191,13 +195,17 @@ class TorchParity : public ::testing::Test {
   std::vector<int32_t> batch_;
 };
 
-// Measured on this config: F64 losses agree to ~1e-15 relative (same maths,
-// summation order differs only at the last bit), so 1e-12 is asserted (well
-// inside the 1e-10 asked for). F32 against the float64 reference agrees to
-// ~1e-7 (fp32 rounding of ~d*layers accumulations, as bench/README.md reports
-// for torch's own fp32 vs fp64); 1e-5 leaves room for other shapes. Balance
-// is a small number made of sums of products of probabilities, it carries
-// the same relative accuracy.
+// Tolerances really met (measured on this config and seed):
+//  - F64 vs torch float64: <= 2e-16 relative on main, mtp, balance and total,
+//    i.e. the last bit: the same maths with sums only reassociated. 1e-12 is
+//    asserted (tighter than the 1e-10 first asked for, with 4 decades of
+//    margin for other BLAS/threading orders).
+//  - F32 vs torch float64: main ~1e-9, mtp/balance ~1e-8, total ~1e-9 (fp32
+//    rounding, 2^-24 = 6e-8 per op, partly cancelling over d = 32 sums).
+//    1e-6 is asserted: 1e-5 would also pass, but 1e-6 still catches anything
+//    of the size of a wrong term while sitting two decades above what fp32
+//    gives here. (A routing decision flipping on a near-tie in fp32 would
+//    show as ~1e-3; this fixed seed has no such tie.)
 TEST_F(TorchParity, LossesMatchFloat64Reference) {
   const std::string json = Reference("loss --dtype float64 --batches 1", "loss");
   ASSERT_NE(json.find("\"windows\": 2"), std::string::npos) << json;
@@ -210,8 +218,13 @@ TEST_F(TorchParity, LossesMatchFloat64Reference) {
     double tol;
     const char* name;
   };
-  for (const Case& c : {Case{DType::kF64, 1e-12, "F64"}, Case{DType::kF32, 1e-5, "F32"}}) {
+  for (const Case& c : {Case{DType::kF64, 1e-12, "F64"}, Case{DType::kF32, 1e-6, "F32"}}) {
     auto model = MakeModel(c.dtype);
+    double max_bias = 0;
+    for (const auto& layer : model->RoutingBiases()) {
+      for (float v : layer) max_bias = std::max(max_bias, std::abs(static_cast<double>(v)));
+    }
+    EXPECT_GT(max_bias, 0.01) << "routing biases should be non-zero";
     auto loss = model->Forward(batch_.data(), Weights());
     ASSERT_TRUE(loss.ok()) << loss.status().message();
     ASSERT_EQ(loss->mtp.size(), 1u);
@@ -227,7 +240,8 @@ TEST_F(TorchParity, LossesMatchFloat64Reference) {
 }
 
 // Every exported gradient by name, ||ours - torch|| / ||torch|| per tensor.
-// Measured: worst ~1e-13 (F64 on both sides; reassociated sums); 1e-9 asserted.
+// Measured: worst 1.4e-15 over 94 tensors (F64 on both sides; reassociated
+// sums). 1e-11 is asserted (the brief's bound was 1e-9; 4 decades of margin).
 TEST_F(TorchParity, Float64GradientsMatchByName) {
   const std::string grads = (dir_ / "g.safetensors").string();
   Reference("grads --dtype float64 --save-dtype float64 --out " + grads, "grads");
@@ -269,7 +283,7 @@ TEST_F(TorchParity, Float64GradientsMatchByName) {
       continue;
     }
     const double rel = std::sqrt(diff / norm);
-    EXPECT_LT(rel, 1e-9) << e.name << " |ref| " << std::sqrt(norm) << " |diff| " << std::sqrt(diff);
+    EXPECT_LT(rel, 1e-11) << e.name << " |ref| " << std::sqrt(norm) << " |diff| " << std::sqrt(diff);
     if (rel > worst) worst = rel, worst_name = e.name;
   }
   std::printf("[F64 grads] %zu tensors, worst relative error %.3g (%s); %zu all-zero (unused experts):", seen.size(),
@@ -283,19 +297,21 @@ TEST_F(TorchParity, Float64GradientsMatchByName) {
 }
 
 // `troupe eval` (F32, every window, last batch padded) vs torch's float64 main loss.
-// Measured ~1e-7 relative (F32 rounding plus eval's 6 printed decimals); 1e-5 asserted.
+// Measured ~1e-7 relative, all of it from eval printing 6 decimals (5e-7 /
+// 4.4); the F32 forward itself is ~1e-9 off (see above). 1e-6 asserted (the
+// brief asked for 1e-5).
 TEST_F(TorchParity, EvalCommandMatchesReferenceMainLoss) {
   const std::string json = Reference("loss --dtype float64", "loss_all");
   ASSERT_NE(json.find("\"windows\": 7"), std::string::npos) << json;
   const double ref = JsonNumber(json, "main");
   const std::string out = RunCommand(std::string(TROUPE_BINARY) + " eval --config " + config_ + " --weights " +
-                                         weights_ + " --tokens " + shard_ + " --threads 1",
+                                         weights_ + " --tokens " + shard_ + " --threads 1 --device cpu",
                                      dir_, "eval");
   ASSERT_EQ(out.rfind("loss ", 0), 0u) << out;
   EXPECT_NE(out.find("(7 windows"), std::string::npos) << out;
   const double ours = std::strtod(out.c_str() + 5, nullptr);
   std::printf("[eval] troupe %.6f torch %.10f relative %.3g\n", ours, ref, Rel(ours, ref));
-  EXPECT_LT(Rel(ours, ref), 1e-5) << out;
+  EXPECT_LT(Rel(ours, ref), 1e-6) << out;
 }
 
 }  // namespace

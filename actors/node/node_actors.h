@@ -1,0 +1,115 @@
+// The node process's actors.
+//
+//   SecureClient ◀──▶ client bridge (detached; owns the socket; reconnects)
+//        frames          │ JoinAck | HeartbeatAck | JobAssign | StopJob | Drain
+//                        ▼
+//   coordinator proxy ◀── agent (lifecycle: joining ⇄ running → leaving)
+//   (coordinator_actor:    │ JobAssign / StopJob          ▲ StepReport
+//    encodes, hands to     ▼                              │
+//    the bridge)        worker 0..N-1 (one per GPU or CPU slot)
+//                          │ spawns, detached, one per attempt
+//                          ▼
+//                       trainer runner (Trainer::Step off the actor threads)
+#pragma once
+
+#include <atomic>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include <caf/all.hpp>
+
+#include "actors/protocol/actor_types.h"
+#include "actors/transport/keys.h"
+
+namespace troupe::node {
+
+// How the node process ends (set once by the agent; read by RunNode).
+struct NodeOutcome {
+  std::atomic<bool> done{false};
+  std::mutex mu;
+  int exit_code = 0;      // 0: drained / stopped; 1: refused
+  std::string message;    // why, for the error line
+  void Set(int code, std::string msg) {
+    std::lock_guard<std::mutex> lock(mu);
+    if (done) return;
+    exit_code = code;
+    message = std::move(msg);
+    done = true;
+  }
+};
+
+struct WorkerDevice {
+  std::string kind;  // "cuda" | "cpu"
+  int index = 0;     // GPU ordinal or CPU slot number
+  std::string name;
+  int64_t memory_bytes = 0;
+};
+
+using worker_actor = caf::typed_actor<caf::reacts_to<protocol::JobAssign>, caf::reacts_to<protocol::StopJob>,
+                                      caf::reacts_to<protocol::StepReport>,  // from its trainer runner
+                                      caf::reacts_to<protocol::stop_atom>>;
+
+using agent_actor = protocol::node_actor::extend<caf::reacts_to<caf::tick_atom>,         // timer
+                                                 caf::reacts_to<protocol::StepReport>,    // from workers
+                                                 caf::reacts_to<protocol::stop_atom>>;    // leave and quit
+
+struct AgentConfig {
+  std::string name;               // key name: the node's identity
+  std::string endpoint;           // tcp://HOST:PORT of the coordinator
+  std::string server_public_key;  // pinned
+  transport::KeyPair keys;
+  std::vector<WorkerDevice> devices;
+  int64_t memory_bytes = 0;
+  int cpu_threads = 0;            // per CPU worker (0 = the config's)
+};
+
+struct AgentState {
+  AgentConfig config;
+  std::shared_ptr<NodeOutcome> outcome;
+  uint64_t incarnation = 0;
+  std::string node_id;
+  caf::actor bridge;
+  protocol::coordinator_actor coordinator;  // the proxy
+  std::vector<worker_actor> workers;
+  std::chrono::milliseconds heartbeat{500};
+  std::chrono::milliseconds timeout{3000};
+  std::chrono::steady_clock::time_point last_contact{}, last_heartbeat{}, next_join{};
+  std::chrono::milliseconds backoff{250};
+  uint64_t sequence = 0;
+  bool leaving = false;
+  static inline const char* name = "agent";
+};
+
+agent_actor::behavior_type Agent(agent_actor::stateful_pointer<AgentState> self, AgentConfig config,
+                                 std::shared_ptr<NodeOutcome> outcome);
+
+struct WorkerState {
+  int index = 0;
+  WorkerDevice device;
+  agent_actor agent;
+  int cpu_threads = 0;
+  uint64_t attempt = 0;                    // running attempt (0: idle)
+  std::shared_ptr<std::atomic<bool>> stop; // the runner's stop flag
+  static inline const char* name = "worker";
+};
+worker_actor::behavior_type Worker(worker_actor::stateful_pointer<WorkerState> self, int index, WorkerDevice device,
+                                   agent_actor agent, int cpu_threads);
+
+// Runs one attempt: parses the config, builds the Trainer, steps until the
+// end or `stop`, reporting each step to `worker`. Spawned detached.
+void TrainerRunner(caf::blocking_actor* self, protocol::JobAssign job, WorkerDevice device, worker_actor worker,
+                   std::shared_ptr<std::atomic<bool>> stop, int cpu_threads);
+
+// Owns the SecureClient. Frames in -> messages to `agent`; (send_atom, type,
+// payload) out; (reconnect_atom) recreates the socket; (stop_atom) ends.
+// A refused handshake is reported to the agent as JoinRefused.
+void ClientBridge(caf::blocking_actor* self, std::string endpoint, std::string server_public_key,
+                  transport::KeyPair keys, agent_actor agent);
+
+// coordinator_actor that encodes each message and hands it to `bridge`.
+protocol::coordinator_actor::behavior_type CoordinatorProxy(protocol::coordinator_actor::pointer self,
+                                                            caf::actor bridge);
+
+}  // namespace troupe::node

@@ -1,0 +1,163 @@
+// The coordinator <-> node protocol: one cereal struct per message, each
+// with its wire type number (transport/messages.h reserves 256.. for us).
+// Payloads are codec.h blobs inside transport frames (envelope.h).
+//
+//   node                                   coordinator
+//   ────                                   ───────────
+//   Join{name, host, devices, ..}  ──────▶
+//                                  ◀──────  JoinAck{node_id, epoch, timings}
+//                                  ◀──────  JoinRefused{reason}
+//   Heartbeat{node_id, seq} /0.5 s ──────▶
+//                                  ◀──────  HeartbeatAck{epoch, known}
+//                                  ◀──────  JobAssign{attempt, worker, config}
+//   StepReport{attempt, step, ..}  ──────▶  (after every step)
+//                                  ◀──────  StopJob{attempt, worker}
+//                                  ◀──────  Drain{}
+//   Leave{node_id, reason}         ──────▶
+//
+// Compatibility: a struct's field list is append-only within one wire
+// version; a change in meaning takes a new type number.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include <cereal/types/string.hpp>
+#include <cereal/types/vector.hpp>
+
+namespace troupe::protocol {
+
+enum class MsgType : uint16_t {
+  kJoin = 256,
+  kJoinAck = 257,
+  kJoinRefused = 258,
+  kHeartbeat = 259,
+  kHeartbeatAck = 260,
+  kLeave = 261,
+  kDrain = 262,
+  kJobAssign = 263,
+  kStepReport = 264,
+  kStopJob = 265,
+};
+
+struct DeviceDesc {
+  std::string kind;          // "cuda" | "cpu"
+  std::string name;
+  int64_t memory_bytes = 0;
+  template <class Archive>
+  void serialize(Archive& ar) { ar(kind, name, memory_bytes); }
+};
+
+// node -> coordinator: admit me (first contact, and after every reconnect).
+struct Join {
+  static constexpr MsgType kType = MsgType::kJoin;
+  std::string name;          // the node's key name: its identity
+  std::string host;
+  std::vector<DeviceDesc> devices;
+  int64_t memory_bytes = 0;
+  int32_t capacity = 0;      // workers (one per device)
+  uint64_t incarnation = 0;  // random per process start
+  template <class Archive>
+  void serialize(Archive& ar) { ar(name, host, devices, memory_bytes, capacity, incarnation); }
+};
+
+// coordinator -> node: admitted.
+struct JoinAck {
+  static constexpr MsgType kType = MsgType::kJoinAck;
+  std::string node_id;
+  uint64_t epoch = 0;
+  uint32_t heartbeat_ms = 500;
+  uint32_t failure_timeout_ms = 3000;
+  template <class Archive>
+  void serialize(Archive& ar) { ar(node_id, epoch, heartbeat_ms, failure_timeout_ms); }
+};
+
+// coordinator -> node: not admitted (e.g. the name belongs to another key).
+struct JoinRefused {
+  static constexpr MsgType kType = MsgType::kJoinRefused;
+  std::string reason;
+  template <class Archive>
+  void serialize(Archive& ar) { ar(reason); }
+};
+
+// node -> coordinator, every heartbeat_ms.
+struct Heartbeat {
+  static constexpr MsgType kType = MsgType::kHeartbeat;
+  std::string node_id;
+  uint64_t incarnation = 0;
+  uint64_t sequence = 0;
+  template <class Archive>
+  void serialize(Archive& ar) { ar(node_id, incarnation, sequence); }
+};
+
+// coordinator -> node. known == false: join again (unknown, dead, or
+// another process of this node).
+struct HeartbeatAck {
+  static constexpr MsgType kType = MsgType::kHeartbeatAck;
+  uint64_t epoch = 0;
+  uint64_t sequence = 0;
+  bool known = true;
+  template <class Archive>
+  void serialize(Archive& ar) { ar(epoch, sequence, known); }
+};
+
+// node -> coordinator: leaving cleanly.
+struct Leave {
+  static constexpr MsgType kType = MsgType::kLeave;
+  std::string node_id;
+  uint64_t incarnation = 0;
+  std::string reason;
+  template <class Archive>
+  void serialize(Archive& ar) { ar(node_id, incarnation, reason); }
+};
+
+// coordinator -> node: finish (stop workers) and leave.
+struct Drain {
+  static constexpr MsgType kType = MsgType::kDrain;
+  std::string reason;
+  template <class Archive>
+  void serialize(Archive& ar) { ar(reason); }
+};
+
+// coordinator -> node: run this training job on worker `worker`.
+struct JobAssign {
+  static constexpr MsgType kType = MsgType::kJobAssign;
+  uint64_t attempt = 0;
+  int32_t worker = 0;
+  std::string config_name;
+  std::string toml_text;     // the whole config; shard paths as written
+  template <class Archive>
+  void serialize(Archive& ar) { ar(attempt, worker, config_name, toml_text); }
+};
+
+// node -> coordinator: after every optimizer step (and on failure).
+struct StepReport {
+  static constexpr MsgType kType = MsgType::kStepReport;
+  std::string node_id;
+  uint64_t attempt = 0;
+  int32_t worker = 0;
+  int32_t step = 0;
+  int32_t total_steps = 0;
+  double loss = 0, main_loss = 0, lr = 0, grad_norm = 0, tokens_per_s = 0;
+  double val_loss = -1;      // < 0: not evaluated after this step
+  bool done = false;         // the last step
+  std::string error;         // non-empty: the attempt failed
+  template <class Archive>
+  void serialize(Archive& ar) {
+    ar(node_id, attempt, worker, step, total_steps, loss, main_loss, lr, grad_norm, tokens_per_s, val_loss, done,
+       error);
+  }
+};
+
+// coordinator -> node: stop attempt `attempt` on `worker`.
+struct StopJob {
+  static constexpr MsgType kType = MsgType::kStopJob;
+  uint64_t attempt = 0;
+  int32_t worker = 0;
+  std::string reason;
+  template <class Archive>
+  void serialize(Archive& ar) { ar(attempt, worker, reason); }
+};
+
+}  // namespace troupe::protocol
