@@ -14,8 +14,11 @@ APT_PACKAGES=(
   libopenblas-dev
   clang libclang-rt-14-dev
   python3 python3-numpy python3-torch
-  nodejs npm
 )
+
+# Node.js ships npm itself on many machines (NodeSource's nodejs); Debian's
+# separate npm package conflicts with that, so ask apt only when npm is absent.
+command -v npm >/dev/null || APT_PACKAGES+=(nodejs npm)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
