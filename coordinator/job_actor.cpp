@@ -121,6 +121,7 @@ job_actor::behavior_type JobActor(Self self, JobRecord record, std::shared_ptr<S
           std::printf("step %5d/%d | loss %.4f | main %.4f | lr %.2e | gnorm %.3f | %.0f tok/s", m.step,
                       m.total_steps, m.loss, m.main_loss, m.lr, m.grad_norm, m.tokens_per_s);
           if (m.val_loss >= 0) std::printf(" | val_loss %.4f", m.val_loss);
+          if (m.val_loss >= 0 && m.unigram_baseline >= 0) std::printf(" | unigram_baseline %.4f", m.unigram_baseline);
           std::printf(" | node %s\n", m.node_id.c_str());
         }
         if (r.state == JobState::kCompleted) std::printf("job: completed at step %d\n", r.step);

@@ -69,6 +69,7 @@ void TrainerRunner(caf::blocking_actor* self, JobAssign job, WorkerDevice device
       auto val = (*trainer)->Evaluate();
       if (!val.ok()) return fail(val.status().message());
       rep.val_loss = *val;
+      rep.unigram_baseline = (*trainer)->unigram_baseline();
     }
     self->send(worker, rep);
   }

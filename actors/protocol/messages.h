@@ -143,10 +143,11 @@ struct StepReport {
   double val_loss = -1;      // < 0: not evaluated after this step
   bool done = false;         // the last step
   std::string error;         // non-empty: the attempt failed
+  double unigram_baseline = -1;  // with val_loss: the context-free baseline it must beat
   template <class Archive>
   void serialize(Archive& ar) {
     ar(node_id, attempt, worker, step, total_steps, loss, main_loss, lr, grad_norm, tokens_per_s, val_loss, done,
-       error);
+       error, unigram_baseline);
   }
 };
 

@@ -58,6 +58,19 @@ Status SetStr(void* s, int option, const std::string& value, const char* name) {
   return Status::Ok();
 }
 
+// Reports `events` of data socket `s` to a new PAIR socket in *monitor (set
+// as soon as it exists, so the owner closes it on a later failure).
+Status OpenMonitor(void* ctx, void* s, int events, void** monitor) {
+  if (zmq_socket_monitor(s, kMonitorEndpoint, events) != 0) {
+    return Status::IOError(ZmqError("transport: socket monitor"));
+  }
+  *monitor = zmq_socket(ctx, ZMQ_PAIR);
+  if (!*monitor) return Status::IOError(ZmqError("transport: monitor socket"));
+  TROUPE_RETURN_IF_ERROR(SetInt(*monitor, ZMQ_LINGER, 0, "ZMQ_LINGER"));
+  if (zmq_connect(*monitor, kMonitorEndpoint) != 0) return Status::IOError(ZmqError("transport: monitor connect"));
+  return Status::Ok();
+}
+
 // Options common to both ends' data sockets.
 Status ApplyCommon(void* s, const TransportOptions& o) {
   TROUPE_RETURN_IF_ERROR(SetInt(s, ZMQ_LINGER, o.linger_ms, "ZMQ_LINGER"));
@@ -372,14 +385,9 @@ Expected<std::unique_ptr<SecureServer>> SecureServer::Bind(const std::string& en
   TROUPE_RETURN_IF_ERROR(SetStr(r, ZMQ_CURVE_SECRETKEY, server.secret_key, "ZMQ_CURVE_SECRETKEY"));
   TROUPE_RETURN_IF_ERROR(SetStr(r, ZMQ_ZAP_DOMAIN, options.zap_domain, "ZMQ_ZAP_DOMAIN"));
 
-  if (zmq_socket_monitor(r, kMonitorEndpoint,
-                         ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL | ZMQ_EVENT_HANDSHAKE_FAILED_NO_DETAIL) != 0) {
-    return Status::IOError(ZmqError("transport: socket monitor"));
-  }
-  impl->monitor = zmq_socket(impl->ctx, ZMQ_PAIR);
-  if (!impl->monitor) return Status::IOError(ZmqError("transport: monitor socket"));
-  TROUPE_RETURN_IF_ERROR(SetInt(impl->monitor, ZMQ_LINGER, 0, "ZMQ_LINGER"));
-  if (zmq_connect(impl->monitor, kMonitorEndpoint) != 0) return Status::IOError(ZmqError("transport: monitor connect"));
+  TROUPE_RETURN_IF_ERROR(OpenMonitor(impl->ctx, r,
+                                     ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL | ZMQ_EVENT_HANDSHAKE_FAILED_NO_DETAIL,
+                                     &impl->monitor));
 
   if (zmq_bind(r, endpoint.c_str()) != 0) return Status::IOError(ZmqError("transport: bind " + endpoint));
   char last[256] = {};
@@ -537,15 +545,10 @@ Expected<std::unique_ptr<SecureClient>> SecureClient::Connect(const std::string&
   TROUPE_RETURN_IF_ERROR(SetStr(d, ZMQ_CURVE_SERVERKEY, server_public_key, "ZMQ_CURVE_SERVERKEY"));
   TROUPE_RETURN_IF_ERROR(SetStr(d, ZMQ_CURVE_PUBLICKEY, client.public_key, "ZMQ_CURVE_PUBLICKEY"));
   TROUPE_RETURN_IF_ERROR(SetStr(d, ZMQ_CURVE_SECRETKEY, client.secret_key, "ZMQ_CURVE_SECRETKEY"));
-  if (zmq_socket_monitor(d, kMonitorEndpoint,
-                         ZMQ_EVENT_HANDSHAKE_SUCCEEDED | ZMQ_EVENT_HANDSHAKE_FAILED_AUTH |
-                             ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL | ZMQ_EVENT_HANDSHAKE_FAILED_NO_DETAIL) != 0) {
-    return Status::IOError(ZmqError("transport: socket monitor"));
-  }
-  impl->monitor = zmq_socket(impl->ctx, ZMQ_PAIR);
-  if (!impl->monitor) return Status::IOError(ZmqError("transport: monitor socket"));
-  TROUPE_RETURN_IF_ERROR(SetInt(impl->monitor, ZMQ_LINGER, 0, "ZMQ_LINGER"));
-  if (zmq_connect(impl->monitor, kMonitorEndpoint) != 0) return Status::IOError(ZmqError("transport: monitor connect"));
+  TROUPE_RETURN_IF_ERROR(OpenMonitor(impl->ctx, d,
+                                     ZMQ_EVENT_HANDSHAKE_SUCCEEDED | ZMQ_EVENT_HANDSHAKE_FAILED_AUTH |
+                                         ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL | ZMQ_EVENT_HANDSHAKE_FAILED_NO_DETAIL,
+                                     &impl->monitor));
   if (zmq_connect(d, endpoint.c_str()) != 0) return Status::IOError(ZmqError("transport: connect " + endpoint));
   return std::unique_ptr<SecureClient>(new SecureClient(std::move(impl)));
 }
