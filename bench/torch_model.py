@@ -13,6 +13,15 @@ What lives here:
 
 Shapes in comments: B sequences, T tokens, d width, V vocab, E routed experts,
 K experts per token, N = B*T flattened tokens.
+
+Devices and precision: the module runs unchanged on CPU or CUDA, in float32 or
+float64, and under torch.autocast(bfloat16) (bf16 matmuls, fp32 parameters,
+norms, softmax and losses). Written the ordinary eager way for a GPU: one RoPE
+table per forward (non-persistent buffers, not in state_dict), fused causal
+attention (F.scaled_dot_product_attention where torch has it, else explicit
+masked softmax; the same maths), routed experts by sort-by-expert +
+index_select + one SwiGLU per expert + index_add_. The only host sync in a
+forward is the per-MoE-layer list of expert sizes (inherent to a per-expert loop).
 """
 import json
 import math
@@ -242,6 +251,20 @@ class SwiGLU(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+def rope_tables(cfg, T):
+    """(cos, sin), each (T, d_r/2) float64: angle pos * theta^(-2j/d_r), computed in float64."""
+    dr = cfg.qk_rope_head_dim
+    j = torch.arange(dr // 2, dtype=torch.float64)
+    inv = cfg.rope_theta ** (-2.0 * j / dr)
+    ang = torch.arange(T, dtype=torch.float64)[:, None] * inv[None, :]
+    return ang.cos(), ang.sin()
+
+
+# Fused attention where this torch has it (2.0+); set to False to force the
+# explicit masked softmax. Same maths: softmax(q k^T / sqrt(d_h + d_r), causal) v.
+USE_SDPA = hasattr(F, "scaled_dot_product_attention")
+
+
 def rope(x, cos, sin):
     """x (..., T, n_any, d_r) or (..., T, d_r); cos/sin (T, d_r/2). Rotates pairs (2j, 2j+1)."""
     a, b = x[..., 0::2], x[..., 1::2]
@@ -255,7 +278,6 @@ class MLA(nn.Module):
         super().__init__()
         d, self.nh = cfg.hidden_size, cfg.num_attention_heads
         self.dh, self.dr, self.dv, self.dc = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
-        self.theta = cfg.rope_theta
         self.q_a_proj = linear(d, cfg.q_lora_rank)
         self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
         self.q_b_proj = linear(cfg.q_lora_rank, self.nh * (self.dh + self.dr))
@@ -264,17 +286,9 @@ class MLA(nn.Module):
         self.kv_b_proj = linear(self.dc, self.nh * (self.dh + self.dv))
         self.o_proj = linear(self.nh * self.dv, d)
 
-    def rope_tables(self, T, dtype, device):
-        # angle pos * theta^(-2j/d_r), computed in float64 then cast
-        j = torch.arange(self.dr // 2, dtype=torch.float64)
-        inv = self.theta ** (-2.0 * j / self.dr)
-        ang = torch.arange(T, dtype=torch.float64)[:, None] * inv[None, :]  # (T, d_r/2)
-        return ang.cos().to(dtype=dtype, device=device), ang.sin().to(dtype=dtype, device=device)
-
-    def forward(self, x):  # x (B, T, d) -> (B, T, d)
+    def forward(self, x, cos, sin):  # x (B, T, d) -> (B, T, d); cos/sin (T, d_r/2) in x's dtype
         B, T, _ = x.shape
         nh, dh, dr, dv = self.nh, self.dh, self.dr, self.dv
-        cos, sin = self.rope_tables(T, x.dtype, x.device)
         q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))).view(B, T, nh, dh + dr)
         q_c, q_r = q[..., :dh], rope(q[..., dh:], cos, sin)                  # (B,T,nh,dh), (B,T,nh,dr)
         kv_a = self.kv_a_proj_with_mqa(x)                                      # (B, T, dc+dr)
@@ -284,11 +298,14 @@ class MLA(nn.Module):
         qh = torch.cat((q_c, q_r), -1).transpose(1, 2)                        # (B, nh, T, dh+dr)
         kh = torch.cat((k_c, k_r[:, :, None, :].expand(B, T, nh, dr)), -1).transpose(1, 2)
         vh = v.transpose(1, 2)                                                 # (B, nh, T, dv)
-        att = (qh @ kh.transpose(-1, -2)) * (1.0 / math.sqrt(dh + dr))       # (B, nh, T, T)
-        mask = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)
-        att = att.masked_fill(mask, float("-inf")).softmax(-1)
-        o = (att @ vh).transpose(1, 2).reshape(B, T, nh * dv)
-        return self.o_proj(o)
+        if USE_SDPA:  # default scale is 1/sqrt(q.size(-1)) = 1/sqrt(dh + dr)
+            o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True)
+        else:
+            att = (qh @ kh.transpose(-1, -2)) * (1.0 / math.sqrt(dh + dr))   # (B, nh, T, T)
+            mask = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)
+            att = att.masked_fill(mask, float("-inf")).softmax(-1)
+            o = att @ vh
+        return self.o_proj(o.transpose(1, 2).reshape(B, T, nh * dv))
 
 
 class Gate(nn.Module):
@@ -330,23 +347,25 @@ class MoE(nn.Module):
         B, T, d = x.shape
         E, K = c.n_routed_experts, c.num_experts_per_tok
         xf = x.reshape(-1, d)                                                   # (N, d)
-        s = torch.sigmoid(xf @ self.gate.weight.t())                            # (N, E)
+        # router logits back in the activations' dtype (a no-op except under
+        # autocast, where the matmul is bf16 and routing then works in fp32)
+        s = torch.sigmoid((xf @ self.gate.weight.t()).to(xf.dtype))            # (N, E)
         idx = self.route(s)                                                     # (N, K)
         g = s.gather(1, idx)                                                    # (N, K)
         if c.norm_topk_prob:
             g = g / g.sum(-1, keepdim=True)
         g = g * c.routed_scaling_factor
         # routed experts: group the (token, slot) pairs by expert
-        flat = idx.reshape(-1)
-        order = flat.argsort(stable=True)
-        counts = torch.bincount(flat, minlength=E)
-        tok = order // K
-        xs, gs = xf[tok], g.reshape(-1)[order]
-        outs = []
-        for e, chunk in enumerate(torch.split(xs, counts.tolist())):
-            if chunk.shape[0]:
-                outs.append(self.experts[e](chunk))
-        y = torch.zeros_like(xf).index_add_(0, tok, torch.cat(outs) * gs[:, None])
+        flat = idx.reshape(-1)                                                  # (N*K,)
+        order = flat.argsort(stable=True)                                       # slots sorted by expert
+        counts = torch.bincount(flat, minlength=E)                              # (E,)
+        tok = order // K                                                        # token of each sorted slot
+        xs = xf.index_select(0, tok)                                            # (N*K, d)
+        gs = g.reshape(-1).index_select(0, order)                               # (N*K,)
+        sizes = counts.tolist()  # the one host sync of the layer: the per-expert loop needs the sizes
+        outs = [self.experts[e](chunk) for e, chunk in enumerate(xs.split(sizes)) if sizes[e]]
+        routed = (torch.cat(outs) * gs[:, None]).to(xf.dtype)                  # fp32 combine under autocast
+        y = torch.zeros_like(xf).index_add_(0, tok, routed)
         if self.shared_experts is not None:
             y = y + self.shared_experts(xf)
         # sequence-wise balance loss: alpha * mean_b sum_i f_i P_i
@@ -374,8 +393,8 @@ class Layer(nn.Module):
         self.post_attention_layernorm = RMSNorm(d, eps)
         self.mlp = MoE(cfg) if self.moe else SwiGLU(d, cfg.intermediate_size)
 
-    def forward(self, h, stats):  # (B, T, d)
-        h = h + self.self_attn(self.input_layernorm(h))
+    def forward(self, h, stats, cos, sin):  # (B, T, d)
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin)
         x = self.post_attention_layernorm(h)
         return h + (self.mlp(x, stats) if self.moe else self.mlp(x))
 
@@ -390,6 +409,18 @@ class Transformer(nn.Module):
         self.model.layers = nn.ModuleList(Layer(cfg, i, mtp=i >= L) for i in range(L + D))
         self.model.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = linear(cfg.hidden_size, cfg.vocab_size)
+        # RoPE tables for seq_len positions, float64 until the model's .to(dtype)
+        # casts them; non-persistent, so not part of state_dict / the weights.
+        cos, sin = rope_tables(cfg, self.tcfg.seq_len)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def rope(self, T, dtype, device):
+        if T <= self.rope_cos.shape[0]:
+            cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        else:
+            cos, sin = rope_tables(self.cfg, T)
+        return cos.to(dtype=dtype, device=device), sin.to(dtype=dtype, device=device)
 
     def forward(self, x):
         """x (B, T+1+D) token ids. Returns dict of losses (scalars) and per-layer loads.
@@ -402,8 +433,9 @@ class Transformer(nn.Module):
         emb = self.model.embed_tokens
         layers = self.model.layers
         h = emb(x[:, :T])                                                       # (B, T, d)
+        cos, sin = self.rope(T, h.dtype, h.device)
         for i in range(L):
-            h = layers[i](h, stats)
+            h = layers[i](h, stats, cos, sin)
         logits = self.lm_head(self.model.norm(h))                               # (B, T, V)
         main = F.cross_entropy(logits.reshape(-1, c.vocab_size), x[:, 1:T + 1].reshape(-1))
         mtp = []
@@ -411,7 +443,7 @@ class Transformer(nn.Module):
             m = layers[L + k - 1]
             e = m.enorm(emb(x[:, k:k + T]))
             h = m.eh_proj(torch.cat((e, m.hnorm(h)), -1))
-            h = m(h, stats)
+            h = m(h, stats, cos, sin)
             lk = self.lm_head(m.shared_head.norm(h))
             mtp.append(F.cross_entropy(lk.reshape(-1, c.vocab_size), x[:, k + 1:k + 1 + T].reshape(-1)))
         zero = main.new_zeros(())
@@ -454,7 +486,8 @@ def load_weights(model, path):
             t.copy_(torch.from_numpy(np.ascontiguousarray(tensors[n])).to(t.dtype))
 
 
-def build_model(cfg, train, weights_path=None, dtype=torch.float32):
+def build_model(cfg, train, weights_path=None, dtype=torch.float32, device="cpu"):
+    """Built and loaded on the CPU in `dtype`, then moved to `device`."""
     torch.manual_seed(0)
     model = Transformer(cfg, train)
     exp = expected_shapes(cfg)
@@ -463,7 +496,16 @@ def build_model(cfg, train, weights_path=None, dtype=torch.float32):
     model = model.to(dtype)
     if weights_path:
         load_weights(model, weights_path)
-    return model
+    return model.to(device)
+
+
+def count_params(cfg, model):
+    """(total, active per token): routed experts count K/E of their size, as troupe's CountActiveParams."""
+    total = active = 0
+    for name, p in model.named_parameters():
+        total += p.numel()
+        active += p.numel() * cfg.num_experts_per_tok // cfg.n_routed_experts if ".mlp.experts." in name else p.numel()
+    return total, active
 
 
 # ----------------------------------------------------------------------------

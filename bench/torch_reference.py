@@ -1,20 +1,29 @@
 #!/usr/bin/python3
 """CLI around bench/torch_model.py: PyTorch reference losses, gradients and speed.
 
-  loss        --config C --weights W --tokens X.bin [--batches N] [--dtype float64]
+  loss        --config C --weights W --tokens X.bin [--batches N] [--dtype float64] [--precision bf16]
               JSON {"main", "mtp": [..], "balance", "total", "windows"}: means over the
               first N*batch_size windows in order (all windows if N is omitted).
   grads       --config C --weights W --tokens X.bin --out G.safetensors [--dtype float64]
               gradients of the total loss on the first batch, saved under the weight
               names (every trained parameter; the routing biases have none and are left out).
-  train-bench --config C --weights W --tokens X.bin --steps S --threads N
-              S AdamW steps after 2 warm-up steps; JSON {"tokens_per_s", "step_ms", ...}.
+  train-bench --config C --weights W --tokens X.bin --steps S [--threads N]
+              [--precision fp32|bf16] [--compile] [--warmup W]
+              S AdamW steps after W warm-up steps (default 8 with --compile, else 3 on
+              cuda, 2 on cpu);
+              JSON {"tokens_per_s", "step_ms", "peak_mem_bytes", ...}.
   check       --config C --weights W --tokens X.bin
               float64 central finite differences vs autograd on sampled entries of a few tensors.
 
-Run with Debian's /usr/bin/python3 (python3-torch 1.13).
+Every command takes --device cpu|cuda (default cpu). --precision bf16 runs the
+forward and the losses under torch.autocast(bfloat16) on fp32 parameters
+(bf16 matmuls, fp32 storage and AdamW); it needs --dtype float32.
+
+Here: Debian's /usr/bin/python3 (python3-torch 1.13, CPU). On a GPU machine,
+any python with torch >= 2 (CUDA); --compile needs torch.compile (2.0+).
 """
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -29,18 +38,40 @@ import torch_model as tm  # noqa: E402
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
+def get_device(a):
+    dev = torch.device(getattr(a, "device", "cpu"))
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch.cuda.is_available() is False")
+    return dev
+
+
+def sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def autocast(a, dev):
+    """bf16: torch.autocast around forward + losses (fp32 parameters); fp32: nothing."""
+    if getattr(a, "precision", "fp32") != "bf16":
+        return contextlib.nullcontext()
+    if a.dtype != "float32":
+        raise SystemExit("--precision bf16 needs --dtype float32 (fp32 master weights)")
+    return torch.autocast(device_type=dev.type, dtype=torch.bfloat16)
+
+
 def setup(a):
     if getattr(a, "threads", None):
         torch.set_num_threads(a.threads)
+    dev = get_device(a)
     cfg, train, _ = tm.load_config(a.config)
     if getattr(a, "batch_size", None):
         train.batch_size = a.batch_size
-    model = tm.build_model(cfg, train, a.weights, DTYPES[a.dtype])
+    model = tm.build_model(cfg, train, a.weights, DTYPES[a.dtype], dev)
     wins = np.concatenate([tm.windows(tm.read_tokens(p), train.seq_len, cfg.num_nextn_predict_layers)
                            for p in a.tokens])
     if len(wins) == 0:
         raise SystemExit("no full window in the token shards")
-    return cfg, train, model, torch.from_numpy(wins)
+    return cfg, train, model, torch.from_numpy(wins).to(dev)  # all windows on the device: no copy per step
 
 
 def first_batch(train, wins):
@@ -54,17 +85,20 @@ def cmd_loss(a):
     n = len(wins) if a.batches is None else min(len(wins), a.batches * train.batch_size)
     D = cfg.num_nextn_predict_layers
     acc = {"main": 0.0, "mtp": [0.0] * D, "balance": 0.0, "total": 0.0}
+    dev = get_device(a)
     with torch.no_grad():
         for s in range(0, n, train.batch_size):
             x = wins[s:min(n, s + train.batch_size)]
             w = len(x) / n  # every loss is a mean over sequences: weight batches by size
-            r = model(x)
+            with autocast(a, dev):
+                r = model(x)
             acc["main"] += w * r["main"].item()
             acc["balance"] += w * r["balance"].item()
             acc["total"] += w * r["total"].item()
             for k in range(D):
                 acc["mtp"][k] += w * r["mtp"][k].item()
     acc["windows"] = n
+    acc["device"], acc["dtype"], acc["precision"] = dev.type, a.dtype, a.precision
     print(json.dumps(acc))
 
 
@@ -75,7 +109,7 @@ def cmd_grads(a):
     out = {}
     for name, p in model.named_parameters():
         g = p.grad if p.grad is not None else torch.zeros_like(p)
-        out[name] = g.detach().to(DTYPES[a.save_dtype]).numpy()
+        out[name] = g.detach().to(DTYPES[a.save_dtype]).cpu().numpy()
     meta = {"loss_total": repr(r["total"].item()), "loss_main": repr(r["main"].item()),
             "dtype": a.dtype, "windows": train.batch_size}
     tm.save_safetensors(a.out, out, meta)
@@ -83,39 +117,123 @@ def cmd_grads(a):
 
 
 def cmd_train_bench(a):
+    """AdamW steps as troupe's: forward, backward, global-norm clip, AdamW, routing-bias update.
+
+    Timed: the `steps` steps after `warmup` ones, between device syncs (the step itself only
+    syncs where the eager MoE must: the expert sizes). Losses are read back after the clock stops."""
+    dev = get_device(a)
     cfg, train, model, wins = setup(a)
+    amp = lambda: autocast(a, dev)  # noqa: E731  (a fresh context per step)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": train.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}],
-                            lr=train.lr, betas=(train.beta1, train.beta2), eps=train.adam_eps, foreach=True)
+    groups = [{"params": decay, "weight_decay": train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    hp = dict(lr=train.lr, betas=(train.beta1, train.beta2), eps=train.adam_eps)
+    opt_impl = "foreach"
+    if dev.type == "cuda":
+        try:  # fused AdamW (torch 2.0+ on CUDA): what a tuned eager run uses
+            opt = torch.optim.AdamW(groups, fused=True, **hp)
+            opt_impl = "fused"
+        except (TypeError, RuntimeError, ValueError):
+            opt = torch.optim.AdamW(groups, foreach=True, **hp)
+    else:
+        opt = torch.optim.AdamW(groups, foreach=True, **hp)
     B, T = train.batch_size, train.seq_len
     nb = len(wins) // B
     if nb == 0:
         raise SystemExit(f"need {B} windows, shards give {len(wins)}")
+    total_params, active_params = tm.count_params(cfg, model)
+    info = {"device": dev.type, "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+            "torch": torch.__version__, "precision": a.precision, "dtype": a.dtype,
+            "compile": False, "attention": "sdpa" if tm.USE_SDPA else "math", "adamw": opt_impl,
+            "float32_matmul_precision": torch.get_float32_matmul_precision()
+            if hasattr(torch, "get_float32_matmul_precision") else "n/a",
+            "threads": torch.get_num_threads(), "batch_size": B, "seq_len": T,
+            "params": total_params, "active_params": active_params}
+
+    fwd = model
+    if a.compile:
+        info["compile"] = True
+        try:  # the per-expert sizes differ every step: allow recompiles (names vary by version)
+            import torch._dynamo as dynamo
+            for k in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit",
+                      "accumulated_recompile_limit"):
+                try:
+                    if hasattr(dynamo.config, k):
+                        setattr(dynamo.config, k, max(getattr(dynamo.config, k), 256))
+                except Exception:  # noqa: BLE001  (an alias or a read-only key: keep the default)
+                    pass
+        except Exception:  # noqa: BLE001  (no dynamo: torch.compile below says so)
+            pass
+        try:
+            fwd = torch.compile(model)
+        except Exception as e:  # noqa: BLE001  (torch without compile, missing compiler, ...)
+            return compile_unavailable(info, e)
+
     losses = []
 
     def step(i):
         x = wins[(i % nb) * B:(i % nb + 1) * B]
         opt.zero_grad(set_to_none=True)
-        r = model(x)
+        with amp():
+            r = fwd(x)
         r["total"].backward()
         if train.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
         opt.step()
         model.update_bias(r["load"])
-        losses.append(r["total"].item())
+        losses.append(r["total"].detach())
 
-    warm = 2
-    for i in range(warm):
-        step(i)
-    t0 = time.perf_counter()
-    for i in range(warm, warm + a.steps):
-        step(i)
-    dt = time.perf_counter() - t0
-    print(json.dumps({"tokens_per_s": B * T * a.steps / dt, "step_ms": 1000 * dt / a.steps,
-                      "steps": a.steps, "threads": torch.get_num_threads(), "batch_size": B, "seq_len": T,
-                      "dtype": a.dtype, "first_loss": losses[0], "last_loss": losses[-1]}))
+    # warm-up: 8 steps with --compile (compilation and the first recompiles), 3 on CUDA,
+    # 2 on the CPU (what bench/cpu_train_bench.sh pairs with troupe's 2)
+    warm = a.warmup if a.warmup is not None else (8 if a.compile else 3 if dev.type == "cuda" else 2)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    try:
+        t0 = time.perf_counter()
+        for i in range(warm):
+            step(i)
+        sync(dev)
+        t_warm = time.perf_counter() - t0
+        use_events = dev.type == "cuda"
+        ev = [torch.cuda.Event(enable_timing=True) for _ in range(a.steps + 1)] if use_events else []
+        stamps = []
+        t0 = time.perf_counter()
+        for i in range(warm, warm + a.steps):
+            if use_events:
+                ev[i - warm].record()
+            else:
+                stamps.append(time.perf_counter())
+            step(i)
+        if use_events:
+            ev[a.steps].record()
+        sync(dev)
+        dt = time.perf_counter() - t0
+        stamps.append(time.perf_counter())
+    except Exception as e:  # noqa: BLE001
+        if not a.compile:
+            raise
+        return compile_unavailable(info, e)
+    if use_events:
+        step_ms = [ev[k].elapsed_time(ev[k + 1]) for k in range(a.steps)]
+    else:
+        step_ms = [1000 * (stamps[k + 1] - stamps[k]) for k in range(a.steps)]
+    vals = torch.stack(losses).float().cpu().tolist()
+    info.update({"tokens_per_s": B * T * a.steps / dt, "step_ms": 1000 * dt / a.steps,
+                 "step_ms_median": float(np.median(step_ms)), "step_ms_min": float(min(step_ms)),
+                 "steps": a.steps, "warmup_steps": warm, "warmup_s": t_warm,
+                 "first_loss": vals[0], "last_loss": vals[-1]})
+    if dev.type == "cuda":
+        info["peak_mem_bytes"] = torch.cuda.max_memory_allocated(dev)
+        info["peak_reserved_bytes"] = torch.cuda.max_memory_reserved(dev)
+    print(json.dumps(info))
+
+
+def compile_unavailable(info, e):
+    reason = f"{type(e).__name__}: {e}".strip()
+    print(f"torch.compile unavailable: {reason[:4000]}", file=sys.stderr)
+    info.update({"compile": "unavailable", "compile_error": reason.splitlines()[0][:500] if reason else "?",
+                 "tokens_per_s": None, "step_ms": None})
+    print(json.dumps(info))
 
 
 def cmd_check(a):
@@ -172,11 +290,17 @@ def main():
         p.add_argument("--tokens", required=True, nargs="+", help="llm.c .bin shard(s), windows taken in order")
         p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
         p.add_argument("--batch-size", type=int, default=None, help="override [train] batch_size")
+        p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
         if dtype:
             p.add_argument("--dtype", choices=DTYPES, default="float32")
 
+    def precision(p):
+        p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                       help="bf16: torch.autocast(bfloat16) around forward + losses, fp32 parameters")
+
     p = sub.add_parser("loss")
     common(p)
+    precision(p)
     p.add_argument("--batches", type=int, default=None)
     p.set_defaults(fn=cmd_loss)
 
@@ -189,7 +313,11 @@ def main():
 
     p = sub.add_parser("train-bench")
     common(p)
+    precision(p)
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 8 with --compile, else 3 on cuda, 2 on cpu)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the model; if that fails, the JSON says compile: unavailable")
     p.set_defaults(fn=cmd_train_bench)
 
     p = sub.add_parser("check")

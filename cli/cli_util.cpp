@@ -30,4 +30,15 @@ Expected<std::unique_ptr<Backend>> MakeBackend(const std::string& device, int th
 
 Expected<JobConfig> LoadJob(const std::string& path) { return LoadConfigFile(path); }
 
+CLI::Validator IntAtLeast(int min) {
+  return CLI::Validator(
+      [min](std::string& s) -> std::string {
+        int v = 0;
+        if (!CLI::detail::lexical_cast(s, v)) return "'" + s + "' is not a whole number (up to 2147483647)";
+        if (v < min) return "must be at least " + std::to_string(min) + ", not " + s;
+        return {};
+      },
+      "INT>=" + std::to_string(min));
+}
+
 }  // namespace troupe::cli

@@ -1,5 +1,8 @@
-// Small helpers shared by the subcommands: one error line, backend choice.
+// Small helpers shared by the subcommands: one error line, backend choice,
+// flag validators.
 #pragma once
+
+#include <CLI/CLI.hpp>
 
 #include <cstdio>
 #include <memory>
@@ -24,5 +27,9 @@ Expected<std::unique_ptr<Backend>> MakeBackend(const std::string& device, int th
 
 // Loads and validates a config file.
 Expected<JobConfig> LoadJob(const std::string& path);
+
+// "--flag N" must be a whole number >= `min` (CLI11's own checks print a
+// floating-point range and accept nothing better for non-numbers).
+CLI::Validator IntAtLeast(int min);
 
 }  // namespace troupe::cli

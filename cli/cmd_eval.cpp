@@ -11,19 +11,6 @@
 namespace troupe::cli {
 namespace {
 
-// "--flag N" must be a whole number >= `min` (CLI11's own checks print a
-// floating-point range and accept nothing better for non-numbers).
-CLI::Validator IntAtLeast(int min) {
-  return CLI::Validator(
-      [min](std::string& s) -> std::string {
-        int v = 0;
-        if (!CLI::detail::lexical_cast(s, v)) return "'" + s + "' is not a whole number (up to 2147483647)";
-        if (v < min) return "must be at least " + std::to_string(min) + ", not " + s;
-        return {};
-      },
-      "INT>=" + std::to_string(min));
-}
-
 struct EvalFlags {
   std::string config, weights, tokens, device;
   int threads = -1;

@@ -2,10 +2,13 @@
 # Packs what the GPU machine needs into .device/ (ignored by git): the built
 # binaries plus the Debian .so files they link (CAF, ZeroMQ, RocksDB,
 # OpenBLAS, ...). CUDA's own libraries and glibc come from the GPU image.
+# The folder is packed into .device.tar.xz (the transfer limit is 64 MiB and
+# OpenBLAS alone is 36 MiB unpacked); on the GPU machine:
+#   tar -xJf .device.tar.xz && export LD_LIBRARY_PATH=$PWD/.device/lib
 # Usage: scripts/device_bundle.sh [binary ...]   (default: troupe + tests)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-grep -qx '/.device/' .git/info/exclude 2>/dev/null || echo '/.device/' >> .git/info/exclude
+for p in /.device/ /.device.tar.xz; do grep -qx "$p" .git/info/exclude 2>/dev/null || echo "$p" >> .git/info/exclude; done
 rm -rf .device && mkdir -p .device/bin .device/lib
 bins=("$@")
 if [ ${#bins[@]} -eq 0 ]; then bins=(build/cli/troupe build/tests/*_test); fi
@@ -19,4 +22,5 @@ for b in "${bins[@]}"; do ldd "$b"; done | awk '/=> \//{print $3}' | sort -u | w
   cp -L "$lib" .device/lib/
 done
 strip --strip-unneeded .device/bin/* .device/lib/* 2>/dev/null || true
-du -sh .device
+tar -cJf .device.tar.xz .device
+du -sh .device .device.tar.xz

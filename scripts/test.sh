@@ -5,3 +5,4 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh
 scripts/build.sh
 cd build && ctest --output-on-failure -j "$(nproc)" --label-exclude "slow|bench" "$@"
+cd .. && scripts/sanitize.sh

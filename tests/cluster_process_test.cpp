@@ -342,7 +342,9 @@ TEST_F(ClusterTest, RestartedCoordinatorRecoversStateAndNodesReconnect) {
   const uint64_t epoch = Epoch();
   const json job = Get("/api/job");
   Kill("coordinator");
-  std::this_thread::sleep_for(1s);
+  // Down for longer than the failure timeout, so the nodes give up on the old
+  // connection and their join backoff reaches its ceiling.
+  std::this_thread::sleep_for(6s);
   StartCoordinator(config);
   json c = Get("/api/cluster");
   EXPECT_GT(c["epoch"].get<uint64_t>(), epoch);  // recovered, plus one for the restart

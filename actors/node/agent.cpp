@@ -24,7 +24,9 @@ using Self = agent_actor::stateful_pointer<AgentState>;
 using SteadyClock = std::chrono::steady_clock;
 
 constexpr std::chrono::milliseconds kTick{100};
-constexpr std::chrono::milliseconds kMaxBackoff{4000};
+// Joins are small: retry at least every 2 s so a restarted coordinator sees
+// the node again within seconds.
+constexpr std::chrono::milliseconds kMaxBackoff{2000};
 
 agent_actor::behavior_type Joining(Self self);
 agent_actor::behavior_type Running(Self self);
@@ -112,8 +114,8 @@ agent_actor::behavior_type Joining(Self self) {
           SendJoin(self);
           st.next_join = now + st.backoff;
           st.backoff = std::min(st.backoff * 2, kMaxBackoff);
-          // A socket that stays silent through several joins is rebuilt.
-          if (st.backoff == kMaxBackoff) caf::anon_send(st.bridge, reconnect_atom_v);
+          // (A socket whose handshake never completes is rebuilt by the
+          // bridge, which knows; rebuilding here would drop this join.)
         }
         self->delayed_send(self, kTick, caf::tick_atom_v);
       },

@@ -11,6 +11,10 @@ namespace {
 using namespace protocol;
 
 constexpr int kPollMs = 20;
+// A connection whose CURVE handshake has not completed in this long is
+// rebuilt (ZeroMQ retries the TCP connect itself; this covers a socket stuck
+// on a peer that went away mid-handshake).
+constexpr std::chrono::seconds kHandshakeDeadline{5};
 
 template <class T>
 void Forward(caf::blocking_actor* self, const agent_actor& agent, const transport::Frame& f) {
@@ -29,12 +33,14 @@ void ClientBridge(caf::blocking_actor* self, std::string endpoint, std::string s
   std::unique_ptr<transport::SecureClient> client;
   bool handshake_known = false;
   bool ready = false;  // handshake done: sends go out (before it, a DEALER with no pipe would block)
+  auto connected_at = std::chrono::steady_clock::now();
   transport::TransportOptions topts;
   topts.send_timeout_ms = 200;  // never stall the bridge on a vanished coordinator
   auto connect = [&] {
     client.reset();  // closes the old socket first (linger bounded by the transport)
     handshake_known = false;
     ready = false;
+    connected_at = std::chrono::steady_clock::now();
     auto c = transport::SecureClient::Connect(endpoint, server_public_key, keys, topts);
     if (!c.ok()) {
       spdlog::error("bridge: cannot connect to {}: {}", endpoint, c.status().message());
@@ -56,6 +62,11 @@ void ClientBridge(caf::blocking_actor* self, std::string endpoint, std::string s
           handshake_known = true;
           spdlog::error("bridge: {}", hs.message());
           self->send(agent, JoinRefused{"the coordinator refused this node's key: " + hs.message()});
+        } else if (std::chrono::steady_clock::now() - connected_at > kHandshakeDeadline) {
+          spdlog::warn("bridge: no CURVE handshake with {} after {} s; rebuilding the socket", endpoint,
+                       kHandshakeDeadline.count());
+          connect();
+          continue;
         }
       }
       auto in = client->Receive(kPollMs);

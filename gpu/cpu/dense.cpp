@@ -26,9 +26,8 @@ namespace {
 // Thread-count independent by construction: never derive these from omp.
 constexpr int64_t kRowTile = 128;
 constexpr int64_t kColTile = 256;
-// Elementwise ops run over fixed chunks so each element sees the same code
-// path (vector body vs scalar tail) for any thread count.
-constexpr int64_t kChunk = 8192;
+using cpu::ForChunks;
+using cpu::kChunk;  // elementwise chunks (dispatch.h)
 
 void PinBlasToOneThread() {
   static const bool once = [] {
@@ -191,19 +190,6 @@ void CpuBackend::GroupedLinearBackward(Tensor& din, Tensor& dw, const Tensor& do
 }
 
 // ---- elementwise -------------------------------------------------------------
-
-namespace {
-
-// fn(begin, end) over fixed chunks of [0, n); chunk boundaries never depend
-// on the thread count.
-template <typename Fn>
-void ForChunks(int64_t n, Fn&& fn) {
-  const int64_t chunks = (n + kChunk - 1) / kChunk;
-#pragma omp parallel for schedule(static) if (chunks > 1)
-  for (int64_t c = 0; c < chunks; ++c) fn(c * kChunk, std::min(n, (c + 1) * kChunk));
-}
-
-}  // namespace
 
 void CpuBackend::Add(Tensor& out, const Tensor& a, const Tensor& b) {
   assert(out.numel() == a.numel() && out.numel() == b.numel());

@@ -19,7 +19,8 @@ namespace troupe {
 namespace {
 
 constexpr int64_t kColTile = 64;   // columns per task in row reductions
-constexpr int64_t kChunk = 8192;   // elements per task in elementwise ops
+using cpu::ForChunks;
+using cpu::kChunk;  // elements per task in elementwise ops
 
 template <typename T>
 T Sigmoid(T x) {
@@ -27,14 +28,6 @@ T Sigmoid(T x) {
   if (x >= T(0)) return T(1) / (T(1) + std::exp(-x));
   const T e = std::exp(x);
   return e / (T(1) + e);
-}
-
-// fn(begin, end) over fixed chunks of [0, n) (thread-count independent).
-template <typename Fn>
-void ForChunks(int64_t n, Fn&& fn) {
-  const int64_t chunks = (n + kChunk - 1) / kChunk;
-#pragma omp parallel for schedule(static) if (chunks > 1)
-  for (int64_t c = 0; c < chunks; ++c) fn(c * kChunk, std::min(n, (c + 1) * kChunk));
 }
 
 }  // namespace

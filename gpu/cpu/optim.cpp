@@ -17,7 +17,7 @@
 namespace troupe {
 namespace {
 
-constexpr int64_t kChunk = 8192;
+using cpu::kChunk;  // elementwise chunks (dispatch.h)
 
 // sum_i f(x[i]) in double, in a thread-count independent order.
 template <typename T, typename F>

@@ -54,9 +54,14 @@
 #include <type_traits>
 
 #include "gpu/cuda/cuda_backend.h"
+#include "gpu/cuda/kernel_util.cuh"
 
 namespace troupe {
 namespace {
+
+using cuda_util::Blocks;
+using cuda_util::LaunchOk;
+using cuda_util::RequireF32;
 
 constexpr int kThreads = 256;    // 16 x 16 thread grid
 constexpr int kTile = 64;        // rows of every tile (queries or keys)
@@ -563,20 +568,13 @@ bool DispatchWidth(int cols, F&& f) {
   return true;
 }
 
-int64_t Blocks(int64_t n, int per) { return (n + per - 1) / per; }
-
 bool IsCudaF32(const Tensor& t) { return t.defined() && t.device() == DeviceKind::kCuda && t.dtype() == DType::kF32; }
 
 // Checks the operands and derives the sizes, as the CPU's GetDims; false
 // (after Fail) when they do not fit this implementation.
 bool GetShape(CudaBackend& be, const char* op, const Tensor& out, const Tensor& lse, const Tensor& q, const Tensor& kv,
               const Tensor& k_rope, int seq_len, int head_dim, double scale, MlaShape* s, int64_t* N) {
-  for (const Tensor* t : {&out, &lse, &q, &kv, &k_rope}) {
-    if (!IsCudaF32(*t)) {
-      be.Fail(op, "operand " + t->name() + " is not an F32 CUDA tensor");
-      return false;
-    }
-  }
+  if (!RequireF32(be, op, {&out, &lse, &q, &kv, &k_rope})) return false;
   *N = k_rope.rows();
   const int64_t dr = k_rope.cols();
   const int64_t H = *N == 0 ? 0 : lse.numel() / *N;
@@ -628,14 +626,6 @@ bool PrepareSmem(CudaBackend& be, const char* op, Kernel kernel, int64_t floats)
   return true;
 }
 
-// Records a launch error of the kernel just queued.
-bool CheckLaunch(CudaBackend& be, const char* op, const char* kernel) {
-  const cudaError_t err = cudaGetLastError();
-  if (err == cudaSuccess) return true;
-  be.Fail(op, std::string(kernel) + ": " + cudaGetErrorString(err));
-  return false;
-}
-
 void LaunchRope(CudaBackend& be, const char* op, Tensor& x, int rot_offset, int rot_dim, int seq_len, double theta,
                 double sign) {
   if (be.failed()) return;
@@ -652,9 +642,9 @@ void LaunchRope(CudaBackend& be, const char* op, Tensor& x, int rot_offset, int 
   }
   const int64_t work = N * (rot_dim / 2);
   if (work == 0 || H == 0) return;
-  RopeKernel<<<static_cast<unsigned>(Blocks(work, 256)), 256, 0, be.stream()>>>(x.data<float>(), N, H, Dh, rot_offset,
-                                                                                rot_dim, seq_len, theta, sign);
-  CheckLaunch(be, op, "RopeKernel");
+  RopeKernel<<<Blocks(work, 256), 256, 0, be.stream()>>>(x.data<float>(), N, H, Dh, rot_offset, rot_dim, seq_len, theta,
+                                                         sign);
+  LaunchOk(be, op, "RopeKernel");
 }
 
 }  // namespace
@@ -677,13 +667,13 @@ void CudaBackend::MlaAttentionForward(Tensor& out, Tensor& lse, const Tensor& q,
   if (N == 0 || s.H == 0) return;
   const int D = s.dh + s.dr;
   const int64_t smem = 2LL * kTile * Ld(D) + kTile * Ld(s.dv) + kTile * kLdP;
-  const dim3 grid(static_cast<unsigned>(Blocks(s.T, kTile)), s.H, static_cast<unsigned>(N / s.T));
+  const dim3 grid(Blocks(s.T, kTile), s.H, static_cast<unsigned>(N / s.T));
   DispatchWidth<true>(s.dv, [&](auto ncv) {
     constexpr int NCV = decltype(ncv)::value;
     if (!PrepareSmem(*this, op, MlaForwardKernel<NCV>, smem)) return;
     MlaForwardKernel<NCV><<<grid, kThreads, smem * sizeof(float), stream()>>>(
         out.data<float>(), lse.data<float>(), q.data<float>(), kv.data<float>(), k_rope.data<float>(), s);
-    CheckLaunch(*this, op, "MlaForwardKernel");
+    LaunchOk(*this, op, "MlaForwardKernel");
   });
 }
 
@@ -695,12 +685,7 @@ void CudaBackend::MlaAttentionBackward(Tensor& dq, Tensor& dkv, Tensor& dk_rope,
   MlaShape s{};
   int64_t N = 0;
   if (!GetShape(*this, op, out, lse, q, kv, k_rope, seq_len, head_dim, scale, &s, &N)) return;
-  for (const Tensor* t : std::initializer_list<const Tensor*>{&dq, &dkv, &dk_rope, &dout}) {
-    if (!IsCudaF32(*t)) {
-      Fail(op, "operand " + t->name() + " is not an F32 CUDA tensor");
-      return;
-    }
-  }
+  if (!RequireF32(*this, op, {&dq, &dkv, &dk_rope, &dout})) return;
   if (dq.numel() != q.numel() || dkv.numel() != kv.numel() || dk_rope.numel() != k_rope.numel() ||
       dout.numel() != out.numel()) {
     Fail(op, "gradient shapes differ from their operands");
@@ -716,11 +701,10 @@ void CudaBackend::MlaAttentionBackward(Tensor& dq, Tensor& dkv, Tensor& dk_rope,
   float* dvec = ws;
   float* dkr_part = ws + rows;
 
-  RowDotKernel<<<static_cast<unsigned>(Blocks(rows * 32, 256)), 256, 0, stream()>>>(dvec, dout.data<float>(),
-                                                                                    out.data<float>(), rows, s.dv);
-  if (!CheckLaunch(*this, op, "RowDotKernel")) return;
+  RowDotKernel<<<Blocks(rows * 32, 256), 256, 0, stream()>>>(dvec, dout.data<float>(), out.data<float>(), rows, s.dv);
+  if (!LaunchOk(*this, op, "RowDotKernel")) return;
 
-  const dim3 grid(static_cast<unsigned>(Blocks(s.T, kTile)), s.H, static_cast<unsigned>(N / s.T));
+  const dim3 grid(Blocks(s.T, kTile), s.H, static_cast<unsigned>(N / s.T));
   const int64_t smem_dkv = 2LL * kTile * Ld(D) + 2LL * kTile * Ld(s.dv) + 2LL * kTile * kLdP + 2 * kTile;
   const int64_t smem_dq = 2LL * kTile * Ld(D) + 2LL * kTile * Ld(s.dv) + kTile * kLdP;
   bool launched = true;
@@ -737,7 +721,7 @@ void CudaBackend::MlaAttentionBackward(Tensor& dq, Tensor& dkv, Tensor& dk_rope,
       MlaBackwardDkvKernel<NCK, NCV><<<grid, kThreads, smem_dkv * sizeof(float), stream()>>>(
           dkv.data<float>(), dkr_part, dout.data<float>(), lse.data<float>(), dvec, q.data<float>(), kv.data<float>(),
           k_rope.data<float>(), s);
-      launched = CheckLaunch(*this, op, "MlaBackwardDkvKernel");
+      launched = LaunchOk(*this, op, "MlaBackwardDkvKernel");
     });
     if (!launched) return;
     if (!PrepareSmem(*this, op, MlaBackwardDqKernel<NCK>, smem_dq)) {
@@ -747,13 +731,12 @@ void CudaBackend::MlaAttentionBackward(Tensor& dq, Tensor& dkv, Tensor& dk_rope,
     MlaBackwardDqKernel<NCK><<<grid, kThreads, smem_dq * sizeof(float), stream()>>>(
         dq.data<float>(), dout.data<float>(), lse.data<float>(), dvec, q.data<float>(), kv.data<float>(),
         k_rope.data<float>(), s);
-    launched = CheckLaunch(*this, op, "MlaBackwardDqKernel");
+    launched = LaunchOk(*this, op, "MlaBackwardDqKernel");
   });
   if (!launched || s.dr == 0) return;
 
-  SumHeadsKernel<<<static_cast<unsigned>(Blocks(N * s.dr, 256)), 256, 0, stream()>>>(dk_rope.data<float>(), dkr_part, N,
-                                                                                     s.H, s.dr);
-  CheckLaunch(*this, op, "SumHeadsKernel");
+  SumHeadsKernel<<<Blocks(N * s.dr, 256), 256, 0, stream()>>>(dk_rope.data<float>(), dkr_part, N, s.H, s.dr);
+  LaunchOk(*this, op, "SumHeadsKernel");
 }
 
 }  // namespace troupe

@@ -34,85 +34,25 @@
 #include <vector>
 
 #include "gpu/cuda/cuda_backend.h"
+#include "gpu/cuda/kernel_util.cuh"
 
 namespace troupe {
 namespace {
 
-constexpr int kThreads = 256;         // threads per block of the elementwise kernels
-constexpr int64_t kMaxBlocks = 8192;  // grid-stride kernels never launch more blocks
+using namespace cuda_util;  // the shared launch / check helpers
 
-int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-unsigned GridFor(int64_t n) {
-  return static_cast<unsigned>(std::max<int64_t>(1, std::min(CeilDiv(n, kThreads), kMaxBlocks)));
-}
-
-// Records a launch failure; true when the launch went through.
-bool LaunchOk(CudaBackend& be, const char* op) {
-  const cudaError_t err = cudaGetLastError();
-  if (err == cudaSuccess) return true;
-  be.Fail(op, std::string("kernel launch: ") + cudaGetErrorString(err));
-  return false;
-}
-
-bool CublasOk(CudaBackend& be, const char* op, cublasStatus_t st, const char* call) {
-  if (st == CUBLAS_STATUS_SUCCESS) return true;
-  be.Fail(op, std::string(call) + ": " + cublasGetStatusString(st));
-  return false;
-}
-
-bool CudaOk(CudaBackend& be, const char* op, cudaError_t err, const char* call) {
-  if (err == cudaSuccess) return true;
-  be.Fail(op, std::string(call) + ": " + cudaGetErrorString(err));
-  return false;
-}
-
-// True when every tensor is a CUDA tensor of `dtype`; else records why.
-bool Require(CudaBackend& be, const char* op, DType dtype, std::initializer_list<const Tensor*> ts) {
-  for (const Tensor* t : ts) {
-    if (!t->defined()) {
-      be.Fail(op, "undefined tensor");
-      return false;
-    }
-    if (t->device() != DeviceKind::kCuda) {
-      be.Fail(op, "tensor " + t->name() + " is not on the CUDA device");
-      return false;
-    }
-    if (t->dtype() != dtype) {
-      be.Fail(op, "tensor " + t->name() + " is " + DTypeName(t->dtype()) + ", expected " + DTypeName(dtype) +
-                      " (the CUDA backend computes in F32 only)");
+// Fails unless every dimension fits the 32-bit cuBLAS interface.
+bool CublasDimsOk(CudaBackend& be, const char* op, std::initializer_list<int64_t> dims) {
+  for (int64_t d : dims) {
+    if (!FitsInt(d)) {
+      be.Fail(op, "dimensions exceed the 32-bit cuBLAS interface");
       return false;
     }
   }
   return true;
 }
 
-bool RequireF32(CudaBackend& be, const char* op, std::initializer_list<const Tensor*> ts) {
-  return Require(be, op, DType::kF32, ts);
-}
-
-bool ShapeOk(CudaBackend& be, const char* op, bool ok, const std::string& what) {
-  if (!ok) be.Fail(op, "shape mismatch: " + what);
-  return ok;
-}
-
-bool FitsInt(int64_t v) { return v >= 0 && v <= INT_MAX; }
-
-// ---- elementwise kernels (grid-stride; no device lambdas: nvcc would need
-// --extended-lambda) -------------------------------------------------------
-
-template <typename F>
-__global__ void ForEachKernel(int64_t n, F f) {
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) f(i);
-}
-
-template <typename F>
-void LaunchForEach(CudaBackend& be, const char* op, int64_t n, const F& f) {
-  if (n <= 0) return;
-  ForEachKernel<<<GridFor(n), kThreads, 0, be.stream()>>>(n, f);
-  LaunchOk(be, op);
-}
+// ---- elementwise kernels (LaunchForEach of kernel_util.cuh) -------------------
 
 struct AddOp {  // may alias: each element is read before it is written
   float* out;
@@ -176,12 +116,6 @@ __global__ void ConcatColsBackwardKernel(float* __restrict__ da, float* __restri
         db[n * B + (j - A)] += g;
       }
     }
-}
-
-dim3 RowColGrid(int64_t rows, int64_t cols) {
-  const int64_t gx = std::max<int64_t>(1, std::min<int64_t>(CeilDiv(cols, kThreads), 64));
-  const int64_t gy = std::max<int64_t>(1, std::min<int64_t>(rows, 65535));
-  return dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy));
 }
 
 // ---- deterministic reductions -------------------------------------------------
@@ -396,10 +330,7 @@ void CudaBackend::Matmul(Tensor& c, const Tensor& a, const Tensor& b, bool trans
     }
     return;
   }
-  if (!FitsInt(M) || !FitsInt(N) || !FitsInt(K)) {
-    Fail(kOp, "dimensions exceed the 32-bit cuBLAS interface");
-    return;
-  }
+  if (!CublasDimsOk(*this, kOp, {M, N, K})) return;
   const float al = static_cast<float>(alpha), bt = static_cast<float>(beta);
   const cublasComputeType_t compute =
       precision_ == MatmulPrecision::kBf16 ? CUBLAS_COMPUTE_32F_FAST_16BF : CUBLAS_COMPUTE_32F;
@@ -422,10 +353,7 @@ void CudaBackend::GroupedLinearForward(Tensor& out, const Tensor& in, const Tens
   if (!ShapeOk(*this, kOp, in.cols() == I && out.cols() == O && out.rows() == R,
                "in " + in.ShapeString() + ", w " + w.ShapeString() + ", out " + out.ShapeString()))
     return;
-  if (!FitsInt(R) || !FitsInt(O) || !FitsInt(I)) {
-    Fail(kOp, "dimensions exceed the 32-bit cuBLAS interface");
-    return;
-  }
+  if (!CublasDimsOk(*this, kOp, {R, O, I})) return;
   std::vector<int32_t> off;
   if (!ReadOffsets(*this, kOp, offsets, E, R, &off)) return;
   if (O == 0 || off[E] == off[0]) return;
@@ -465,10 +393,7 @@ void CudaBackend::GroupedLinearBackward(Tensor& din, Tensor& dw, const Tensor& d
                "din " + din.ShapeString() + ", dw " + dw.ShapeString() + ", dout " + dout.ShapeString() + ", in " +
                    in.ShapeString() + ", w " + w.ShapeString()))
     return;
-  if (!FitsInt(R) || !FitsInt(O) || !FitsInt(I)) {
-    Fail(kOp, "dimensions exceed the 32-bit cuBLAS interface");
-    return;
-  }
+  if (!CublasDimsOk(*this, kOp, {R, O, I})) return;
   std::vector<int32_t> off;
   if (!ReadOffsets(*this, kOp, offsets, E, R, &off)) return;
   if (O == 0 || I == 0) return;          // nothing to add

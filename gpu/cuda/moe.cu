@@ -40,6 +40,7 @@
 #include <string>
 
 #include "gpu/cuda/cuda_backend.h"
+#include "gpu/cuda/kernel_util.cuh"
 
 namespace troupe {
 namespace {
@@ -49,14 +50,12 @@ constexpr int kWarp = 32;
 constexpr size_t kSmemLimit = 48 * 1024;  // per-block shared memory without the opt-in
 constexpr int kMaxExperts = 8192;         // histograms and the sort keep (E) ints in shared memory
 
-// Launch check: a bad configuration or an earlier asynchronous fault becomes
-// the backend's sticky error.
-bool Launched(CudaBackend& be, const char* op) {
-  const cudaError_t err = cudaGetLastError();
-  if (err == cudaSuccess) return true;
-  be.Fail(op, cudaGetErrorString(err));
-  return false;
-}
+using cuda_util::Blocks;
+using cuda_util::CeilDiv;
+using cuda_util::Check;
+using cuda_util::CudaOk;
+using cuda_util::LaunchOk;
+using cuda_util::WarpSumDouble;
 
 std::string Shape(const Tensor& t) { return t.name() + t.ShapeString(); }
 
@@ -75,21 +74,9 @@ bool IsI32(CudaBackend& be, const char* op, const Tensor& t) {
   return false;
 }
 
-bool Check(CudaBackend& be, const char* op, bool ok, const std::string& why) {
-  if (!ok) be.Fail(op, why);
-  return ok;
-}
-
 bool Aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
-unsigned Blocks(int64_t work, int64_t per_block) { return static_cast<unsigned>((work + per_block - 1) / per_block); }
-
 // ---- device helpers ------------------------------------------------------------
-
-__device__ __forceinline__ double WarpSumDouble(double v) {
-  for (int o = kWarp / 2; o > 0; o >>= 1) v += __shfl_xor_sync(kFull, v, o);
-  return v;  // the same butterfly in every lane: identical value everywhere
-}
 
 // Row vectors of V floats (V = 4 when rows are 16-byte aligned and D % 4 == 0).
 template <int V>
@@ -616,7 +603,7 @@ void CudaBackend::MoeRoute(Tensor& topk_idx, Tensor& topk_gate, const Tensor& sc
   RouteKernel<<<Blocks(N, kRouteWarps), kRouteWarps * kWarp, smem, stream()>>>(
       topk_idx.data<int32_t>(), topk_gate.data<float>(), scores.data<float>(), bias.data<float>(), N,
       static_cast<int>(E), K, G, M, spec.scale, spec.normalize);
-  Launched(*this, kOp);
+  LaunchOk(*this, kOp);
 }
 
 void CudaBackend::MoeRouteBackward(Tensor& dscores, const Tensor& dgate, const Tensor& scores, const Tensor& topk_idx,
@@ -640,7 +627,7 @@ void CudaBackend::MoeRouteBackward(Tensor& dscores, const Tensor& dgate, const T
   RouteBackwardKernel<<<Blocks(N, kThreads), kThreads, 0, stream()>>>(
       dscores.data<float>(), dgate.data<float>(), scores.data<float>(), topk_idx.data<int32_t>(), N,
       static_cast<int>(E), static_cast<int>(K), spec.scale, spec.normalize);
-  Launched(*this, kOp);
+  LaunchOk(*this, kOp);
 }
 
 // ---- load and the permutation --------------------------------------------------------
@@ -654,14 +641,13 @@ void CudaBackend::MoeExpertLoad(Tensor& counts, const Tensor& topk_idx, int n_ex
       !Check(*this, kOp, E >= 1 && E <= kMaxExperts, "needs 1 <= E <= 8192, E=" + std::to_string(E))) {
     return;
   }
-  cudaError_t err = cudaMemsetAsync(counts.raw(), 0, counts.bytes(), stream());
-  if (err != cudaSuccess) return Fail(kOp, cudaGetErrorString(err));
+  if (!CudaOk(*this, kOp, cudaMemsetAsync(counts.raw(), 0, counts.bytes(), stream()), "cudaMemsetAsync")) return;
   const int64_t total = topk_idx.numel();
   if (total == 0) return;
   constexpr int kChunk = 16 * kHistThreads;
   ChunkCountsKernel<<<Blocks(total, kChunk), kHistThreads, E * sizeof(int), stream()>>>(
       nullptr, counts.data<int32_t>(), topk_idx.data<int32_t>(), total, E, kChunk);
-  Launched(*this, kOp);
+  LaunchOk(*this, kOp);
 }
 
 void CudaBackend::MoePermute(Tensor& x_sorted, Tensor& offsets, Tensor& slot, const Tensor& x, const Tensor& topk_idx,
@@ -685,15 +671,14 @@ void CudaBackend::MoePermute(Tensor& x_sorted, Tensor& offsets, Tensor& slot, co
   }
   cudaStream_t s = stream();
   if (total == 0) {
-    cudaError_t err = cudaMemsetAsync(offsets.raw(), 0, offsets.bytes(), s);
-    if (err != cudaSuccess) Fail(kOp, cudaGetErrorString(err));
+    CudaOk(*this, kOp, cudaMemsetAsync(offsets.raw(), 0, offsets.bytes(), s), "cudaMemsetAsync");
     return;
   }
   // Warps per RankScatter block: as many as fit their (warps, E) counters.
   const int warps =
       static_cast<int>(std::clamp<size_t>(kSmemLimit / (static_cast<size_t>(E) * sizeof(int)), 1, kMaxRankWarps));
   const int64_t chunk = static_cast<int64_t>(warps) * kRankSub;
-  const int64_t chunks = (total + chunk - 1) / chunk;
+  const int64_t chunks = CeilDiv(total, chunk);
   auto* table = static_cast<int32_t*>(Workspace(static_cast<size_t>(chunks) * E * sizeof(int32_t)));  // (chunks, E)
   if (table == nullptr) return;  // Workspace failed already
   int32_t* off = offsets.data<int32_t>();
@@ -701,12 +686,12 @@ void CudaBackend::MoePermute(Tensor& x_sorted, Tensor& offsets, Tensor& slot, co
 
   ChunkCountsKernel<<<static_cast<unsigned>(chunks), kHistThreads, E * sizeof(int), s>>>(table, nullptr, idx, total, E,
                                                                                          static_cast<int>(chunk));
-  if (!Launched(*this, kOp)) return;
+  if (!LaunchOk(*this, kOp)) return;
   ScanCountsKernel<<<1, kScanThreads, E * sizeof(int), s>>>(table, off, static_cast<int>(chunks), E);
-  if (!Launched(*this, kOp)) return;
+  if (!LaunchOk(*this, kOp)) return;
   RankScatterKernel<<<static_cast<unsigned>(chunks), warps * kWarp, static_cast<size_t>(warps) * E * sizeof(int), s>>>(
       slot.data<int32_t>(), idx, table, off, total, E);
-  if (!Launched(*this, kOp)) return;
+  if (!LaunchOk(*this, kOp)) return;
   if (D == 0) return;
   const bool vec = D % 4 == 0 && Aligned16(x.raw()) && Aligned16(x_sorted.raw());
   const unsigned blocks = Blocks(N, kRowWarps);
@@ -717,7 +702,7 @@ void CudaBackend::MoePermute(Tensor& x_sorted, Tensor& offsets, Tensor& slot, co
     PermuteRowsKernel<1><<<blocks, kRowWarps * kWarp, 0, s>>>(x_sorted.data<float>(), x.data<float>(),
                                                               slot.data<int32_t>(), N, static_cast<int>(K), D);
   }
-  Launched(*this, kOp);
+  LaunchOk(*this, kOp);
 }
 
 void CudaBackend::MoePermuteBackward(Tensor& dx, const Tensor& dx_sorted, const Tensor& slot) {
@@ -740,7 +725,7 @@ void CudaBackend::MoePermuteBackward(Tensor& dx, const Tensor& dx_sorted, const 
     PermuteBackwardKernel<1><<<blocks, kRowWarps * kWarp, 0, s>>>(dx.data<float>(), dx_sorted.data<float>(),
                                                                   slot.data<int32_t>(), N, static_cast<int>(K), D);
   }
-  Launched(*this, kOp);
+  LaunchOk(*this, kOp);
 }
 
 // ---- combine ---------------------------------------------------------------------------
@@ -768,7 +753,7 @@ void CudaBackend::MoeCombine(Tensor& y, const Tensor& y_sorted, const Tensor& ga
     CombineKernel<1><<<blocks, kRowWarps * kWarp, 0, s>>>(y.data<float>(), y_sorted.data<float>(), gate.data<float>(),
                                                           slot.data<int32_t>(), N, static_cast<int>(K), D);
   }
-  Launched(*this, kOp);
+  LaunchOk(*this, kOp);
 }
 
 void CudaBackend::MoeCombineBackward(Tensor& dy_sorted, Tensor& dgate, const Tensor& dy, const Tensor& y_sorted,
@@ -800,7 +785,7 @@ void CudaBackend::MoeCombineBackward(Tensor& dy_sorted, Tensor& dgate, const Ten
         dy_sorted.data<float>(), dgate.data<float>(), dy.data<float>(), y_sorted.data<float>(), gate.data<float>(),
         slot.data<int32_t>(), N, static_cast<int>(K), D);
   }
-  Launched(*this, kOp);
+  LaunchOk(*this, kOp);
 }
 
 // ---- balance loss ----------------------------------------------------------------------
@@ -827,7 +812,7 @@ void CudaBackend::MoeBalanceLoss(Tensor& loss, const Tensor& scores, const Tenso
   BalanceLossKernel<<<static_cast<unsigned>(B), warps * kWarp, smem, stream()>>>(
       loss.data<float>(), scores.data<float>(), topk_idx.data<int32_t>(), seq_len, static_cast<int>(K),
       static_cast<int>(E), f_scale, alpha);
-  Launched(*this, kOp);
+  LaunchOk(*this, kOp);
 }
 
 void CudaBackend::MoeBalanceLossBackward(Tensor& dscores, const Tensor& scores, const Tensor& topk_idx, int seq_len,
@@ -850,12 +835,12 @@ void CudaBackend::MoeBalanceLossBackward(Tensor& dscores, const Tensor& scores, 
   cudaStream_t s = stream();
   SequenceCountsKernel<<<static_cast<unsigned>(B), kHistThreads, E * sizeof(int), s>>>(
       counts, topk_idx.data<int32_t>(), seq_len, static_cast<int>(K), static_cast<int>(E));
-  if (!Launched(*this, kOp)) return;
+  if (!LaunchOk(*this, kOp)) return;
   const double coef = dloss * alpha * static_cast<double>(E) /
                       (static_cast<double>(K) * static_cast<double>(seq_len) * static_cast<double>(seq_len));
   BalanceLossBackwardKernel<<<Blocks(N, kRowWarps), kRowWarps * kWarp, 0, s>>>(
       dscores.data<float>(), scores.data<float>(), counts, N, seq_len, static_cast<int>(E), coef);
-  Launched(*this, kOp);
+  LaunchOk(*this, kOp);
 }
 
 }  // namespace troupe

@@ -22,100 +22,20 @@
 #include <string>
 
 #include "gpu/cuda/cuda_backend.h"
+#include "gpu/cuda/kernel_util.cuh"
 
 namespace troupe {
 namespace {
 
-constexpr int kThreads = 256;
+using namespace cuda_util;  // the shared launch / check helpers
+
 constexpr int kWarpsPerBlock = kThreads / 32;
-constexpr int64_t kMaxBlocks = 8192;
-
-int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-unsigned GridFor(int64_t n) {
-  return static_cast<unsigned>(std::max<int64_t>(1, std::min(CeilDiv(n, kThreads), kMaxBlocks)));
-}
-
-dim3 RowColGrid(int64_t rows, int64_t cols) {
-  const int64_t gx = std::max<int64_t>(1, std::min<int64_t>(CeilDiv(cols, kThreads), 64));
-  const int64_t gy = std::max<int64_t>(1, std::min<int64_t>(rows, 65535));
-  return dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy));
-}
-
-bool LaunchOk(CudaBackend& be, const char* op) {
-  const cudaError_t err = cudaGetLastError();
-  if (err == cudaSuccess) return true;
-  be.Fail(op, std::string("kernel launch: ") + cudaGetErrorString(err));
-  return false;
-}
-
-bool Require(CudaBackend& be, const char* op, DType dtype, std::initializer_list<const Tensor*> ts) {
-  for (const Tensor* t : ts) {
-    if (!t->defined()) {
-      be.Fail(op, "undefined tensor");
-      return false;
-    }
-    if (t->device() != DeviceKind::kCuda) {
-      be.Fail(op, "tensor " + t->name() + " is not on the CUDA device");
-      return false;
-    }
-    if (t->dtype() != dtype) {
-      be.Fail(op, "tensor " + t->name() + " is " + DTypeName(t->dtype()) + ", expected " + DTypeName(dtype) +
-                      " (the CUDA backend computes in F32 only)");
-      return false;
-    }
-  }
-  return true;
-}
-
-bool RequireF32(CudaBackend& be, const char* op, std::initializer_list<const Tensor*> ts) {
-  return Require(be, op, DType::kF32, ts);
-}
-
-bool ShapeOk(CudaBackend& be, const char* op, bool ok, const std::string& what) {
-  if (!ok) be.Fail(op, "shape mismatch: " + what);
-  return ok;
-}
 
 // Same branch structure as the CPU's Sigmoid: never exp of a large positive.
 __device__ __forceinline__ float SigmoidF(float x) {
   if (x >= 0.0f) return 1.0f / (1.0f + expf(-x));
   const float e = expf(x);
   return e / (1.0f + e);
-}
-
-__device__ __forceinline__ double WarpSum(double v) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-
-template <typename F>
-__global__ void ForEachKernel(int64_t n, F f) {
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) f(i);
-}
-
-// f(n, j) for every row n < rows, column j < cols.
-template <typename F>
-__global__ void RowColKernel(int64_t rows, int64_t cols, F f) {
-  for (int64_t n = blockIdx.y; n < rows; n += gridDim.y)
-    for (int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; j < cols;
-         j += static_cast<int64_t>(gridDim.x) * blockDim.x)
-      f(n, j);
-}
-
-template <typename F>
-void LaunchForEach(CudaBackend& be, const char* op, int64_t n, const F& f) {
-  if (n <= 0) return;
-  ForEachKernel<<<GridFor(n), kThreads, 0, be.stream()>>>(n, f);
-  LaunchOk(be, op);
-}
-
-template <typename F>
-void LaunchRowCol(CudaBackend& be, const char* op, int64_t rows, int64_t cols, const F& f) {
-  if (rows <= 0 || cols <= 0) return;
-  RowColKernel<<<RowColGrid(rows, cols), kThreads, 0, be.stream()>>>(rows, cols, f);
-  LaunchOk(be, op);
 }
 
 // ---- RMSNorm kernels -------------------------------------------------------------
@@ -129,7 +49,7 @@ __global__ void RmsNormForwardKernel(float* __restrict__ out, float* __restrict_
   const float* x = in + row * C;
   double ss = 0.0;
   for (int64_t j = lane; j < C; j += 32) ss += static_cast<double>(x[j]) * x[j];
-  ss = WarpSum(ss);
+  ss = WarpSumDouble(ss);
   const float r = static_cast<float>(1.0 / sqrt(ss / static_cast<double>(C) + eps));
   if (lane == 0) rstd[row] = r;  // backward uses exactly this value
   float* y = out + row * C;
@@ -148,7 +68,7 @@ __global__ void RmsNormBackwardInputKernel(float* __restrict__ din, const float*
   const double r = rstd[row];
   double dot = 0.0;
   for (int64_t j = lane; j < C; j += 32) dot += static_cast<double>(gr[j]) * w[j] * x[j] * r;
-  const double mean = WarpSum(dot) / static_cast<double>(C);
+  const double mean = WarpSumDouble(dot) / static_cast<double>(C);
   float* dx = din + row * C;
   for (int64_t j = lane; j < C; j += 32) {
     const double g = static_cast<double>(gr[j]) * w[j];
