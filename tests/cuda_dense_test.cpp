@@ -23,6 +23,8 @@
 #include <memory>
 #include <random>
 #include <string>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 #include "gpu/cpu/cpu_backend.h"
@@ -127,9 +129,10 @@ class CudaDenseTest : public ::testing::Test {
   }
 
   // Forward and backward of one grouped layer; `tail` rows after offsets[E]
-  // belong to no expert (forward must leave them alone).
+  // belong to no expert (forward must leave them alone). With `repeat`, the
+  // backward runs again from the same din, dw and must match bitwise.
   void RunGrouped(Backend& gpu, const std::vector<int32_t>& counts, int64_t tail, int64_t I, int64_t O, double tol,
-                  const std::string& tag) {
+                  const std::string& tag, bool repeat = false) {
     std::vector<int32_t> off(counts.size() + 1, 0);
     for (size_t e = 0; e < counts.size(); ++e) off[e + 1] = off[e] + counts[e];
     const int64_t E = static_cast<int64_t>(counts.size()), R = off.back() + tail;
@@ -147,6 +150,17 @@ class CudaDenseTest : public ::testing::Test {
     gpu.GroupedLinearBackward(din.gpu, dw.gpu, dout.gpu, in.gpu, w.gpu, offsets.gpu);
     Compare(din, tag + " GroupedLinearBackward din" + shape, tol, &gpu);
     Compare(dw, tag + " GroupedLinearBackward dw" + shape, tol, &gpu);
+    if (!repeat) return;
+    auto din2 = Random({R, I}, 25, 1.0, &gpu), dw2 = Random({E, O, I}, 26, 1.0, &gpu);
+    gpu.GroupedLinearBackward(din2.gpu, dw2.gpu, dout.gpu, in.gpu, w.gpu, offsets.gpu);
+    ExpectGpuOk(gpu, tag + " GroupedLinearBackward again");
+    for (auto [first, again, name] : {std::tuple{&din, &din2, "din"}, std::tuple{&dw, &dw2, "dw"}}) {
+      std::vector<float> x(static_cast<size_t>(first->gpu.numel())), y(x.size());
+      gpu.CopyToHost(x.data(), first->gpu);
+      gpu.CopyToHost(y.data(), again->gpu);
+      EXPECT_EQ(0, std::memcmp(x.data(), y.data(), x.size() * sizeof(float)))
+          << tag << " GroupedLinearBackward " << name << " not deterministic" << shape;
+    }
   }
 
   CpuBackend cpu_{0};
@@ -203,6 +217,21 @@ TEST_F(CudaDenseTest, GroupedLinearFp32AndBf16) {
   for (const Case& c : cases) {
     RunGrouped(*gpu_, c.counts, c.tail, c.I, c.O, kFp32Tol, "fp32");
     RunGrouped(*bf, c.counts, c.tail, c.I, c.O, kBf16Tol, "bf16");
+  }
+}
+
+// Thousands of rows per expert: the weight gradient is cut into several row
+// chunks per expert (full ones read in place, a zero-padded tail) whose
+// partials are reduced per expert. Uneven counts, an empty expert, a
+// one-row expert; aligned widths (FAST compute in bf16) and odd ones (32F
+// fallback); bitwise repeatable.
+TEST_F(CudaDenseTest, GroupedLinearBackwardManyRowsDeterministic) {
+  const std::vector<int32_t> counts = {3001, 2500, 0, 3999, 2048, 3100, 1, 2777};
+  auto bf = MakeBf16();
+  ASSERT_NE(bf, nullptr);
+  for (auto [I, O] : {std::pair<int64_t, int64_t>{512, 512}, {256, 512}, {130, 67}}) {
+    RunGrouped(*gpu_, counts, 3, I, O, kFp32Tol, "fp32", true);
+    RunGrouped(*bf, counts, 3, I, O, kBf16Tol, "bf16", true);
   }
 }
 

@@ -86,7 +86,7 @@ Status CudaBackend::Synchronize() {
   return Status::Ok();
 }
 
-void* CudaBackend::Workspace(size_t bytes) {
+void* CudaBackend::Workspace(size_t bytes, const char* op, const char* purpose) {
   if (bytes <= workspace_bytes_) return workspace_;
   cudaStreamSynchronize(stream_);  // the old workspace may still be in use
   if (workspace_) cudaFree(workspace_);
@@ -94,7 +94,10 @@ void* CudaBackend::Workspace(size_t bytes) {
   workspace_bytes_ = 0;
   if (cudaMalloc(&workspace_, bytes) != cudaSuccess) {
     cudaGetLastError();
-    Fail("workspace", "out of device memory allocating " + Mib(bytes) + " of scratch");
+    size_t free_b = 0, total_b = 0;
+    cudaMemGetInfo(&free_b, &total_b);
+    Fail(op, "out of GPU memory allocating " + Mib(bytes) + " of " + purpose + "; Troupe holds " + Mib(in_use_.load()) +
+                 " in tensors, the device has " + Mib(free_b) + " free of " + Mib(total_b));
     return nullptr;
   }
   workspace_bytes_ = bytes;

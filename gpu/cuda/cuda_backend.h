@@ -108,8 +108,9 @@ class CudaBackend final : public Backend {
   void Fail(const std::string& what, const std::string& why);
   bool failed() const { return failed_.load(); }
   // Scratch device memory of at least `bytes`, valid until the next call on
-  // this stream (grown on demand, never shrunk).
-  void* Workspace(size_t bytes);
+  // this stream (grown on demand, never shrunk). Out of memory records a
+  // failure of operation `op`, naming `purpose`, and returns nullptr.
+  void* Workspace(size_t bytes, const char* op = "workspace", const char* purpose = "scratch");
   cublasContext* cublas() const { return cublas_; }
   cublasLtContext* cublaslt() const { return cublaslt_; }
   void OnFree(size_t bytes) { in_use_ -= bytes; }

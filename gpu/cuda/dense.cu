@@ -1,5 +1,6 @@
-// CUDA dense algebra: cuBLAS GEMMs (plain and grouped per expert), elementwise
-// arithmetic, column concatenation, deterministic reductions and AdamW.
+// CUDA dense algebra: cuBLAS GEMMs, elementwise arithmetic, column
+// concatenation, deterministic reductions and AdamW. The grouped GEMMs of the
+// routed experts live in grouped_gemm.cu.
 //
 // Row-major on a column-major library: a row-major [r, c] matrix is, to
 // cuBLAS, the column-major [c, r] matrix with leading dimension c, i.e. its
@@ -11,10 +12,7 @@
 //   kFp32: CUBLAS_COMPUTE_32F under the handle's default math mode: true fp32
 //          (TF32 is only used when the math mode or computeType asks for it).
 //   kBf16: CUBLAS_COMPUTE_32F_FAST_16BF on the F32 tensors (inputs rounded to
-//          bf16 on the tensor cores, fp32 accumulation and output). The
-//          grouped GEMM documents no FAST_16BF support; we try it once and, if
-//          cuBLAS refuses, use CUBLAS_COMPUTE_32F_FAST_TF32 (10-bit mantissa,
-//          still fp32 in/out) for grouped calls from then on; see GroupedGemm.
+//          bf16 on the tensor cores, fp32 accumulation and output).
 //
 // Determinism: cuBLAS GEMMs are deterministic for fixed shapes, pointers'
 // alignment and handle settings (no atomics-based split-K by default). Sum
@@ -24,14 +22,12 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
-#include <atomic>
 #include <climits>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <initializer_list>
 #include <string>
-#include <vector>
 
 #include "gpu/cuda/cuda_backend.h"
 #include "gpu/cuda/kernel_util.cuh"
@@ -40,17 +36,6 @@ namespace troupe {
 namespace {
 
 using namespace cuda_util;  // the shared launch / check helpers
-
-// Fails unless every dimension fits the 32-bit cuBLAS interface.
-bool CublasDimsOk(CudaBackend& be, const char* op, std::initializer_list<int64_t> dims) {
-  for (int64_t d : dims) {
-    if (!FitsInt(d)) {
-      be.Fail(op, "dimensions exceed the 32-bit cuBLAS interface");
-      return false;
-    }
-  }
-  return true;
-}
 
 // ---- elementwise kernels (LaunchForEach of kernel_util.cuh) -------------------
 
@@ -186,125 +171,6 @@ double DeterministicSum(CudaBackend& be, const char* op, const Tensor& x) {
   return host;
 }
 
-// ---- grouped GEMM ---------------------------------------------------------------
-
-// One problem of a grouped call, in cuBLAS's column-major terms:
-// C = op(A) op(B) + beta C, op(A) [m, k], op(B) [k, n], C [m, n].
-struct GemmProblem {
-  cublasOperation_t ta, tb;
-  int m, n, k;
-  const float* a;
-  int lda;
-  const float* b;
-  int ldb;
-  float beta;
-  float* c;
-  int ldc;
-};
-
-// Set once cuBLAS has refused FAST_16BF for a grouped call (process-wide: the
-// answer depends on the cuBLAS build, not on the backend instance).
-std::atomic<bool> g_grouped_bf16_refused{false};
-
-bool Aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
-
-// Runs every problem in ONE cublasGemmGroupedBatchedEx call (one group of
-// size 1 per problem: the problems differ in shape). Per the cuBLAS docs the
-// pointer arrays (A, B, C) must be in device memory; everything else
-// (transposes, m/n/k, leading dimensions, alpha/beta, group sizes) is read
-// from host memory during the call, so std::vectors suffice for those.
-void GroupedGemm(CudaBackend& be, const char* op, const std::vector<GemmProblem>& probs) {
-  if (probs.empty() || be.failed()) return;
-  const int count = static_cast<int>(probs.size());
-  std::vector<cublasOperation_t> ta(count), tb(count);
-  std::vector<int> m(count), n(count), k(count), lda(count), ldb(count), ldc(count), group_size(count, 1);
-  std::vector<float> alpha(count, 1.0f), beta(count);
-  std::vector<const void*> ptrs(3 * static_cast<size_t>(count));  // [A..., B..., C...]
-  bool aligned = true;
-  for (int i = 0; i < count; ++i) {
-    const GemmProblem& p = probs[i];
-    ta[i] = p.ta;
-    tb[i] = p.tb;
-    m[i] = p.m;
-    n[i] = p.n;
-    k[i] = p.k;
-    lda[i] = p.lda;
-    ldb[i] = p.ldb;
-    ldc[i] = p.ldc;
-    beta[i] = p.beta;
-    ptrs[i] = p.a;
-    ptrs[count + i] = p.b;
-    ptrs[2 * count + i] = p.c;
-    aligned = aligned && Aligned16(p.a) && Aligned16(p.b) && Aligned16(p.c);
-  }
-  // The device copy of the pointer arrays lives in the backend's workspace,
-  // which stays valid until the next op queued on this stream (stream order
-  // protects it from being overwritten before cuBLAS has read it).
-  auto* dptrs = static_cast<const void**>(be.Workspace(ptrs.size() * sizeof(void*)));
-  if (dptrs == nullptr) return;
-  // From pageable memory: returns once `ptrs` has been staged, so the vector
-  // may die when we return.
-  if (!CudaOk(be, op,
-              cudaMemcpyAsync(dptrs, ptrs.data(), ptrs.size() * sizeof(void*), cudaMemcpyHostToDevice, be.stream()),
-              "cudaMemcpyAsync(pointer arrays)"))
-    return;
-  const void* const* d_a = dptrs;
-  const void* const* d_b = dptrs + count;
-  void* const* d_c = const_cast<void* const*>(dptrs + 2 * count);
-
-  auto call = [&](cublasComputeType_t compute) {
-    return cublasGemmGroupedBatchedEx(be.cublas(), ta.data(), tb.data(), m.data(), n.data(), k.data(), alpha.data(),
-                                      d_a, CUDA_R_32F, lda.data(), d_b, CUDA_R_32F, ldb.data(), beta.data(), d_c,
-                                      CUDA_R_32F, ldc.data(), count, group_size.data(), compute);
-  };
-  // FAST compute types require 16-byte aligned matrices (cuBLAS docs); expert
-  // slices of a row-major tensor are aligned only when the row length allows,
-  // so unaligned calls use plain fp32 (more accurate, slower, always legal).
-  if (be.precision() == MatmulPrecision::kBf16 && aligned) {
-    if (!g_grouped_bf16_refused.load()) {
-      const cublasStatus_t st = call(CUBLAS_COMPUTE_32F_FAST_16BF);
-      if (st == CUBLAS_STATUS_SUCCESS) return;
-      if (st != CUBLAS_STATUS_NOT_SUPPORTED && st != CUBLAS_STATUS_INVALID_VALUE) {
-        CublasOk(be, op, st, "cublasGemmGroupedBatchedEx(FAST_16BF)");
-        return;
-      }
-      if (!g_grouped_bf16_refused.exchange(true)) {
-        std::fprintf(stderr,
-                     "troupe: cuBLAS refused FAST_16BF for grouped GEMM (%s); grouped GEMMs use FAST_TF32 instead\n",
-                     cublasGetStatusString(st));
-      }
-    }
-    CublasOk(be, op, call(CUBLAS_COMPUTE_32F_FAST_TF32), "cublasGemmGroupedBatchedEx(FAST_TF32)");
-    return;
-  }
-  CublasOk(be, op, call(CUBLAS_COMPUTE_32F), "cublasGemmGroupedBatchedEx(32F)");
-}
-
-// Copies the E+1 expert offsets to the host (one small synchronous copy) and
-// checks 0 <= offsets[0] <= ... <= offsets[E] <= rows.
-bool ReadOffsets(CudaBackend& be, const char* op, const Tensor& offsets, int64_t n_experts, int64_t rows,
-                 std::vector<int32_t>* out) {
-  if (!Require(be, op, DType::kI32, {&offsets})) return false;
-  if (!ShapeOk(
-          be, op, offsets.numel() == n_experts + 1,
-          "offsets has " + std::to_string(offsets.numel()) + " entries for " + std::to_string(n_experts) + " experts"))
-    return false;
-  out->resize(static_cast<size_t>(n_experts + 1));
-  if (!CudaOk(be, op, cudaMemcpyAsync(out->data(), offsets.raw(), offsets.bytes(), cudaMemcpyDeviceToHost, be.stream()),
-              "cudaMemcpyAsync(offsets)") ||
-      !CudaOk(be, op, cudaStreamSynchronize(be.stream()), "cudaStreamSynchronize(offsets)"))
-    return false;
-  const std::vector<int32_t>& o = *out;
-  bool ok = o[0] >= 0 && o[n_experts] <= rows;
-  for (int64_t e = 0; ok && e < n_experts; ++e) ok = o[e] <= o[e + 1];
-  if (!ok) {
-    std::string s;
-    for (int64_t e = 0; e <= n_experts && e < 17; ++e) s += (e ? "," : "") + std::to_string(o[e]);
-    be.Fail(op, "offsets are not non-decreasing within [0, " + std::to_string(rows) + "]: " + s);
-  }
-  return ok;
-}
-
 }  // namespace
 
 // ---- GEMM -----------------------------------------------------------------------
@@ -341,82 +207,6 @@ void CudaBackend::Matmul(Tensor& c, const Tensor& a, const Tensor& b, bool trans
                         static_cast<int>(b.cols()), a.raw(), CUDA_R_32F, static_cast<int>(a.cols()), &bt, c.raw(),
                         CUDA_R_32F, static_cast<int>(N), compute, CUBLAS_GEMM_DEFAULT),
            "cublasGemmEx");
-}
-
-// out_e [n_e, O] = in_e [n_e, I] w_e^T [I, O]; column-major:
-// out_e^T [O, n_e] = w_e [O, I] in_e^T [I, n_e]: cuBLAS (T, N), m = O, n = n_e, k = I.
-void CudaBackend::GroupedLinearForward(Tensor& out, const Tensor& in, const Tensor& w, const Tensor& offsets) {
-  static const char* kOp = "GroupedLinearForward";
-  if (failed() || !RequireF32(*this, kOp, {&out, &in, &w})) return;
-  if (!ShapeOk(*this, kOp, w.ndim() == 3, "w " + w.ShapeString() + " is not [E, O, I]")) return;
-  const int64_t E = w.dim(0), O = w.dim(1), I = w.dim(2), R = in.rows();
-  if (!ShapeOk(*this, kOp, in.cols() == I && out.cols() == O && out.rows() == R,
-               "in " + in.ShapeString() + ", w " + w.ShapeString() + ", out " + out.ShapeString()))
-    return;
-  if (!CublasDimsOk(*this, kOp, {R, O, I})) return;
-  std::vector<int32_t> off;
-  if (!ReadOffsets(*this, kOp, offsets, E, R, &off)) return;
-  if (O == 0 || off[E] == off[0]) return;
-  if (I == 0) {  // an empty dot product: owned rows become 0
-    CudaOk(*this, kOp,
-           cudaMemsetAsync(out.data<float>() + static_cast<int64_t>(off[0]) * O, 0,
-                           static_cast<size_t>(off[E] - off[0]) * O * sizeof(float), stream_),
-           "cudaMemsetAsync");
-    return;
-  }
-  const float* x = in.data<float>();  // (R, I)
-  const float* wp = w.data<float>();  // (E, O, I)
-  float* y = out.data<float>();       // (R, O)
-  std::vector<GemmProblem> probs;
-  for (int64_t e = 0; e < E; ++e) {
-    const int64_t r0 = off[e], rows = off[e + 1] - off[e];
-    if (rows == 0) continue;
-    probs.push_back({CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(O), static_cast<int>(rows), static_cast<int>(I),
-                     wp + e * O * I, static_cast<int>(I), x + r0 * I, static_cast<int>(I), 0.0f, y + r0 * O,
-                     static_cast<int>(O)});
-  }
-  GroupedGemm(*this, kOp, probs);
-}
-
-// Per expert, both in the same grouped call (their outputs never overlap):
-//   din_e [n_e, I] += dout_e [n_e, O] w_e [O, I]    cuBLAS (N, N), m = I, n = n_e, k = O
-//   dw_e  [O, I]   += dout_e^T [O, n_e] in_e         cuBLAS (N, T), m = I, n = O,   k = n_e
-void CudaBackend::GroupedLinearBackward(Tensor& din, Tensor& dw, const Tensor& dout, const Tensor& in, const Tensor& w,
-                                        const Tensor& offsets) {
-  static const char* kOp = "GroupedLinearBackward";
-  if (failed() || !RequireF32(*this, kOp, {&din, &dw, &dout, &in, &w})) return;
-  if (!ShapeOk(*this, kOp, w.ndim() == 3, "w " + w.ShapeString() + " is not [E, O, I]")) return;
-  const int64_t E = w.dim(0), O = w.dim(1), I = w.dim(2), R = in.rows();
-  if (!ShapeOk(*this, kOp,
-               in.cols() == I && din.numel() == in.numel() && dw.numel() == w.numel() && dout.cols() == O &&
-                   dout.rows() == R,
-               "din " + din.ShapeString() + ", dw " + dw.ShapeString() + ", dout " + dout.ShapeString() + ", in " +
-                   in.ShapeString() + ", w " + w.ShapeString()))
-    return;
-  if (!CublasDimsOk(*this, kOp, {R, O, I})) return;
-  std::vector<int32_t> off;
-  if (!ReadOffsets(*this, kOp, offsets, E, R, &off)) return;
-  if (O == 0 || I == 0) return;          // nothing to add
-  const float* x = in.data<float>();     // (R, I)
-  const float* wp = w.data<float>();     // (E, O, I)
-  const float* dy = dout.data<float>();  // (R, O)
-  float* dx = din.data<float>();         // (R, I)
-  float* dwp = dw.data<float>();         // (E, O, I)
-  // Two grouped calls, one per transpose pattern: a single call mixing them
-  // ran several times slower on H100 (cuBLAS picks one kernel per call).
-  std::vector<GemmProblem> input_grads, weight_grads;
-  for (int64_t e = 0; e < E; ++e) {
-    const int64_t r0 = off[e], rows = off[e + 1] - off[e];
-    if (rows == 0) continue;
-    input_grads.push_back({CUBLAS_OP_N, CUBLAS_OP_N, static_cast<int>(I), static_cast<int>(rows),
-                           static_cast<int>(O), wp + e * O * I, static_cast<int>(I), dy + r0 * O, static_cast<int>(O),
-                           1.0f, dx + r0 * I, static_cast<int>(I)});
-    weight_grads.push_back({CUBLAS_OP_N, CUBLAS_OP_T, static_cast<int>(I), static_cast<int>(O),
-                            static_cast<int>(rows), x + r0 * I, static_cast<int>(I), dy + r0 * O, static_cast<int>(O),
-                            1.0f, dwp + e * O * I, static_cast<int>(I)});
-  }
-  GroupedGemm(*this, kOp, input_grads);
-  GroupedGemm(*this, kOp, weight_grads);
 }
 
 // ---- elementwise --------------------------------------------------------------

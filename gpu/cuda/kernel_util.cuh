@@ -70,6 +70,17 @@ inline bool CublasOk(CudaBackend& be, const char* op, cublasStatus_t st, const c
   return false;
 }
 
+// Fails unless every dimension fits the 32-bit cuBLAS interface.
+inline bool CublasDimsOk(CudaBackend& be, const char* op, std::initializer_list<int64_t> dims) {
+  for (int64_t d : dims) {
+    if (!FitsInt(d)) {
+      be.Fail(op, "dimensions exceed the 32-bit cuBLAS interface");
+      return false;
+    }
+  }
+  return true;
+}
+
 // ---- operand checks ----------------------------------------------------------------
 
 // Fails with `why` unless ok.
