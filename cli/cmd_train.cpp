@@ -1,5 +1,7 @@
 // troupe train: single-process training, printing loss, validation loss and
 // tokens/s; writes the final weights as safetensors.
+#include <algorithm>
+#include <chrono>
 #include <cstdio>
 #include <filesystem>
 
@@ -7,6 +9,7 @@
 #include "cli/commands.h"
 #include "gpu/profiling_backend.h"
 #include "storage/model_weights.h"
+#include "train/checkpointer.h"
 #include "train/trainer.h"
 
 namespace troupe::cli {
@@ -21,7 +24,26 @@ struct TrainFlags {
   int threads = -1;
   int steps = -1;
   bool profile = false;
+  std::string ckpt_dir;  // default <out>/checkpoints
+  int ckpt_every = -1;   // default: the config's checkpoint.every
+  std::string resume;    // a checkpoint id, or "latest"
 };
+
+void PrintSave(const SaveResult& r) {
+  if (!r.status.ok()) {
+    std::printf("checkpoint: save FAILED: %s\n", r.status.message().c_str());
+    return;
+  }
+  const double mb = r.manifest.TotalBytes() / 1048576.0;
+  std::printf("checkpoint %s committed: step %lld, %zu tensors, %.1f MiB x %d replica(s) in %.2f s (%.0f MiB/s)",
+              r.manifest.id.c_str(), static_cast<long long>(r.manifest.step), r.manifest.tensors.size(), mb,
+              r.manifest.replication, r.write_seconds, mb * r.manifest.replication / std::max(r.write_seconds, 1e-9));
+  if (!r.dropped.empty()) {
+    std::printf("; retention dropped");
+    for (const std::string& id : r.dropped) std::printf(" %s", id.c_str());
+  }
+  std::printf("\n");
+}
 
 int RunTrain(const TrainFlags& f) {
   auto job = LoadJob(f.config);
@@ -51,6 +73,29 @@ int RunTrain(const TrainFlags& f) {
   std::error_code ec;
   std::filesystem::create_directories(out_dir, ec);
   if (ec) return Fail(Status::IOError("cannot create output folder " + out_dir + ": " + ec.message()));
+  if (f.ckpt_every >= 0) job->checkpoint.every = f.ckpt_every;
+  const std::string ckpt_dir = f.ckpt_dir.empty() ? out_dir + "/checkpoints" : f.ckpt_dir;
+  std::unique_ptr<AsyncCheckpointer> ckpt;
+  if (job->checkpoint.every > 0 || !f.resume.empty()) {
+    auto c = AsyncCheckpointer::Open(ckpt_dir, job->checkpoint);
+    if (!c.ok()) return Fail(c.status());
+    ckpt = std::move(c).value();
+  }
+  if (!f.resume.empty()) {
+    auto m = f.resume == "latest" ? ckpt->catalog().Latest() : ckpt->catalog().Get(f.resume);
+    if (!m.ok()) return Fail(m.status().WithContext("--resume " + f.resume + " (checkpoints in " + ckpt_dir + ")"));
+    ckpt::ReadStats stats;
+    auto snap = ckpt::LoadCheckpoint(*m, ckpt->stores(), &stats);
+    if (!snap.ok()) return Fail(snap.status());
+    Status st = trainer.Restore(*snap);
+    if (!st.ok()) return Fail(st.WithContext("--resume " + m->id));
+    if (m->config_hash != ckpt::ConfigHash(job->toml_text))
+      std::printf("note: %s was saved under a different config text (hash %s, now %s)\n", m->id.c_str(),
+                  m->config_hash.c_str(), ckpt::ConfigHash(job->toml_text).c_str());
+    std::printf("resumed from %s: step %lld (%d shards read, %d from a replica after a failure)\n", m->id.c_str(),
+                static_cast<long long>(m->step), stats.shards_read, stats.replica_fallbacks);
+    for (const std::string& why : stats.failures) std::printf("  replica failure: %s\n", why.c_str());
+  }
   ModelParams& params = trainer.model().params();
   std::printf("troupe train: %s on %s\n", f.config.c_str(), be.Describe().c_str());
   std::printf("model: %.2fM parameters, %.2fM active per token; batch %d x %d tokens; %lld training tokens\n",
@@ -59,8 +104,8 @@ int RunTrain(const TrainFlags& f) {
   std::printf("unigram baseline (validation cross-entropy of train-set token frequencies): %.4f\n",
               trainer.unigram_baseline());
   std::fflush(stdout);
-  double tokens = 0, seconds = 0, last_val = 0;
-  for (int s = 0; s < tc.steps; ++s) {
+  double tokens = 0, seconds = 0, last_val = 0, stall_seconds = 0;
+  while (trainer.step() < tc.steps) {
     auto r = trainer.Step();
     if (!r.ok()) return Fail(r.status());
     if (profiler) {
@@ -85,7 +130,33 @@ int RunTrain(const TrainFlags& f) {
                   r->step, tc.steps, *val, trainer.unigram_baseline(), tokens / seconds,
                   be.bytes_in_use() / 1048576.0, be.peak_bytes() / 1048576.0);
     }
+    if (ckpt) {
+      if (auto done = ckpt->Poll()) PrintSave(*done);
+      if (job->checkpoint.every > 0 && r->step % job->checkpoint.every == 0) {
+        // The stall: wait for the previous save (one staging copy at most) + the device-to-host copy.
+        const auto t0 = std::chrono::steady_clock::now();
+        if (auto done = ckpt->WaitIdle()) PrintSave(*done);
+        auto snap = trainer.Capture({{"loss", r->loss.total},
+                                     {"main_loss", r->loss.main},
+                                     {"lr", r->lr},
+                                     {"grad_norm", r->grad_norm},
+                                     {"val_loss", last_val},
+                                     {"tokens_per_s", r->tokens / r->seconds}});
+        if (!snap.ok()) return Fail(snap.status());
+        ckpt->Submit(std::move(snap).value());
+        const double stall = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+        stall_seconds += stall;
+        std::printf("checkpoint: step %d captured in %.1f ms (training stall); writing in the background\n",
+                    r->step, stall * 1e3);
+      }
+    }
     std::fflush(stdout);
+  }
+  if (ckpt) {
+    if (auto done = ckpt->WaitIdle()) PrintSave(*done);
+    if (stall_seconds > 0)
+      std::printf("checkpoint stall: %.3f s in all, %.2f%% of training step time\n", stall_seconds,
+                  100.0 * stall_seconds / std::max(seconds, 1e-9));
   }
   std::printf("done: val_loss %.4f vs unigram baseline %.4f (%+.4f nats); %.0f training tokens/s\n", last_val,
               trainer.unigram_baseline(), last_val - trainer.unigram_baseline(), tokens / seconds);
@@ -112,6 +183,10 @@ void AddTrainCommand(CLI::App& app, RunFn& run) {
   cmd->add_option("--steps", flags->steps, "optimizer steps (default: the config's)")->check(IntAtLeast(1));
   cmd->add_option("--weights", flags->weights, "start from these safetensors weights instead of the seed's");
   cmd->add_option("--out", flags->out_dir, "where to write model.safetensors (default runs/<config name>)");
+  cmd->add_option("--checkpoint-dir", flags->ckpt_dir, "checkpoint catalog and shard stores (default <out>/checkpoints)");
+  cmd->add_option("--checkpoint-every", flags->ckpt_every, "steps between checkpoints (default: the config's checkpoint.every; 0 = none)")
+      ->check(IntAtLeast(0));
+  cmd->add_option("--resume", flags->resume, "continue from this checkpoint id, or 'latest'");
   cmd->callback([flags, &run] { run = [flags] { return RunTrain(*flags); }; });
 }
 

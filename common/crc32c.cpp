@@ -1,5 +1,5 @@
 // CRC32C: SSE4.2 instruction when compiled for it, table otherwise.
-#include "actors/transport/crc32c.h"
+#include "common/crc32c.h"
 
 #include <array>
 #include <cstring>
@@ -8,7 +8,7 @@
 #include <nmmintrin.h>
 #endif
 
-namespace troupe::transport {
+namespace troupe {
 namespace {
 
 constexpr uint32_t kPoly = 0x82F63B78;  // Castagnoli, reflected
@@ -50,4 +50,4 @@ uint32_t Crc32c(std::span<const uint8_t> bytes, uint32_t crc) {
 #endif
 }
 
-}  // namespace troupe::transport
+}  // namespace troupe

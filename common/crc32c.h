@@ -8,7 +8,7 @@
 #include <cstdint>
 #include <span>
 
-namespace troupe::transport {
+namespace troupe {
 
 // CRC32C of `bytes`. Pass a previous result as `crc` to extend it over a
 // further buffer: Crc32c(b, Crc32c(a)) == Crc32c(a ++ b).
@@ -18,4 +18,4 @@ uint32_t Crc32c(std::span<const uint8_t> bytes, uint32_t crc = 0);
 // The portable byte-at-a-time table version (same results).
 uint32_t Crc32cPortable(std::span<const uint8_t> bytes, uint32_t crc = 0);
 
-}  // namespace troupe::transport
+}  // namespace troupe

@@ -231,6 +231,17 @@ std::vector<Field> DataFields(DataConfig& d) {
   };
 }
 
+std::vector<Field> CheckpointFields(CheckpointConfig& c) {
+  return {
+      {"every", Int(&c.every)},
+      {"keep_last", Int(&c.keep_last)},
+      {"keep_every", Int(&c.keep_every)},
+      {"replication", Int(&c.replication)},
+      {"stores", Int(&c.stores)},
+      {"shards_per_tensor", Int(&c.shards_per_tensor)},
+  };
+}
+
 // Reads every key of one section table, in file order, so the first error
 // reported is the first one in the file.
 Status ReadSection(const toml::table& table, const std::string& section, const std::vector<Field>& fields,
@@ -390,6 +401,7 @@ Expected<JobConfig> ParseConfigText(const std::string& toml_text, const std::str
       {"model", ModelFields(job.model)},
       {"train", TrainFields(job.train)},
       {"data", DataFields(job.data)},
+      {"checkpoint", CheckpointFields(job.checkpoint)},
   };
 
   std::vector<std::pair<std::string, const toml::node*>> top;
@@ -402,10 +414,10 @@ Expected<JobConfig> ParseConfigText(const std::string& toml_text, const std::str
     auto it = std::find_if(sections.begin(), sections.end(), [&name](const auto& s) { return name == s.first; });
     if (it == sections.end()) {
       if (node->is_table()) {
-        return Status::InvalidArgument(at + "unknown section [" + name + "] (sections: model, train, data)");
+        return Status::InvalidArgument(at + "unknown section [" + name + "] (sections: model, train, data, checkpoint)");
       }
       return Status::InvalidArgument(at + "unknown top-level key " + name +
-                                     " (every key belongs in [model], [train] or [data])");
+                                     " (every key belongs in [model], [train], [data] or [checkpoint])");
     }
     const auto* table = node->as_table();
     if (table == nullptr) {
@@ -418,7 +430,25 @@ Expected<JobConfig> ParseConfigText(const std::string& toml_text, const std::str
   TROUPE_RETURN_IF_ERROR(ValidateModelConfig(job.model).WithContext(source_name));
   TROUPE_RETURN_IF_ERROR(ValidateTrainConfig(job.train).WithContext(source_name));
   TROUPE_RETURN_IF_ERROR(ValidateDataConfig(job.data).WithContext(source_name));
+  TROUPE_RETURN_IF_ERROR(ValidateCheckpointConfig(job.checkpoint).WithContext(source_name));
   return job;
+}
+
+Status ValidateCheckpointConfig(const CheckpointConfig& c) {
+  auto at_least = [](const char* key, int v, int lo) {
+    return v >= lo ? Status::Ok()
+                   : Status::InvalidArgument("checkpoint." + std::string(key) + " = " + std::to_string(v) +
+                                             " must be at least " + std::to_string(lo));
+  };
+  TROUPE_RETURN_IF_ERROR(at_least("every", c.every, 0));
+  TROUPE_RETURN_IF_ERROR(at_least("keep_last", c.keep_last, 1));
+  TROUPE_RETURN_IF_ERROR(at_least("keep_every", c.keep_every, 0));
+  TROUPE_RETURN_IF_ERROR(at_least("replication", c.replication, 1));
+  TROUPE_RETURN_IF_ERROR(at_least("stores", c.stores, 1));
+  TROUPE_RETURN_IF_ERROR(at_least("shards_per_tensor", c.shards_per_tensor, 1));
+  if (c.replication > c.stores)
+    return Status::InvalidArgument("checkpoint.replication = " + std::to_string(c.replication) + " needs at least as many stores (checkpoint.stores = " + std::to_string(c.stores) + ")");
+  return Status::Ok();
 }
 
 Expected<JobConfig> LoadConfigFile(const std::string& path) {

@@ -71,10 +71,21 @@ struct DataConfig {
   std::string tokenizer = "data/brown/tokenizer.model";  // sentencepiece model (for printing text)
 };
 
+// [checkpoint]: asynchronous saves (docs/checkpoints.md).
+struct CheckpointConfig {
+  int every = 0;           // steps between saves (0 = never)
+  int keep_last = 3;       // retention: the newest N ...
+  int keep_every = 0;      // ... plus every checkpoint whose step is a multiple of this (0 = none) ...
+  int replication = 1;     // ... plus pinned ones; stores per shard
+  int stores = 1;          // shard stores (troupe train: folders under the checkpoint dir)
+  int shards_per_tensor = 1;  // row ranges each tensor is cut into
+};
+
 struct JobConfig {
   ModelConfig model;
   TrainConfig train;
   DataConfig data;
+  CheckpointConfig checkpoint;
   std::string source_path;  // where it was read from
   std::string toml_text;    // the exact text, kept for checkpoints
 };
@@ -87,5 +98,6 @@ Expected<JobConfig> LoadConfigFile(const std::string& path);
 // Every cross-field rule (divisibility, ranges) lives here.
 Status ValidateModelConfig(const ModelConfig& m);
 Status ValidateTrainConfig(const TrainConfig& t);
+Status ValidateCheckpointConfig(const CheckpointConfig& c);
 
 }  // namespace troupe

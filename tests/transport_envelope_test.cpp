@@ -17,7 +17,7 @@
 #include <vector>
 
 #include "actors/transport/codec.h"
-#include "actors/transport/crc32c.h"
+#include "common/crc32c.h"
 #include "actors/transport/envelope.h"
 #include "actors/transport/keys.h"
 #include "actors/transport/messages.h"

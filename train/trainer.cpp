@@ -113,6 +113,71 @@ Expected<StepReport> Trainer::Step() {
   return r;
 }
 
+std::vector<std::pair<std::string, Tensor*>> Trainer::StateTensors() const {
+  std::vector<std::pair<std::string, Tensor*>> out;
+  for (const ParamRef& p : ListParams(model_->params())) out.emplace_back(p.name, p.tensor);
+  auto m = ListParams(const_cast<ModelParams&>(adam_m_));
+  auto v = ListParams(const_cast<ModelParams&>(adam_v_));
+  for (const ParamRef& p : m) out.emplace_back("optimizer.exp_avg." + p.name, p.tensor);
+  for (const ParamRef& p : v) out.emplace_back("optimizer.exp_avg_sq." + p.name, p.tensor);
+  return out;
+}
+
+Expected<ckpt::Snapshot> Trainer::Capture(const std::map<std::string, double>& metrics) const {
+  ckpt::Snapshot snap;
+  snap.step = step_;
+  snap.seed = job_.train.seed;
+  snap.metrics = metrics;
+  snap.config_text = job_.toml_text;
+  const data::LoaderState tr = train_loader_->GetState(), va = val_loader_->GetState();
+  snap.loaders["train"] = {tr.epoch, tr.cursor};
+  snap.loaders["val"] = {va.epoch, va.cursor};
+  for (const auto& [name, t] : StateTensors()) {
+    ckpt::HostTensor h;
+    h.name = name;
+    h.dtype = DTypeName(t->dtype());
+    h.shape = t->shape();
+    h.bytes.resize(t->bytes());
+    be_.CopyToHost(h.bytes.data(), *t);
+    snap.tensors.push_back(std::move(h));
+  }
+  TROUPE_RETURN_IF_ERROR(be_.Synchronize().WithContext("checkpoint capture"));
+  return snap;
+}
+
+Status Trainer::Restore(const ckpt::Snapshot& snap) {
+  const auto targets = StateTensors();
+  std::map<std::string, const ckpt::HostTensor*> by_name;
+  for (const ckpt::HostTensor& h : snap.tensors) by_name[h.name] = &h;
+  // Check everything first, so a bad checkpoint changes nothing.
+  for (const auto& [name, t] : targets) {
+    auto it = by_name.find(name);
+    if (it == by_name.end()) return Status::InvalidArgument("checkpoint has no tensor " + name);
+    const ckpt::HostTensor& h = *it->second;
+    if (h.shape != t->shape() || h.dtype != DTypeName(t->dtype()) || h.bytes.size() != t->bytes())
+      return Status::InvalidArgument("checkpoint tensor " + name + " is " + h.dtype + " with " +
+                                     std::to_string(h.bytes.size()) + " bytes; this model wants " +
+                                     t->ShapeString() + " " + DTypeName(t->dtype()));
+  }
+  if (by_name.size() != targets.size())
+    return Status::InvalidArgument("checkpoint holds " + std::to_string(by_name.size()) + " tensors; this model has " +
+                                   std::to_string(targets.size()) + " (a different architecture?)");
+  auto train_pos = snap.loaders.find("train"), val_pos = snap.loaders.find("val");
+  if (train_pos == snap.loaders.end() || val_pos == snap.loaders.end())
+    return Status::InvalidArgument("checkpoint lacks a data loader position");
+  const data::LoaderState old_train = train_loader_->GetState(), old_val = val_loader_->GetState();
+  Status s = train_loader_->SetState({train_pos->second.epoch, train_pos->second.cursor});
+  if (s.ok()) s = val_loader_->SetState({val_pos->second.epoch, val_pos->second.cursor});
+  if (!s.ok()) {
+    (void)train_loader_->SetState(old_train);
+    (void)val_loader_->SetState(old_val);
+    return s.WithContext("checkpoint loader position (saved against other data shards?)");
+  }
+  for (const auto& [name, t] : targets) be_.CopyFromHost(*t, by_name[name]->bytes.data());
+  step_ = static_cast<int>(snap.step);
+  return be_.Synchronize().WithContext("checkpoint restore");
+}
+
 Expected<double> Trainer::Evaluate() {
   const TrainConfig& tc = job_.train;
   val_loader_->Reset();

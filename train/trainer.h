@@ -14,6 +14,7 @@
 #include "data/loader.h"
 #include "gpu/backend.h"
 #include "gpu/model/model.h"
+#include "storage/checkpoint/checkpoint_io.h"
 
 namespace troupe {
 
@@ -39,6 +40,16 @@ class Trainer {
   // always the same batches.
   Expected<double> Evaluate();
 
+  // Everything a resume needs, copied to host memory: parameters (routing
+  // biases included), AdamW moments ("optimizer.exp_avg." / "optimizer.exp_avg_sq."
+  // + the parameter's name), the step, both loaders' positions, the seed and
+  // the config text. The copy is the only staging memory a save uses.
+  Expected<ckpt::Snapshot> Capture(const std::map<std::string, double>& metrics) const;
+  // Puts a snapshot back. Every tensor must match by name, shape and dtype
+  // (an error names the first that does not); on error nothing is changed.
+  // Afterwards Step() continues exactly as the saved run would have.
+  Status Restore(const ckpt::Snapshot& snap);
+
   Model& model() { return *model_; }
   int step() const { return step_; }
   const JobConfig& job() const { return job_; }
@@ -51,6 +62,8 @@ class Trainer {
   Trainer(Backend& be, JobConfig job) : be_(be), job_(std::move(job)) {}
   Status Init(DType dtype);
   void OptimizerStep(double lr, double clip_scale);
+  // (name, tensor) of everything Capture() saves, in a fixed order.
+  std::vector<std::pair<std::string, Tensor*>> StateTensors() const;
 
   Backend& be_;
   JobConfig job_;

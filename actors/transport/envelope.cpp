@@ -5,7 +5,7 @@
 #include <cstring>
 #include <string>
 
-#include "actors/transport/crc32c.h"
+#include "common/crc32c.h"
 
 namespace troupe::transport {
 namespace {

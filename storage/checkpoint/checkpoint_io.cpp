@@ -1,0 +1,214 @@
+#include "storage/checkpoint/checkpoint_io.h"
+
+#include <algorithm>
+#include <chrono>
+#include <set>
+
+#include "common/crc32c.h"
+
+namespace troupe::ckpt {
+namespace {
+
+int64_t RowsOf(const std::vector<int64_t>& shape) {
+  int64_t r = 1;
+  for (size_t i = 0; i + 1 < shape.size(); ++i) r *= shape[i];
+  return r;
+}
+
+std::string TensorWhere(const std::string& checkpoint, const std::string& tensor) {
+  return "checkpoint " + checkpoint + " tensor " + tensor;
+}
+
+}  // namespace
+
+int64_t HostTensor::rows() const { return RowsOf(shape); }
+
+uint64_t Snapshot::TotalBytes() const {
+  uint64_t b = 0;
+  for (const HostTensor& t : tensors) b += t.bytes.size();
+  return b;
+}
+
+Expected<Manifest> SaveCheckpoint(const Snapshot& snap, const StoreSet& stores, Catalog& catalog,
+                                  const SaveOptions& options) {
+  if (stores.empty()) return Status::InvalidArgument("checkpoint save: no shard store");
+  if (options.replication < 1 || options.replication > static_cast<int>(stores.size()))
+    return Status::InvalidArgument("checkpoint save: replication " + std::to_string(options.replication) +
+                                   " needs that many stores, there are " + std::to_string(stores.size()));
+  if (options.shards_per_tensor < 1) return Status::InvalidArgument("checkpoint save: shards_per_tensor < 1");
+  std::vector<ShardStore*> ring;
+  for (const auto& [id, s] : stores) ring.push_back(s);
+
+  TROUPE_ASSIGN_OR_RETURN(std::string id, catalog.ReserveId());
+  Manifest m;
+  m.id = id;
+  m.step = snap.step;
+  m.phase = snap.phase;
+  m.created_unix_ms = std::chrono::duration_cast<std::chrono::milliseconds>(
+                          std::chrono::system_clock::now().time_since_epoch())
+                          .count();
+  m.layout = snap.layout;
+  m.replication = options.replication;
+  m.loaders = snap.loaders;
+  m.seed = snap.seed;
+  m.metrics = snap.metrics;
+  m.config_text = snap.config_text;
+  m.config_hash = ConfigHash(snap.config_text);
+
+  std::set<ShardStore*> used;
+  size_t placement = 0;  // round-robin start, so shards spread over the stores
+  auto fail = [&](const Status& s) {
+    for (ShardStore* st : used) (void)st->Drop(id);  // best effort: GC would get them anyway
+    return s;
+  };
+  for (const HostTensor& t : snap.tensors) {
+    TensorRecord rec;
+    rec.name = t.name;
+    rec.dtype = t.dtype;
+    rec.shape = t.shape;
+    rec.bytes = t.bytes.size();
+    rec.crc32c = Crc32c(t.bytes);
+    const int64_t rows = t.rows();
+    int64_t elems = 1;
+    for (int64_t d : t.shape) elems *= d;
+    if (elems < 0 || (elems > 0 && t.bytes.size() % static_cast<size_t>(elems) != 0) ||
+        (elems == 0 && !t.bytes.empty()))
+      return fail(Status::InvalidArgument("checkpoint save: tensor " + t.name + " has " +
+                                          std::to_string(t.bytes.size()) + " bytes for its shape"));
+    const int64_t row_bytes = rows == 0 ? 0 : static_cast<int64_t>(t.bytes.size()) / rows;
+    const int64_t pieces = std::max<int64_t>(1, std::min<int64_t>(options.shards_per_tensor, rows));
+    for (int64_t p = 0; p < pieces && rows > 0; ++p) {
+      ShardRef ref;
+      ref.row_begin = rows * p / pieces;
+      ref.row_end = rows * (p + 1) / pieces;
+      const auto bytes = std::span<const uint8_t>(t.bytes).subspan(ref.row_begin * row_bytes,
+                                                                   (ref.row_end - ref.row_begin) * row_bytes);
+      for (int r = 0; r < options.replication; ++r) {
+        ShardStore* st = ring[(placement + r) % ring.size()];
+        auto crc = st->Put({id, t.name, ref.row_begin}, ref.row_end, bytes);
+        if (!crc.ok()) return fail(crc.status().WithContext("checkpoint save " + id));
+        ref.crc32c = *crc;
+        ref.stores.push_back(st->id());
+        used.insert(st);
+      }
+      ++placement;
+      rec.shards.push_back(std::move(ref));
+    }
+    m.tensors.push_back(std::move(rec));
+  }
+  for (ShardStore* st : used) {
+    Status s = st->Sync();
+    if (!s.ok()) return fail(s.WithContext("checkpoint save " + id));
+  }
+  Status s = catalog.Commit(m);
+  if (!s.ok()) return fail(s);
+  return m;
+}
+
+Expected<std::vector<uint8_t>> ReadRows(const TensorRecord& tensor, const std::string& checkpoint, int64_t row_begin,
+                                        int64_t row_end, const StoreSet& stores, ReadStats* stats) {
+  const std::string where = TensorWhere(checkpoint, tensor.name);
+  if (row_begin < 0 || row_end < row_begin || row_end > tensor.rows())
+    return Status::InvalidArgument(where + ": rows [" + std::to_string(row_begin) + ", " + std::to_string(row_end) +
+                                   ") outside its " + std::to_string(tensor.rows()) + " rows");
+  const int64_t row_bytes = tensor.row_bytes();
+  std::vector<uint8_t> out;
+  out.reserve((row_end - row_begin) * row_bytes);
+  for (const ShardRef& ref : tensor.shards) {
+    if (ref.row_end <= row_begin || ref.row_begin >= row_end) continue;
+    Expected<std::vector<uint8_t>> bytes = Status::NotFound(where + ": no store keeps rows@" +
+                                                            std::to_string(ref.row_begin));
+    bool first = true;
+    for (const std::string& store_id : ref.stores) {
+      auto it = stores.find(store_id);
+      if (it == stores.end()) {
+        bytes = Status::NotFound(where + ": store " + store_id + " is not available");
+      } else {
+        bytes = it->second->Get({checkpoint, tensor.name, ref.row_begin});
+        if (bytes.ok() && (Crc32c(*bytes) != ref.crc32c ||
+                           static_cast<int64_t>(bytes->size()) != (ref.row_end - ref.row_begin) * row_bytes))
+          bytes = Status::Corruption("store " + store_id + ": shard " + checkpoint + "/" + tensor.name + " rows@" +
+                                     std::to_string(ref.row_begin) + " differs from its manifest entry");
+      }
+      if (bytes.ok()) {
+        if (!first && stats) ++stats->replica_fallbacks;
+        break;
+      }
+      if (stats) stats->failures.push_back(bytes.status().message());
+      first = false;
+    }
+    if (!bytes.ok()) return bytes.status().WithContext(where + ": every copy of rows@" + std::to_string(ref.row_begin) +
+                                                       " failed; last error");
+    if (stats) ++stats->shards_read;
+    const int64_t lo = std::max(row_begin, ref.row_begin), hi = std::min(row_end, ref.row_end);
+    const auto first_byte = bytes->begin() + (lo - ref.row_begin) * row_bytes;
+    out.insert(out.end(), first_byte, first_byte + (hi - lo) * row_bytes);
+  }
+  return out;
+}
+
+Expected<Snapshot> LoadCheckpoint(const Manifest& m, const StoreSet& stores, ReadStats* stats) {
+  Snapshot snap;
+  snap.step = m.step;
+  snap.phase = m.phase;
+  snap.layout = m.layout;
+  snap.loaders = m.loaders;
+  snap.seed = m.seed;
+  snap.metrics = m.metrics;
+  snap.config_text = m.config_text;
+  for (const TensorRecord& t : m.tensors) {
+    HostTensor h;
+    h.name = t.name;
+    h.dtype = t.dtype;
+    h.shape = t.shape;
+    TROUPE_ASSIGN_OR_RETURN(h.bytes, ReadRows(t, m.id, 0, t.rows(), stores, stats));
+    if (h.bytes.size() != t.bytes || Crc32c(h.bytes) != t.crc32c)
+      return Status::Corruption(TensorWhere(m.id, t.name) + ": assembled bytes fail the tensor's CRC32C");
+    snap.tensors.push_back(std::move(h));
+  }
+  return snap;
+}
+
+Status VerifyCheckpoint(const Manifest& m, const StoreSet& stores, std::vector<std::string>* problems) {
+  int unreadable = 0;
+  for (const TensorRecord& t : m.tensors) {
+    for (const ShardRef& ref : t.shards) {
+      int good = 0;
+      for (const std::string& store_id : ref.stores) {
+        auto it = stores.find(store_id);
+        Status s = it == stores.end() ? Status::NotFound("store " + store_id + " is not available")
+                                      : it->second->Verify({m.id, t.name, ref.row_begin});
+        if (s.ok()) {
+          ++good;
+        } else if (problems) {
+          problems->push_back(s.message());
+        }
+      }
+      if (good == 0) ++unreadable;
+    }
+  }
+  if (unreadable > 0)
+    return Status::Corruption("checkpoint " + m.id + ": " + std::to_string(unreadable) +
+                              " shard(s) have no good copy left");
+  return Status::Ok();
+}
+
+Expected<std::vector<std::string>> CollectGarbage(Catalog& catalog, const StoreSet& stores,
+                                                  const RetentionPolicy& policy, const std::string& keep) {
+  TROUPE_ASSIGN_OR_RETURN(std::vector<std::string> expired, catalog.Expired(policy));
+  for (const std::string& id : expired) TROUPE_RETURN_IF_ERROR(catalog.Remove(id));
+  TROUPE_ASSIGN_OR_RETURN(std::vector<Manifest> live, catalog.List());
+  std::set<std::string> alive = {keep};
+  for (const Manifest& m : live) alive.insert(m.id);
+  std::set<std::string> dropped(expired.begin(), expired.end());
+  for (const auto& [sid, store] : stores) {
+    for (const std::string& id : store->Checkpoints()) {
+      if (alive.count(id)) continue;
+      TROUPE_RETURN_IF_ERROR(store->Drop(id));
+      dropped.insert(id);
+    }
+  }
+  return std::vector<std::string>(dropped.begin(), dropped.end());
+}
+
+}  // namespace troupe::ckpt

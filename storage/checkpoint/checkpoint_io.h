@@ -1,0 +1,85 @@
+// Saving and restoring whole checkpoints over a set of shard stores.
+//
+// Save: reserve an id in the catalog, cut every tensor into row-range shards,
+// write each shard to `replication` distinct stores, fsync every store, and
+// only then commit the manifest. A crash anywhere before the commit leaves
+// the previous checkpoints untouched and the new one invisible (its shards
+// are garbage that CollectGarbage() drops).
+//
+// Restore: any row range of any tensor can be read back, whatever shards it
+// was cut into when saved (so a checkpoint saved under one PP/EP/DP layout
+// loads into another). A shard that is missing or fails its CRC32C on one
+// store is read from the next store that keeps it.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "common/status.h"
+#include "storage/checkpoint/catalog.h"
+#include "storage/checkpoint/manifest.h"
+#include "storage/checkpoint/shard_store.h"
+
+namespace troupe::ckpt {
+
+// One tensor, copied to host memory.
+struct HostTensor {
+  std::string name;
+  std::string dtype;  // "F32", ...
+  std::vector<int64_t> shape;
+  std::vector<uint8_t> bytes;
+  int64_t rows() const;
+};
+
+// Everything a checkpoint holds, in host memory. The tensors' order is kept.
+struct Snapshot {
+  int64_t step = 0;
+  std::string phase = "pretrain";
+  Layout layout;
+  std::map<std::string, LoaderPosition> loaders;
+  uint64_t seed = 0;
+  std::map<std::string, double> metrics;
+  std::string config_text;
+  std::vector<HostTensor> tensors;
+  uint64_t TotalBytes() const;
+};
+
+struct SaveOptions {
+  int replication = 1;  // stores per shard; at most the number of stores
+  // Every tensor is cut into this many row ranges (as equal as the rows
+  // allow), e.g. the number of expert-parallel ranks that own its rows.
+  int shards_per_tensor = 1;
+};
+
+// The stores a checkpoint may use, by id.
+using StoreSet = std::map<std::string, ShardStore*>;
+
+Expected<Manifest> SaveCheckpoint(const Snapshot& snap, const StoreSet& stores, Catalog& catalog,
+                                  const SaveOptions& options);
+
+struct ReadStats {
+  int shards_read = 0;
+  int replica_fallbacks = 0;             // shards served by a later store after a failure
+  std::vector<std::string> failures;     // what failed on the way, one line each
+};
+
+// Rows [row_begin, row_end) of `tensor`, verified.
+Expected<std::vector<uint8_t>> ReadRows(const TensorRecord& tensor, const std::string& checkpoint, int64_t row_begin,
+                                        int64_t row_end, const StoreSet& stores, ReadStats* stats = nullptr);
+// The whole checkpoint as a Snapshot (every tensor's whole-tensor CRC checked).
+Expected<Snapshot> LoadCheckpoint(const Manifest& m, const StoreSet& stores, ReadStats* stats = nullptr);
+
+// Checks every replica of every shard. OK only if each shard has at least
+// one good copy; `problems` lists every bad or missing replica.
+Status VerifyCheckpoint(const Manifest& m, const StoreSet& stores, std::vector<std::string>* problems);
+
+// Drops shards of checkpoints the catalog does not hold (crashed saves) and
+// of the ones `policy` expires (removing their manifests first). `keep` is
+// an id being written right now. Returns the ids dropped.
+Expected<std::vector<std::string>> CollectGarbage(Catalog& catalog, const StoreSet& stores,
+                                                  const RetentionPolicy& policy, const std::string& keep = "");
+
+}  // namespace troupe::ckpt

@@ -1,0 +1,116 @@
+#include "train/checkpointer.h"
+
+#include <chrono>
+#include <filesystem>
+
+namespace troupe {
+namespace {
+
+std::string StoreDir(const std::string& dir, int i) { return dir + "/store-" + std::to_string(i); }
+
+}  // namespace
+
+Expected<std::unique_ptr<AsyncCheckpointer>> AsyncCheckpointer::Open(const std::string& dir,
+                                                                     const CheckpointConfig& config) {
+  TROUPE_RETURN_IF_ERROR(ValidateCheckpointConfig(config));
+  std::unique_ptr<AsyncCheckpointer> c(new AsyncCheckpointer());
+  c->config_ = config;
+  TROUPE_ASSIGN_OR_RETURN(c->catalog_, ckpt::Catalog::Open(dir));
+  for (int i = 0; i < config.stores; ++i) {
+    TROUPE_ASSIGN_OR_RETURN(auto store, ckpt::ShardStore::Open(StoreDir(dir, i), "local-" + std::to_string(i)));
+    c->store_set_[store->id()] = store.get();
+    c->stores_.push_back(std::move(store));
+  }
+  // Shards of crashed saves (no manifest) go; committed checkpoints stay.
+  ckpt::RetentionPolicy keep_all{1 << 30, 0};
+  TROUPE_RETURN_IF_ERROR(ckpt::CollectGarbage(*c->catalog_, c->store_set_, keep_all).status());
+  c->writer_ = std::thread([p = c.get()] { p->Run(); });
+  return c;
+}
+
+AsyncCheckpointer::~AsyncCheckpointer() {
+  {
+    std::unique_lock<std::mutex> lock(mu_);
+    cv_.wait(lock, [&] { return !busy_; });
+    stop_ = true;
+  }
+  cv_.notify_all();
+  if (writer_.joinable()) writer_.join();
+}
+
+std::optional<SaveResult> AsyncCheckpointer::WaitIdle() {
+  std::unique_lock<std::mutex> lock(mu_);
+  cv_.wait(lock, [&] { return !busy_; });
+  std::optional<SaveResult> r = std::move(done_);
+  done_.reset();
+  return r;
+}
+
+void AsyncCheckpointer::Submit(ckpt::Snapshot snap) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    pending_ = std::move(snap);
+    busy_ = true;
+  }
+  cv_.notify_all();
+}
+
+std::optional<SaveResult> AsyncCheckpointer::Poll() {
+  std::lock_guard<std::mutex> lock(mu_);
+  std::optional<SaveResult> r = std::move(done_);
+  done_.reset();
+  return r;
+}
+
+void AsyncCheckpointer::Run() {
+  for (;;) {
+    ckpt::Snapshot snap;
+    {
+      std::unique_lock<std::mutex> lock(mu_);
+      cv_.wait(lock, [&] { return stop_ || pending_.has_value(); });
+      if (!pending_) return;
+      snap = std::move(*pending_);
+      pending_.reset();
+    }
+    SaveResult result;
+    const auto start = std::chrono::steady_clock::now();
+    ckpt::SaveOptions opts{config_.replication, config_.shards_per_tensor};
+    auto m = ckpt::SaveCheckpoint(snap, store_set_, *catalog_, opts);
+    snap = {};  // free the staging copy before the retention pass
+    if (m.ok()) {
+      result.manifest = std::move(m).value();
+      ckpt::RetentionPolicy policy{config_.keep_last, config_.keep_every};
+      auto dropped = ckpt::CollectGarbage(*catalog_, store_set_, policy, result.manifest.id);
+      if (dropped.ok()) {
+        result.dropped = std::move(dropped).value();
+      } else {
+        result.status = dropped.status().WithContext("checkpoint retention (the save itself is committed)");
+      }
+    } else {
+      result.status = m.status();
+    }
+    result.write_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      done_ = std::move(result);
+      busy_ = false;
+    }
+    cv_.notify_all();
+  }
+}
+
+Expected<CheckpointFolder> OpenCheckpointFolder(const std::string& dir) {
+  std::error_code ec;
+  if (!std::filesystem::is_directory(dir + "/catalog", ec))
+    return Status::NotFound("no checkpoint catalog under " + dir + " (expected " + dir + "/catalog)");
+  CheckpointFolder f;
+  TROUPE_ASSIGN_OR_RETURN(f.catalog, ckpt::Catalog::Open(dir));
+  for (int i = 0; std::filesystem::is_directory(StoreDir(dir, i), ec); ++i) {
+    TROUPE_ASSIGN_OR_RETURN(auto store, ckpt::ShardStore::Open(StoreDir(dir, i), "local-" + std::to_string(i)));
+    f.store_set[store->id()] = store.get();
+    f.stores.push_back(std::move(store));
+  }
+  return f;
+}
+
+}  // namespace troupe

@@ -1,0 +1,78 @@
+// AsyncCheckpointer: saves training snapshots on its own thread.
+//
+// The training loop captures a snapshot (a device-to-host copy: the only
+// stall a save causes) and hands it over; the writer thread cuts it into
+// shards, writes and fsyncs them, commits the manifest and applies the
+// retention policy while training goes on. One save at a time, so staging
+// memory is bounded by one copy of the training state: a save requested
+// while the previous one still runs waits for it first (counted as stall).
+//
+// Folder layout (troupe train): <dir>/catalog, <dir>/store-<i>/shards with
+// store ids "local-<i>". Opening it drops the shards of saves that crashed
+// before their commit.
+#pragma once
+
+#include <condition_variable>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "common/status.h"
+#include "configs/config.h"
+#include "storage/checkpoint/checkpoint_io.h"
+
+namespace troupe {
+
+struct SaveResult {
+  Status status;
+  ckpt::Manifest manifest;  // when status is OK
+  double write_seconds = 0;  // shards written and synced, manifest committed
+  std::vector<std::string> dropped;  // ids the retention policy removed
+};
+
+class AsyncCheckpointer {
+ public:
+  static Expected<std::unique_ptr<AsyncCheckpointer>> Open(const std::string& dir, const CheckpointConfig& config);
+  ~AsyncCheckpointer();  // waits for the save in flight
+
+  // Blocks until no save is in flight and returns the result of the last
+  // finished save not yet collected (nullopt if none).
+  std::optional<SaveResult> WaitIdle();
+  // Hands `snap` to the writer thread (call WaitIdle() first).
+  void Submit(ckpt::Snapshot snap);
+  // The finished save's result, if one finished since the last call.
+  std::optional<SaveResult> Poll();
+
+  ckpt::Catalog& catalog() { return *catalog_; }
+  const ckpt::StoreSet& stores() const { return store_set_; }
+
+ private:
+  AsyncCheckpointer() = default;
+  void Run();
+
+  CheckpointConfig config_;
+  std::unique_ptr<ckpt::Catalog> catalog_;
+  std::vector<std::unique_ptr<ckpt::ShardStore>> stores_;
+  ckpt::StoreSet store_set_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::optional<ckpt::Snapshot> pending_;  // handed over, not yet written
+  bool busy_ = false;
+  bool stop_ = false;
+  std::optional<SaveResult> done_;
+  std::thread writer_;
+};
+
+// Opens the checkpoint folder read-only-ish for tools (no GC, no thread):
+// the catalog and every store-<i> found under `dir`.
+struct CheckpointFolder {
+  std::unique_ptr<ckpt::Catalog> catalog;
+  std::vector<std::unique_ptr<ckpt::ShardStore>> stores;
+  ckpt::StoreSet store_set;
+};
+Expected<CheckpointFolder> OpenCheckpointFolder(const std::string& dir);
+
+}  // namespace troupe
