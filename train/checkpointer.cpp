@@ -48,7 +48,11 @@ std::optional<SaveResult> AsyncCheckpointer::WaitIdle() {
 
 void AsyncCheckpointer::Submit(ckpt::Snapshot snap) {
   {
-    std::lock_guard<std::mutex> lock(mu_);
+    // A save still in flight is waited for (one staging copy at most);
+    // overwriting pending_ would lose a snapshot, and the first save's end
+    // would clear busy_ while the second still runs.
+    std::unique_lock<std::mutex> lock(mu_);
+    cv_.wait(lock, [&] { return !busy_; });
     pending_ = std::move(snap);
     busy_ = true;
   }

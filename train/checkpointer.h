@@ -41,7 +41,9 @@ class AsyncCheckpointer {
   // Blocks until no save is in flight and returns the result of the last
   // finished save not yet collected (nullopt if none).
   std::optional<SaveResult> WaitIdle();
-  // Hands `snap` to the writer thread (call WaitIdle() first).
+  // Hands `snap` to the writer thread; waits first for a save still in
+  // flight (call WaitIdle() first to collect its result, which the next
+  // finished save would otherwise replace).
   void Submit(ckpt::Snapshot snap);
   // The finished save's result, if one finished since the last call.
   std::optional<SaveResult> Poll();

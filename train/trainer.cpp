@@ -2,6 +2,7 @@
 
 #include <chrono>
 #include <cmath>
+#include <limits>
 
 #include "data/shards.h"
 #include "data/stats.h"
@@ -162,6 +163,13 @@ Status Trainer::Restore(const ckpt::Snapshot& snap) {
   if (by_name.size() != targets.size())
     return Status::InvalidArgument("checkpoint holds " + std::to_string(by_name.size()) + " tensors; this model has " +
                                    std::to_string(targets.size()) + " (a different architecture?)");
+  // The seed orders the training data: under another seed the run could not
+  // continue as the saved one would have.
+  if (snap.seed != job_.train.seed)
+    return Status::InvalidArgument("checkpoint was saved with train.seed = " + std::to_string(snap.seed) +
+                                   ", this run has " + std::to_string(job_.train.seed));
+  if (snap.step < 0 || snap.step > std::numeric_limits<int>::max())
+    return Status::InvalidArgument("checkpoint step " + std::to_string(snap.step) + " is out of range");
   auto train_pos = snap.loaders.find("train"), val_pos = snap.loaders.find("val");
   if (train_pos == snap.loaders.end() || val_pos == snap.loaders.end())
     return Status::InvalidArgument("checkpoint lacks a data loader position");

@@ -46,7 +46,8 @@ class Trainer {
   // the config text. The copy is the only staging memory a save uses.
   Expected<ckpt::Snapshot> Capture(const std::map<std::string, double>& metrics) const;
   // Puts a snapshot back. Every tensor must match by name, shape and dtype
-  // (an error names the first that does not); on error nothing is changed.
+  // (an error names the first that does not), and the seed must be this
+  // job's (it orders the data); on error nothing is changed.
   // Afterwards Step() continues exactly as the saved run would have.
   Status Restore(const ckpt::Snapshot& snap);
 

@@ -50,7 +50,8 @@ Expected<std::string> Catalog::ReserveId() {
   rocksdb::Status s = db_->Get(rocksdb::ReadOptions(), kCounterKey, &v);
   uint64_t next = 1;
   if (s.ok()) {
-    if (v.empty() || v.find_first_not_of("0123456789") != std::string::npos || v.size() > 6)
+    // The counter holds the next id, up to 1000000 once ckpt-999999 is taken.
+    if (v.empty() || v.find_first_not_of("0123456789") != std::string::npos || v.size() > 7)
       return Status::Corruption("checkpoint catalog: counter holds '" + v + "'");
     next = std::stoull(v);
   } else if (!s.IsNotFound()) {
@@ -75,8 +76,11 @@ Expected<std::vector<Manifest>> Catalog::List() const {
   std::vector<Manifest> out;
   std::unique_ptr<rocksdb::Iterator> it(db_->NewIterator(rocksdb::ReadOptions()));
   for (it->Seek("m/"); it->Valid() && it->key().starts_with("m/"); it->Next()) {
+    const std::string key = it->key().ToString();
     auto m = DecodeManifest(it->value().ToString());
-    if (!m.ok()) return m.status().WithContext("catalog key '" + it->key().ToString() + "'");
+    if (!m.ok()) return m.status().WithContext("catalog key '" + key + "'");
+    if ("m/" + m->id != key)
+      return Status::Corruption("checkpoint catalog: key " + key + " holds the manifest of " + m->id);
     out.push_back(std::move(m).value());
   }
   if (!it->status().ok()) return Status::IOError("checkpoint catalog: listing failed: " + it->status().ToString());

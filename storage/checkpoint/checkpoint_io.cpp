@@ -37,7 +37,30 @@ Expected<Manifest> SaveCheckpoint(const Snapshot& snap, const StoreSet& stores, 
                                    " needs that many stores, there are " + std::to_string(stores.size()));
   if (options.shards_per_tensor < 1) return Status::InvalidArgument("checkpoint save: shards_per_tensor < 1");
   std::vector<ShardStore*> ring;
-  for (const auto& [id, s] : stores) ring.push_back(s);
+  for (const auto& [id, s] : stores) {
+    if (s == nullptr) return Status::InvalidArgument("checkpoint save: store " + id + " is null");
+    ring.push_back(s);
+  }
+  // Check every tensor before anything is written: two tensors of one name
+  // would overwrite each other's shards and commit a checkpoint that can
+  // never load; a bad name or size would fail half-way through the save.
+  std::set<std::string> names;
+  for (const HostTensor& t : snap.tensors) {
+    if (t.name.empty() || t.name.find('/') != std::string::npos)
+      return Status::InvalidArgument("checkpoint save: bad tensor name '" + t.name + "'");
+    if (!names.insert(t.name).second)
+      return Status::InvalidArgument("checkpoint save: two tensors named " + t.name);
+    int64_t elems = 1;
+    bool negative = false;
+    for (int64_t d : t.shape) {
+      negative |= d < 0;
+      elems *= d;
+    }
+    if (negative || (elems > 0 && t.bytes.size() % static_cast<size_t>(elems) != 0) ||
+        (elems == 0 && !t.bytes.empty()))
+      return Status::InvalidArgument("checkpoint save: tensor " + t.name + " has " + std::to_string(t.bytes.size()) +
+                                     " bytes for its shape");
+  }
 
   TROUPE_ASSIGN_OR_RETURN(std::string id, catalog.ReserveId());
   Manifest m;
@@ -69,12 +92,6 @@ Expected<Manifest> SaveCheckpoint(const Snapshot& snap, const StoreSet& stores, 
     rec.bytes = t.bytes.size();
     rec.crc32c = Crc32c(t.bytes);
     const int64_t rows = t.rows();
-    int64_t elems = 1;
-    for (int64_t d : t.shape) elems *= d;
-    if (elems < 0 || (elems > 0 && t.bytes.size() % static_cast<size_t>(elems) != 0) ||
-        (elems == 0 && !t.bytes.empty()))
-      return fail(Status::InvalidArgument("checkpoint save: tensor " + t.name + " has " +
-                                          std::to_string(t.bytes.size()) + " bytes for its shape"));
     const int64_t row_bytes = rows == 0 ? 0 : static_cast<int64_t>(t.bytes.size()) / rows;
     const int64_t pieces = std::max<int64_t>(1, std::min<int64_t>(options.shards_per_tensor, rows));
     for (int64_t p = 0; p < pieces && rows > 0; ++p) {
@@ -100,8 +117,11 @@ Expected<Manifest> SaveCheckpoint(const Snapshot& snap, const StoreSet& stores, 
     Status s = st->Sync();
     if (!s.ok()) return fail(s.WithContext("checkpoint save " + id));
   }
-  Status s = catalog.Commit(m);
-  if (!s.ok()) return fail(s);
+  // A failed commit may still have reached the disk (e.g. the write landed,
+  // the sync reported an error): dropping the shards then could leave a
+  // committed manifest without its shards. Leave them; CollectGarbage() drops
+  // them if the manifest really is not there.
+  TROUPE_RETURN_IF_ERROR(catalog.Commit(m).WithContext("checkpoint save " + id));
   return m;
 }
 
@@ -144,6 +164,9 @@ Expected<std::vector<uint8_t>> ReadRows(const TensorRecord& tensor, const std::s
     const auto first_byte = bytes->begin() + (lo - ref.row_begin) * row_bytes;
     out.insert(out.end(), first_byte, first_byte + (hi - lo) * row_bytes);
   }
+  if (static_cast<int64_t>(out.size()) != (row_end - row_begin) * row_bytes)  // shards with a gap
+    return Status::Corruption(where + ": its shards do not cover rows [" + std::to_string(row_begin) + ", " +
+                              std::to_string(row_end) + ")");
   return out;
 }
 
@@ -176,8 +199,20 @@ Status VerifyCheckpoint(const Manifest& m, const StoreSet& stores, std::vector<s
       int good = 0;
       for (const std::string& store_id : ref.stores) {
         auto it = stores.find(store_id);
-        Status s = it == stores.end() ? Status::NotFound("store " + store_id + " is not available")
-                                      : it->second->Verify({m.id, t.name, ref.row_begin});
+        Status s;
+        if (it == stores.end()) {
+          s = Status::NotFound("checkpoint " + m.id + ": store " + store_id + " is not available");
+        } else {
+          // Sound on its own is not enough: the copy must be the one the manifest names.
+          auto bytes = it->second->Get({m.id, t.name, ref.row_begin});
+          if (!bytes.ok()) {
+            s = bytes.status();
+          } else if (Crc32c(*bytes) != ref.crc32c ||
+                     static_cast<int64_t>(bytes->size()) != (ref.row_end - ref.row_begin) * t.row_bytes()) {
+            s = Status::Corruption("store " + store_id + ": shard " + m.id + "/" + t.name + " rows@" +
+                                   std::to_string(ref.row_begin) + " differs from its manifest entry");
+          }
+        }
         if (s.ok()) {
           ++good;
         } else if (problems) {

@@ -57,6 +57,8 @@ struct SaveOptions {
 // The stores a checkpoint may use, by id.
 using StoreSet = std::map<std::string, ShardStore*>;
 
+// InvalidArgument (before anything is written) on bad options, a tensor
+// whose bytes do not fit its shape, a bad or repeated tensor name.
 Expected<Manifest> SaveCheckpoint(const Snapshot& snap, const StoreSet& stores, Catalog& catalog,
                                   const SaveOptions& options);
 

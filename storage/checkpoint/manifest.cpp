@@ -1,6 +1,8 @@
 #include "storage/checkpoint/manifest.h"
 
+#include <cmath>
 #include <cstdio>
+#include <limits>
 #include <nlohmann/json.hpp>
 
 #include "common/crc32c.h"
@@ -69,6 +71,16 @@ std::string EncodeManifest(const Manifest& m) {
                        {"crc32c", t.crc32c},
                        {"shards", shards}});
   }
+  // JSON has no NaN or infinity (nlohmann would write null, which no reader
+  // takes back): those metrics are written as the strings "nan", "inf", "-inf".
+  json metrics = json::object();
+  for (const auto& [name, v] : m.metrics) {
+    if (std::isfinite(v)) {
+      metrics[name] = v;
+    } else {
+      metrics[name] = std::isnan(v) ? "nan" : (v > 0 ? "inf" : "-inf");
+    }
+  }
   json loaders = json::object();
   for (const auto& [name, p] : m.loaders) loaders[name] = {{"epoch", p.epoch}, {"cursor", p.cursor}};
   json j = {{"format", "troupe.checkpoint"},
@@ -81,7 +93,7 @@ std::string EncodeManifest(const Manifest& m) {
             {"replication", m.replication},
             {"loaders", loaders},
             {"seed", m.seed},
-            {"metrics", m.metrics},
+            {"metrics", metrics},
             {"config_text", m.config_text},
             {"config_hash", m.config_hash},
             {"pinned", m.pinned},
@@ -112,7 +124,20 @@ Expected<Manifest> DecodeManifest(const std::string& bytes) {
   TROUPE_RETURN_IF_ERROR(Get(layout, "dp", m.layout.dp, where + " layout"));
   TROUPE_RETURN_IF_ERROR(Get(j, "replication", m.replication, where));
   TROUPE_RETURN_IF_ERROR(Get(j, "seed", m.seed, where));
-  TROUPE_RETURN_IF_ERROR(Get(j, "metrics", m.metrics, where));
+  json metrics;
+  TROUPE_RETURN_IF_ERROR(Get(j, "metrics", metrics, where));
+  if (!metrics.is_object()) return Bad(where + " field 'metrics' is not an object");
+  for (const auto& [name, v] : metrics.items()) {
+    if (v.is_number()) {
+      m.metrics[name] = v.get<double>();
+    } else if (v == "nan") {
+      m.metrics[name] = std::numeric_limits<double>::quiet_NaN();
+    } else if (v == "inf" || v == "-inf") {
+      m.metrics[name] = (v == "inf" ? 1.0 : -1.0) * std::numeric_limits<double>::infinity();
+    } else {
+      return Bad(where + " metric '" + name + "' is not a number");
+    }
+  }
   TROUPE_RETURN_IF_ERROR(Get(j, "config_text", m.config_text, where));
   TROUPE_RETURN_IF_ERROR(Get(j, "config_hash", m.config_hash, where));
   TROUPE_RETURN_IF_ERROR(Get(j, "pinned", m.pinned, where));
@@ -142,7 +167,9 @@ Expected<Manifest> DecodeManifest(const std::string& bytes) {
       if (d < 0) return Bad(tw + " has a negative dimension");
       elems *= d;
     }
-    if (elems != 0 && t.bytes % static_cast<uint64_t>(elems) != 0) return Bad(tw + ": bytes do not match the shape");
+    if (elems == 0 ? t.bytes != 0 : t.bytes % static_cast<uint64_t>(elems) != 0)
+      return Bad(tw + ": bytes do not match the shape");
+    if (m.Find(t.name) != nullptr) return Bad(where + " has two tensors named " + t.name);
     int64_t next_row = 0;  // shards must tile [0, rows) in order
     for (const json& js : shards) {
       ShardRef s;

@@ -63,7 +63,7 @@ struct Manifest {
   std::vector<TensorRecord> tensors;
   std::map<std::string, LoaderPosition> loaders;  // "train", "val"
   uint64_t seed = 0;
-  std::map<std::string, double> metrics;  // loss, val_loss, lr, grad_norm, ...
+  std::map<std::string, double> metrics;  // loss, val_loss, lr, grad_norm, ... (NaN/inf kept, as strings in JSON)
   std::string config_text;                // the TOML the run was started with
   std::string config_hash;                // CRC32C of config_text, 8 hex digits
   bool pinned = false;
@@ -75,7 +75,8 @@ struct Manifest {
 
 std::string EncodeManifest(const Manifest& m);
 // Corruption naming the field on anything malformed (wrong format/version,
-// missing or ill-typed field, shards that do not tile a tensor's rows).
+// missing or ill-typed field, shards that do not tile a tensor's rows, bytes
+// that do not fit the shape, two tensors of one name).
 Expected<Manifest> DecodeManifest(const std::string& bytes);
 
 std::string ConfigHash(const std::string& config_text);

@@ -4,10 +4,12 @@
 #include <rocksdb/write_batch.h>
 
 #include <cereal/archives/portable_binary.hpp>
+#include <algorithm>
 #include <cereal/types/string.hpp>
 #include <cinttypes>
 #include <cstdio>
 #include <filesystem>
+#include <set>
 #include <sstream>
 
 #include "common/crc32c.h"
@@ -106,13 +108,19 @@ ShardStore::~ShardStore() { delete db_; }
 Expected<uint32_t> ShardStore::Put(const ShardKey& key, int64_t row_end, std::span<const uint8_t> bytes) {
   if (!ValidName(key.checkpoint) || !ValidName(key.tensor))
     return Status::InvalidArgument("shard store: bad shard name '" + key.checkpoint + "/" + key.tensor + "'");
-  if (row_end < key.row_begin) return Status::InvalidArgument("shard store: " + Name(key) + " ends before it starts");
+  if (key.row_begin < 0 || row_end < key.row_begin)
+    return Status::InvalidArgument("shard store: " + Name(key) + " has rows [" + std::to_string(key.row_begin) + ", " +
+                                   std::to_string(row_end) + ")");
   ShardHeader h;
   h.row_end = row_end;
   h.bytes = bytes.size();
   h.crc32c = Crc(bytes);
   h.chunks = static_cast<uint32_t>((bytes.size() + kChunkBytes - 1) / kChunkBytes);
+  // No write-ahead log: shard bytes would hit the disk twice (WAL, then the
+  // table file). Sync() flushes the memtable instead, which writes and syncs
+  // the table files; a crash before it loses only an uncommitted save.
   rocksdb::WriteOptions wo;
+  wo.disableWAL = true;
   for (uint32_t i = 0; i < h.chunks; ++i) {
     const size_t begin = static_cast<size_t>(i) * kChunkBytes;
     const auto part = bytes.subspan(begin, std::min(kChunkBytes, bytes.size() - begin));
@@ -131,7 +139,9 @@ Expected<uint32_t> ShardStore::Put(const ShardKey& key, int64_t row_end, std::sp
 }
 
 Status ShardStore::Sync() {
-  rocksdb::Status s = db_->SyncWAL();
+  rocksdb::FlushOptions fo;
+  fo.wait = true;
+  rocksdb::Status s = db_->Flush(fo);
   if (!s.ok()) return Status::IOError("shard store " + id_ + ": sync failed: " + s.ToString());
   return Status::Ok();
 }
@@ -142,10 +152,11 @@ Expected<std::vector<uint8_t>> ShardStore::Get(const ShardKey& key) const {
   if (s.IsNotFound()) return Status::NotFound("shard store " + id_ + ": no " + Name(key));
   if (!s.ok()) return Status::IOError("shard store " + id_ + ": read of " + Name(key) + " failed: " + s.ToString());
   ShardHeader h;
-  if (!Decode(raw, h) || h.version != 1 || h.chunks != (h.bytes + kChunkBytes - 1) / kChunkBytes)
+  // (bytes / kChunkBytes, rounded up, without the overflow of bytes + kChunkBytes - 1 on a damaged header)
+  if (!Decode(raw, h) || h.version != 1 || h.chunks != h.bytes / kChunkBytes + (h.bytes % kChunkBytes != 0))
     return Status::Corruption("shard store " + id_ + ": " + Name(key) + " has a malformed header");
   std::vector<uint8_t> out;
-  out.reserve(h.bytes);
+  out.reserve(std::min<uint64_t>(h.bytes, kChunkBytes));  // grows with the verified chunks, never from a bad header
   for (uint32_t i = 0; i < h.chunks; ++i) {
     s = db_->Get(rocksdb::ReadOptions(), ChunkKey(key, i), &raw);
     if (s.IsNotFound())
@@ -189,15 +200,19 @@ Expected<std::vector<ShardInfo>> ShardStore::List(const std::string& checkpoint)
 }
 
 std::vector<std::string> ShardStore::Checkpoints() const {
-  std::vector<std::string> ids;
+  // Chunks count too: a save that crashed inside a multi-chunk shard leaves
+  // chunks whose header was never written, and they must not leak.
+  std::set<std::string> ids;
   std::unique_ptr<rocksdb::Iterator> it(db_->NewIterator(rocksdb::ReadOptions()));
-  for (it->Seek("s/"); it->Valid() && it->key().starts_with("s/");) {
-    const std::string k = it->key().ToString().substr(2);
-    const std::string id = k.substr(0, k.find('/'));
-    ids.push_back(id);
-    it->Seek("s/" + id + "0");  // '0' sorts right after '/': skip to the next id
+  for (const std::string kind : {"s/", "c/"}) {
+    for (it->Seek(kind); it->Valid() && it->key().starts_with(kind);) {
+      const std::string k = it->key().ToString().substr(2);
+      const std::string id = k.substr(0, k.find('/'));
+      ids.insert(id);
+      it->Seek(kind + id + "0");  // '0' sorts right after '/': skip to the next id
+    }
   }
-  return ids;
+  return std::vector<std::string>(ids.begin(), ids.end());
 }
 
 Status ShardStore::Drop(const std::string& checkpoint) {

@@ -12,8 +12,9 @@
 // chunk's CRC32C and the whole shard's, so a flipped byte on disk is a
 // Corruption naming the shard, never silently wrong numbers.
 //
-// Durability: Put() goes to the write-ahead log without waiting; Sync()
-// fsyncs it. A saver calls Sync() once after its last Put() and only then
+// Durability: Put() bypasses the write-ahead log (shard bytes are written
+// once, into table files); Sync() flushes the memtable to synced table
+// files. A crash before Sync() loses only an uncommitted save. A saver calls Sync() once after its last Put() and only then
 // reports the shards durable. Thread-safety: RocksDB's (any thread).
 #pragma once
 
@@ -57,7 +58,8 @@ class ShardStore {
   const std::string& path() const { return path_; }
 
   // Stores rows [key.row_begin, row_end) whose bytes are `bytes`; returns
-  // their CRC32C. InvalidArgument on an empty name or a '/' in names.
+  // their CRC32C. InvalidArgument on an empty name or a '/' in names, or on
+  // row_begin < 0 or row_end < row_begin.
   Expected<uint32_t> Put(const ShardKey& key, int64_t row_end, std::span<const uint8_t> bytes);
   // Makes every Put() so far durable (WAL fsync).
   Status Sync();
@@ -70,7 +72,9 @@ class ShardStore {
 
   // The shards of one checkpoint, or (empty name) of all checkpoints.
   Expected<std::vector<ShardInfo>> List(const std::string& checkpoint = "") const;
-  std::vector<std::string> Checkpoints() const;  // ids with at least one shard
+  // Ids with at least one shard, or chunks of one (a Put() that crashed
+  // before its header), sorted.
+  std::vector<std::string> Checkpoints() const;
   // Drops every shard of `checkpoint` (a range delete, then synced).
   Status Drop(const std::string& checkpoint);
 
