@@ -105,6 +105,7 @@ int RunTrain(const TrainFlags& f) {
               trainer.unigram_baseline());
   std::fflush(stdout);
   double tokens = 0, seconds = 0, last_val = 0, stall_seconds = 0;
+  bool evaluated = false;
   while (trainer.step() < tc.steps) {
     auto r = trainer.Step();
     if (!r.ok()) return Fail(r.status());
@@ -125,6 +126,7 @@ int RunTrain(const TrainFlags& f) {
       auto val = trainer.Evaluate();
       if (!val.ok()) return Fail(val.status());
       last_val = *val;
+      evaluated = true;
       std::printf("step %5d/%d | val_loss %.4f | unigram_baseline %.4f | %.0f tok/s average | memory %.1f MiB "
                   "(peak %.1f)\n",
                   r->step, tc.steps, *val, trainer.unigram_baseline(), tokens / seconds,
@@ -136,12 +138,13 @@ int RunTrain(const TrainFlags& f) {
         // The stall: wait for the previous save (one staging copy at most) + the device-to-host copy.
         const auto t0 = std::chrono::steady_clock::now();
         if (auto done = ckpt->WaitIdle()) PrintSave(*done);
-        auto snap = trainer.Capture({{"loss", r->loss.total},
-                                     {"main_loss", r->loss.main},
-                                     {"lr", r->lr},
-                                     {"grad_norm", r->grad_norm},
-                                     {"val_loss", last_val},
-                                     {"tokens_per_s", r->tokens / r->seconds}});
+        std::map<std::string, double> metrics = {{"loss", r->loss.total},
+                                                 {"main_loss", r->loss.main},
+                                                 {"lr", r->lr},
+                                                 {"grad_norm", r->grad_norm},
+                                                 {"tokens_per_s", r->tokens / r->seconds}};
+        if (evaluated) metrics["val_loss"] = last_val;  // the latest evaluation's
+        auto snap = trainer.Capture(metrics);
         if (!snap.ok()) return Fail(snap.status());
         ckpt->Submit(std::move(snap).value());
         const double stall = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();

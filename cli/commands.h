@@ -20,5 +20,6 @@ void AddKeysCommand(CLI::App& app, RunFn& run);
 void AddCoordinatorCommand(CLI::App& app, RunFn& run);
 void AddNodeCommand(CLI::App& app, RunFn& run);
 void AddRunCommand(CLI::App& app, RunFn& run);
+void AddCkptCommand(CLI::App& app, RunFn& run);
 
 }  // namespace troupe::cli

@@ -16,6 +16,7 @@ int main(int argc, char** argv) {
   troupe::cli::AddCoordinatorCommand(app, run);
   troupe::cli::AddNodeCommand(app, run);
   troupe::cli::AddRunCommand(app, run);
+  troupe::cli::AddCkptCommand(app, run);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
