@@ -185,5 +185,23 @@ TEST(ConfigTest, MissingFile) {
   EXPECT_CONTAINS(job.status().message(), path);
 }
 
+TEST(ConfigTest, CheckpointSection) {
+  auto job = ParseConfigText("[checkpoint]\nevery = 50\nkeep_last = 2\nreplication = 2\nstores = 3\n", "ok.toml");
+  ASSERT_TRUE(job.ok()) << job.status().message();
+  EXPECT_EQ(job->checkpoint.every, 50);
+  EXPECT_EQ(job->checkpoint.keep_last, 2);
+  EXPECT_EQ(job->checkpoint.replication, 2);
+  EXPECT_EQ(job->checkpoint.stores, 3);
+  std::string msg = ErrorOf("[checkpoint]\nreplication = 2\n");
+  EXPECT_CONTAINS(msg, "checkpoint.replication = 2");
+  EXPECT_CONTAINS(msg, "stores");
+  msg = ErrorOf("[checkpoint]\nkeep_last = 0\n");
+  EXPECT_CONTAINS(msg, "checkpoint.keep_last = 0");
+  msg = ErrorOf("[checkpoint]\nevery = -1\n");
+  EXPECT_CONTAINS(msg, "checkpoint.every");
+  msg = ErrorOf("[checkpoint]\nevry = 10\n");
+  EXPECT_CONTAINS(msg, "unknown key checkpoint.evry");
+}
+
 }  // namespace
 }  // namespace troupe
