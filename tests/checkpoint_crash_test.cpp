@@ -4,14 +4,25 @@
 // must only grow, garbage collection must leave exactly the committed ones,
 // and checkpoints committed before one crash must survive the later ones.
 //
+// Shard bytes bypass RocksDB's write-ahead log and reach the disk when
+// ShardStore::Sync() flushes the memtable, so a kill before a store's Sync()
+// loses that store's part of the save, and a kill between the stores'
+// Sync() calls, or before the commit, leaves complete shards of a save that
+// never committed (garbage for CollectGarbage()). A separate test checks
+// that Sync() alone (no clean close) makes shards survive a SIGKILL.
+//
 // Processes: RocksDB keeps background threads (its Env's thread pools)
 // after a database closes, and a fork() of a process that has them gives a
-// child whose flushes and compactions never run. So the test process forks,
-// before it opens any database, a "spawner" that never touches RocksDB; the
-// spawner forks each saver child on request and reports its pid. The test
-// process sleeps, SIGKILLs the saver itself, and the spawner reaps it and
-// reports the wait status. The children use no gtest assertions and end in
-// _exit().
+// child whose flushes never run, so its Sync() would hang. So the test
+// process forks, before it opens any database, a "spawner" that never
+// touches RocksDB; the spawner forks each saver child on request and reports
+// its pid. The test process sleeps, SIGKILLs the saver itself, and the
+// spawner reaps it and reports the wait status. The children use no gtest
+// assertions and end in _exit().
+//
+// Knobs for manual runs: TROUPE_CRASH_TRIALS (default 25),
+// TROUPE_CRASH_MAX_DELAY_MS (default 300), TROUPE_CRASH_VERBOSE=1 (the
+// savers' progress and what each store holds after each trial).
 #include <gtest/gtest.h>
 #include <rocksdb/db.h>
 #include <fcntl.h>
@@ -20,6 +31,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstring>
 #include <filesystem>
@@ -42,16 +54,18 @@ int g_ready_fd = -1;          // savers write one byte here once their databases
 
 // ------------------------------------------------- what the saver saves
 
-// Deterministic bytes of tensor `index` at `step`.
+// Deterministic bytes of tensor `index` at `step` (cheap: a 64-bit mix per 8 bytes).
 std::vector<uint8_t> StepBytes(int64_t step, int index, size_t n) {
-  std::mt19937_64 rng(static_cast<uint64_t>(step) * 1000003u + static_cast<uint64_t>(index));
   std::vector<uint8_t> b(n);
-  size_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    const uint64_t x = rng();
-    std::memcpy(b.data() + i, &x, 8);
+  const uint64_t seed =
+      static_cast<uint64_t>(step) * 0x9E3779B97F4A7C15ull + static_cast<uint64_t>(index) * 0xBF58476D1CE4E5B9ull;
+  for (size_t i = 0; i < n; i += 8) {
+    uint64_t x = seed + i * 0x94D049BB133111EBull;
+    x ^= x >> 31;
+    x *= 0xD6E8FEB86659FD93ull;
+    x ^= x >> 32;
+    std::memcpy(b.data() + i, &x, std::min<size_t>(8, n - i));
   }
-  for (; i < n; ++i) b[i] = static_cast<uint8_t>(rng());
   return b;
 }
 
@@ -67,11 +81,13 @@ Snapshot StepSnapshot(int64_t step) {
     std::vector<int64_t> shape;
   };
   // ~0.3 MiB in all (under ASan on a busy VM a save of it takes ~50-100 ms).
-  // Every fourth step starts with "big": one row of 12 MiB, a shard of four
-  // chunks, so that kills land between the chunks of a checkpoint's first
-  // shard, before any shard header of that checkpoint exists.
+  // Every fourth step starts with "big": one row of two almost full chunks
+  // (8 MiB more), which makes the save long enough for kills to land in each
+  // of its stages, the stores' flushes included. (Chunks without their
+  // header, which a memtable flushed in the middle of a save would leave,
+  // need saves past the 64 MiB memtable: checkpoint_store_test covers them.)
   std::vector<Spec> specs = {{"mat", {64, 512}}, {"wide", {3, 12000}}, {"vec", {300}}, {"cube", {4, 5, 6}}};
-  if (step % 4 == 0) specs.insert(specs.begin(), {"big", {1, 3 * 1048576 + 100}});
+  if (step % 4 == 0) specs.insert(specs.begin(), {"big", {1, 2 * static_cast<int64_t>(kChunkBytes / 4) - 100}});
   for (size_t i = 0; i < specs.size(); ++i) {
     int64_t n = 1;
     for (int64_t d : specs[i].shape) n *= d;
@@ -99,7 +115,8 @@ Expected<Opened> OpenAll(const std::string& dir) {
 
 // The saver child: saves step after step until it is killed. Exit codes
 // other than death by SIGKILL say what went wrong.
-[[noreturn]] void SaverMain(const std::string& dir) {
+// big_first: start at the next step that holds "big" (else skip it at the start).
+[[noreturn]] void SaverMain(const std::string& dir, bool big_first) {
   const auto t0 = std::chrono::steady_clock::now();
   auto ms = [&] { return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count(); };
   const bool verbose = std::getenv("TROUPE_CRASH_VERBOSE") != nullptr;
@@ -116,18 +133,21 @@ Expected<Opened> OpenAll(const std::string& dir) {
   if (verbose) std::fprintf(stderr, "saver: gc at %.0f ms\n", ms());
   const char ready = 'r';
   if (write(g_ready_fd, &ready, 1) != 1) _exit(15);
-  // Steps only have to grow. Starting 0-2 past the latest one keeps a run of
-  // kills inside the slow "big" saves from pinning every saver to that step.
-  int64_t step = 1 + getpid() % 3;
+  // Steps only have to grow, so the first one can be chosen: savers told to
+  // start with a slow "big" save do, the others skip it (else a run of kills
+  // inside big saves would pin every saver to that step).
+  int64_t step = 1;
   auto latest = o->catalog->Latest();
   if (latest.ok()) {
     step += latest->step;
   } else if (!latest.status().IsNotFound()) {
     _exit(12);
   }
-  for (;; ++step) {
+  while ((step % 4 == 0) != big_first) ++step;
+  for (bool first = true;; ++step, first = false) {
     Snapshot snap = StepSnapshot(step);
     if (verbose) std::fprintf(stderr, "saver: snapshot at %.0f ms\n", ms());
+    if (first && big_first && write(g_ready_fd, "b", 1) != 1) _exit(16);  // the big save starts now
     auto m = SaveCheckpoint(snap, o->set, *o->catalog, {2, 3});
     if (verbose) std::fprintf(stderr, "saver: saved step %lld at %.0f ms\n", static_cast<long long>(step), ms());
     if (!m.ok()) {
@@ -140,6 +160,22 @@ Expected<Opened> OpenAll(const std::string& dir) {
       _exit(14);
     }
   }
+}
+
+// The sync probe: puts a two-chunk shard, syncs, signals; puts a second
+// shard without a sync, signals; then waits to be killed.
+constexpr int64_t kProbeRows = 3;
+std::vector<uint8_t> ProbeBytes(int which) { return StepBytes(1000 + which, 0, 2 * kChunkBytes - 12); }
+
+[[noreturn]] void SyncProbeMain(const std::string& dir) {
+  auto st = ShardStore::Open(dir + "/store-0", "s0");
+  if (!st.ok()) _exit(20);
+  if (!(*st)->Put({"ckpt-000001", "w", 0}, kProbeRows, ProbeBytes(0)).ok()) _exit(21);
+  if (!(*st)->Sync().ok()) _exit(22);
+  if (write(g_ready_fd, "s", 1) != 1) _exit(23);
+  if (!(*st)->Put({"ckpt-000001", "w", kProbeRows}, 2 * kProbeRows, ProbeBytes(1)).ok()) _exit(24);
+  if (write(g_ready_fd, "u", 1) != 1) _exit(25);
+  for (;;) pause();
 }
 
 // ------------------------------------------------------------- spawner
@@ -181,7 +217,9 @@ bool ReadAll(int fd, void* p, size_t n) {
     if (pid == 0) {
       close(in);
       close(out);
-      SaverMain(dir);
+      if (dir.starts_with("sync:")) SyncProbeMain(dir.substr(5));
+      const bool big = dir.starts_with("big:");
+      SaverMain(big ? dir.substr(4) : dir, big);
     }
     int32_t p = pid;
     if (!WriteAll(out, &p, sizeof(p))) _exit(3);
@@ -231,20 +269,28 @@ class CheckpointCrashTest : public ::testing::Test {
     fs::remove_all(root_);
   }
 
-  // Runs a saver in `dir` and SIGKILLs it `delay_ms` after it has opened
-  // its databases (or, from_spawn, after it was forked: a kill that may land
-  // in RocksDB's recovery). The saver must die by that signal (any other end
-  // is a failure naming its exit code).
-  static void KillAfter(const std::string& dir, int delay_ms, bool from_spawn = false) {
+  // Runs a saver in `where` and SIGKILLs it `delay_ms` after it has opened
+  // its databases (from_spawn: after it was forked, so the kill may land in
+  // RocksDB's recovery; big_first: after its first save, a big one, began).
+  // The saver must die by that signal (any other end is a failure naming its
+  // exit code).
+  static void KillAfter(const std::string& where, int delay_ms, bool from_spawn = false, bool big_first = false,
+                        bool sync_probe = false) {
+    const std::string dir = (sync_probe ? "sync:" : big_first ? "big:" : "") + where;
     const uint32_t len = static_cast<uint32_t>(dir.size());
     ASSERT_TRUE(WriteAll(to_, &len, sizeof(len)) && WriteAll(to_, dir.data(), len));
     int32_t pid = 0;
     ASSERT_TRUE(ReadAll(from_, &pid, sizeof(pid)));
     ASSERT_GT(pid, 0);
-    bool ready = from_spawn;
-    if (!from_spawn) {
+    // Signals to wait for: the saver has opened its databases; (big_first)
+    // it starts its big save.
+    int signals = from_spawn ? 0 : (big_first || sync_probe) ? 2 : 1;
+    bool ready = true;
+    while (signals > 0 && ready) {
       pollfd p{ready_, POLLIN, 0};
-      ready = poll(&p, 1, 60000) == 1;  // the saver died or hung before opening: reported below
+      char c;
+      ready = poll(&p, 1, 60000) == 1 && read(ready_, &c, 1) == 1;  // else it died or hung: reported below
+      --signals;
     }
     if (ready) std::this_thread::sleep_for(std::chrono::milliseconds(delay_ms));
     kill(pid, SIGKILL);
@@ -310,18 +356,25 @@ TEST_F(CheckpointCrashTest, KilledSaversNeverLeaveABrokenOrLostCheckpoint) {
   int trials = 25;
   if (const char* env = std::getenv("TROUPE_CRASH_TRIALS")) trials = std::max(1, std::atoi(env));
   std::mt19937 rng(20240611);
-  std::uniform_int_distribution<int> delay(0, 300);
+  int max_delay_ms = 300;
+  if (const char* env = std::getenv("TROUPE_CRASH_MAX_DELAY_MS")) max_delay_ms = std::max(0, std::atoi(env));
+  std::uniform_int_distribution<int> delay(0, max_delay_ms);
   std::set<std::string> pinned;  // must survive every later crash
   std::set<std::string> ever;    // every id ever seen committed
   int64_t max_id = 0;
   const auto start = std::chrono::steady_clock::now();
   for (int trial = 0; trial < trials; ++trial) {
-    const int ms = delay(rng);
-    // Every fifth trial counts from the fork, so some kills land while RocksDB opens and recovers.
+    // Every fifth trial counts from the fork, so some kills land while
+    // RocksDB opens and recovers. Every third begins with a big save, and
+    // its delay counts from the start of that save and is drawn from five
+    // times the range: the big save takes ~0.6-1 s under ASan on this VM
+    // (~20 ms in a release build), and its kills should land anywhere in it.
     const bool from_spawn = trial % 5 == 2;
+    const bool big_first = trial % 3 == 1 && !from_spawn;
+    const int ms = big_first ? delay(rng) * 5 : delay(rng);
     SCOPED_TRACE("trial " + std::to_string(trial) + ", killed " + std::to_string(ms) + " ms after " +
-                 (from_spawn ? "the fork" : "opening"));
-    KillAfter(dir, ms, from_spawn);
+                 (from_spawn ? "the fork" : big_first ? "its big save began" : "opening"));
+    KillAfter(dir, ms, from_spawn, big_first);
     if (HasFatalFailure()) return;
 
     auto o = OpenAll(dir);
@@ -370,6 +423,14 @@ TEST_F(CheckpointCrashTest, KilledSaversNeverLeaveABrokenOrLostCheckpoint) {
     for (auto& st : o->stores) paths.push_back(st->path());
     o = Status::Internal("closed");  // close every database before looking at the raw keys
     for (const std::string& path : paths) {
+      if (std::getenv("TROUPE_CRASH_VERBOSE")) {
+        std::set<std::string> keys_of;
+        for (const std::string& key : RawKeys(path)) keys_of.insert(key.substr(0, key.find('/', 2)));
+        std::string line;
+        for (const std::string& k : keys_of) line += " " + k;
+        std::fprintf(stderr, "parent: trial %d (%d ms%s) %s holds%s\n", trial, ms, big_first ? ", big" : "",
+                     path.c_str(), line.c_str());
+      }
       for (const std::string& key : RawKeys(path)) {
         // "s/<id>/..." and "c/<id>/...": nothing of an uncommitted or expired save is left.
         const std::string id = key.substr(2, key.find('/', 2) - 2);
@@ -383,6 +444,24 @@ TEST_F(CheckpointCrashTest, KilledSaversNeverLeaveABrokenOrLostCheckpoint) {
               ever.size(), pinned.size(), static_cast<long long>(max_id));
   // Not vacuous: the savers got far enough to commit, several times.
   EXPECT_GE(ever.size(), static_cast<size_t>(std::min(trials, 5)));
+}
+
+TEST_F(CheckpointCrashTest, SyncAloneMakesShardsSurviveAKill) {
+  const std::string dir = root_ + "/sync";
+  KillAfter(dir, 0, false, false, /*sync_probe=*/true);
+  if (HasFatalFailure()) return;
+  auto st = ShardStore::Open(dir + "/store-0", "s0");
+  ASSERT_TRUE(st.ok()) << st.status().message();
+  auto got = (*st)->Get({"ckpt-000001", "w", 0});
+  ASSERT_TRUE(got.ok()) << "a synced shard was lost: " << got.status().message();
+  EXPECT_TRUE(*got == ProbeBytes(0));
+  // The shard put after the sync may or may not have survived, but never in part.
+  auto unsynced = (*st)->Get({"ckpt-000001", "w", kProbeRows});
+  if (unsynced.ok()) {
+    EXPECT_TRUE(*unsynced == ProbeBytes(1));
+  } else {
+    EXPECT_TRUE(unsynced.status().IsNotFound()) << unsynced.status().message();
+  }
 }
 
 TEST_F(CheckpointCrashTest, ACorruptShardOfTheNewestIsReadFromItsReplica) {

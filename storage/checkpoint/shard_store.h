@@ -14,8 +14,11 @@
 //
 // Durability: Put() bypasses the write-ahead log (shard bytes are written
 // once, into table files); Sync() flushes the memtable to synced table
-// files. A crash before Sync() loses only an uncommitted save. A saver calls Sync() once after its last Put() and only then
-// reports the shards durable. Thread-safety: RocksDB's (any thread).
+// files. A crash before Sync() loses only an uncommitted save. A saver
+// calls Sync() once after its last Put() and only then reports the shards
+// durable. Thread-safety: RocksDB's (any thread). Sync() waits for a flush
+// on RocksDB's background threads: a process forked after RocksDB started
+// them (any database opened) has none, and its Sync() never returns.
 #pragma once
 
 #include <cstdint>
@@ -61,7 +64,7 @@ class ShardStore {
   // their CRC32C. InvalidArgument on an empty name or a '/' in names, or on
   // row_begin < 0 or row_end < row_begin.
   Expected<uint32_t> Put(const ShardKey& key, int64_t row_end, std::span<const uint8_t> bytes);
-  // Makes every Put() so far durable (WAL fsync).
+  // Makes every Put() so far durable (a memtable flush into synced table files).
   Status Sync();
 
   // The shard's bytes, verified. NotFound if absent; Corruption naming the
