@@ -435,19 +435,15 @@ Expected<JobConfig> ParseConfigText(const std::string& toml_text, const std::str
 }
 
 Status ValidateCheckpointConfig(const CheckpointConfig& c) {
-  auto at_least = [](const char* key, int v, int lo) {
-    return v >= lo ? Status::Ok()
-                   : Status::InvalidArgument("checkpoint." + std::string(key) + " = " + std::to_string(v) +
-                                             " must be at least " + std::to_string(lo));
-  };
-  TROUPE_RETURN_IF_ERROR(at_least("every", c.every, 0));
-  TROUPE_RETURN_IF_ERROR(at_least("keep_last", c.keep_last, 1));
-  TROUPE_RETURN_IF_ERROR(at_least("keep_every", c.keep_every, 0));
-  TROUPE_RETURN_IF_ERROR(at_least("replication", c.replication, 1));
-  TROUPE_RETURN_IF_ERROR(at_least("stores", c.stores, 1));
-  TROUPE_RETURN_IF_ERROR(at_least("shards_per_tensor", c.shards_per_tensor, 1));
+  TROUPE_RETURN_IF_ERROR(AtLeast("checkpoint.every", c.every, 0));
+  TROUPE_RETURN_IF_ERROR(AtLeast("checkpoint.keep_last", c.keep_last, 1));
+  TROUPE_RETURN_IF_ERROR(AtLeast("checkpoint.keep_every", c.keep_every, 0));
+  TROUPE_RETURN_IF_ERROR(AtLeast("checkpoint.replication", c.replication, 1));
+  TROUPE_RETURN_IF_ERROR(AtLeast("checkpoint.stores", c.stores, 1));
+  TROUPE_RETURN_IF_ERROR(AtLeast("checkpoint.shards_per_tensor", c.shards_per_tensor, 1));
   if (c.replication > c.stores)
-    return Status::InvalidArgument("checkpoint.replication = " + std::to_string(c.replication) + " needs at least as many stores (checkpoint.stores = " + std::to_string(c.stores) + ")");
+    return Status::InvalidArgument(KV("checkpoint.replication", c.replication) + " needs at least as many stores (" +
+                                   KV("checkpoint.stores", c.stores) + ")");
   return Status::Ok();
 }
 
