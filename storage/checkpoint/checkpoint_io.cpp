@@ -9,14 +9,21 @@
 namespace troupe::ckpt {
 namespace {
 
-int64_t RowsOf(const std::vector<int64_t>& shape) {
-  int64_t r = 1;
-  for (size_t i = 0; i + 1 < shape.size(); ++i) r *= shape[i];
-  return r;
-}
-
 std::string TensorWhere(const std::string& checkpoint, const std::string& tensor) {
   return "checkpoint " + checkpoint + " tensor " + tensor;
+}
+
+// One store's copy of a shard, checked against its manifest entry: sound on
+// its own is not enough, it must be the copy the manifest names.
+Expected<std::vector<uint8_t>> ReadCopy(const ShardStore& store, const std::string& checkpoint,
+                                        const TensorRecord& tensor, const ShardRef& ref) {
+  uint32_t crc = 0;
+  auto bytes = store.Get({checkpoint, tensor.name, ref.row_begin}, &crc);
+  if (bytes.ok() &&
+      (crc != ref.crc32c || static_cast<int64_t>(bytes->size()) != (ref.row_end - ref.row_begin) * tensor.row_bytes()))
+    return Status::Corruption("store " + store.id() + ": shard " + checkpoint + "/" + tensor.name + " rows@" +
+                              std::to_string(ref.row_begin) + " differs from its manifest entry");
+  return bytes;
 }
 
 }  // namespace
@@ -64,18 +71,12 @@ Expected<Manifest> SaveCheckpoint(const Snapshot& snap, const StoreSet& stores, 
 
   TROUPE_ASSIGN_OR_RETURN(std::string id, catalog.ReserveId());
   Manifest m;
+  static_cast<RunState&>(m) = snap;
   m.id = id;
-  m.step = snap.step;
-  m.phase = snap.phase;
   m.created_unix_ms = std::chrono::duration_cast<std::chrono::milliseconds>(
                           std::chrono::system_clock::now().time_since_epoch())
                           .count();
-  m.layout = snap.layout;
   m.replication = options.replication;
-  m.loaders = snap.loaders;
-  m.seed = snap.seed;
-  m.metrics = snap.metrics;
-  m.config_text = snap.config_text;
   m.config_hash = ConfigHash(snap.config_text);
 
   std::set<ShardStore*> used;
@@ -144,11 +145,7 @@ Expected<std::vector<uint8_t>> ReadRows(const TensorRecord& tensor, const std::s
       if (it == stores.end()) {
         bytes = Status::NotFound(where + ": store " + store_id + " is not available");
       } else {
-        bytes = it->second->Get({checkpoint, tensor.name, ref.row_begin});
-        if (bytes.ok() && (Crc32c(*bytes) != ref.crc32c ||
-                           static_cast<int64_t>(bytes->size()) != (ref.row_end - ref.row_begin) * row_bytes))
-          bytes = Status::Corruption("store " + store_id + ": shard " + checkpoint + "/" + tensor.name + " rows@" +
-                                     std::to_string(ref.row_begin) + " differs from its manifest entry");
+        bytes = ReadCopy(*it->second, checkpoint, tensor, ref);
       }
       if (bytes.ok()) {
         if (!first && stats) ++stats->replica_fallbacks;
@@ -172,13 +169,7 @@ Expected<std::vector<uint8_t>> ReadRows(const TensorRecord& tensor, const std::s
 
 Expected<Snapshot> LoadCheckpoint(const Manifest& m, const StoreSet& stores, ReadStats* stats) {
   Snapshot snap;
-  snap.step = m.step;
-  snap.phase = m.phase;
-  snap.layout = m.layout;
-  snap.loaders = m.loaders;
-  snap.seed = m.seed;
-  snap.metrics = m.metrics;
-  snap.config_text = m.config_text;
+  static_cast<RunState&>(snap) = m;
   for (const TensorRecord& t : m.tensors) {
     HostTensor h;
     h.name = t.name;
@@ -203,15 +194,7 @@ Status VerifyCheckpoint(const Manifest& m, const StoreSet& stores, std::vector<s
         if (it == stores.end()) {
           s = Status::NotFound("checkpoint " + m.id + ": store " + store_id + " is not available");
         } else {
-          // Sound on its own is not enough: the copy must be the one the manifest names.
-          auto bytes = it->second->Get({m.id, t.name, ref.row_begin});
-          if (!bytes.ok()) {
-            s = bytes.status();
-          } else if (Crc32c(*bytes) != ref.crc32c ||
-                     static_cast<int64_t>(bytes->size()) != (ref.row_end - ref.row_begin) * t.row_bytes()) {
-            s = Status::Corruption("store " + store_id + ": shard " + m.id + "/" + t.name + " rows@" +
-                                   std::to_string(ref.row_begin) + " differs from its manifest entry");
-          }
+          s = ReadCopy(*it->second, m.id, t, ref).status();
         }
         if (s.ok()) {
           ++good;

@@ -35,14 +35,7 @@ struct HostTensor {
 };
 
 // Everything a checkpoint holds, in host memory. The tensors' order is kept.
-struct Snapshot {
-  int64_t step = 0;
-  std::string phase = "pretrain";
-  Layout layout;
-  std::map<std::string, LoaderPosition> loaders;
-  uint64_t seed = 0;
-  std::map<std::string, double> metrics;
-  std::string config_text;
+struct Snapshot : RunState {
   std::vector<HostTensor> tensors;
   uint64_t TotalBytes() const;
 };

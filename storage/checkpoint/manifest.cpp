@@ -28,11 +28,13 @@ Status Get(const json& j, const char* key, T& out, const std::string& where) {
 
 }  // namespace
 
-int64_t TensorRecord::rows() const {
+int64_t RowsOf(const std::vector<int64_t>& shape) {
   int64_t r = 1;
   for (size_t i = 0; i + 1 < shape.size(); ++i) r *= shape[i];
-  return shape.empty() ? 1 : r;
+  return r;
 }
+
+int64_t TensorRecord::rows() const { return RowsOf(shape); }
 
 int64_t TensorRecord::row_bytes() const {
   const int64_t r = rows();

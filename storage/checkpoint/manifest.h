@@ -30,6 +30,10 @@ struct ShardRef {
   bool operator==(const ShardRef&) const = default;
 };
 
+// Rows of a row-major tensor: the product of all dimensions but the last
+// (1 for a scalar or a 1-D tensor).
+int64_t RowsOf(const std::vector<int64_t>& shape);
+
 struct TensorRecord {
   std::string name;
   std::string dtype;  // "F32", "BF16", ... (safetensors spelling)
@@ -53,19 +57,25 @@ struct LoaderPosition {
   bool operator==(const LoaderPosition&) const = default;
 };
 
-struct Manifest {
-  std::string id;  // "ckpt-000007": a catalog sequence number, never reused
+// Where the run stood: what a manifest records and a snapshot carries
+// besides the tensors (a save copies it one way, a load the other).
+struct RunState {
   int64_t step = 0;
   std::string phase = "pretrain";
-  int64_t created_unix_ms = 0;
   Layout layout;
-  int replication = 1;
-  std::vector<TensorRecord> tensors;
   std::map<std::string, LoaderPosition> loaders;  // "train", "val"
   uint64_t seed = 0;
   std::map<std::string, double> metrics;  // loss, val_loss, lr, grad_norm, ... (NaN/inf kept, as strings in JSON)
   std::string config_text;                // the TOML the run was started with
-  std::string config_hash;                // CRC32C of config_text, 8 hex digits
+  bool operator==(const RunState&) const = default;
+};
+
+struct Manifest : RunState {
+  std::string id;  // "ckpt-000007": a catalog sequence number, never reused
+  int64_t created_unix_ms = 0;
+  int replication = 1;
+  std::vector<TensorRecord> tensors;
+  std::string config_hash;  // CRC32C of config_text, 8 hex digits
   bool pinned = false;
   bool operator==(const Manifest&) const = default;
 

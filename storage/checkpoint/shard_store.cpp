@@ -146,7 +146,7 @@ Status ShardStore::Sync() {
   return Status::Ok();
 }
 
-Expected<std::vector<uint8_t>> ShardStore::Get(const ShardKey& key) const {
+Expected<std::vector<uint8_t>> ShardStore::Get(const ShardKey& key, uint32_t* crc32c) const {
   std::string raw;
   rocksdb::Status s = db_->Get(rocksdb::ReadOptions(), HeaderKey(key), &raw);
   if (s.IsNotFound()) return Status::NotFound("shard store " + id_ + ": no " + Name(key));
@@ -173,6 +173,7 @@ Expected<std::vector<uint8_t>> ShardStore::Get(const ShardKey& key) const {
   }
   if (out.size() != h.bytes || Crc(out) != h.crc32c)
     return Status::Corruption("shard store " + id_ + ": " + Name(key) + " fails its CRC32C");
+  if (crc32c) *crc32c = h.crc32c;
   return out;
 }
 

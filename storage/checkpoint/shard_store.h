@@ -69,7 +69,9 @@ class ShardStore {
 
   // The shard's bytes, verified. NotFound if absent; Corruption naming the
   // shard if a chunk or the header fails its checksum or is malformed.
-  Expected<std::vector<uint8_t>> Get(const ShardKey& key) const;
+  // `crc32c`, when given, receives the bytes' CRC32C (already checked
+  // against them, so callers compare it instead of hashing again).
+  Expected<std::vector<uint8_t>> Get(const ShardKey& key, uint32_t* crc32c = nullptr) const;
   // Re-reads and checks a shard without keeping its bytes.
   Status Verify(const ShardKey& key) const;
 
