@@ -17,6 +17,7 @@
 #include "gpu/cpu/cpu_backend.h"
 #include "storage/checkpoint/checkpoint_io.h"
 #include "train/checkpointer.h"
+#include "small_job.h"
 #include "train/trainer.h"
 
 namespace troupe {
@@ -80,46 +81,8 @@ class ResumeTest : public ::testing::Test {
   }
   void TearDown() override { fs::remove_all(dir_); }
 
-  // (From trainer_test.cpp.) A shard of `n` tokens: a repeating pattern plus noise.
-  std::string WriteTokens(const std::string& name, int n, int vocab, uint64_t seed) {
-    std::mt19937_64 rng(seed);
-    std::vector<int> t(n);
-    for (int i = 0; i < n; ++i) t[i] = (rng() % 4 == 0) ? static_cast<int>(rng() % vocab) : (i * 7) % vocab;
-    const std::string path = (dir_ / name).string();
-    EXPECT_TRUE(data::WriteShard(path, t).ok());
-    return path;
-  }
-
-  // (From trainer_test.cpp.)
   JobConfig SmallJob(int train_tokens = 4000) {
-    JobConfig j;
-    ModelConfig& m = j.model;
-    m.vocab_size = 32;
-    m.hidden_size = 16;
-    m.num_hidden_layers = 2;
-    m.first_k_dense_replace = 1;
-    m.num_attention_heads = 2;
-    m.q_lora_rank = 8;
-    m.kv_lora_rank = 8;
-    m.qk_nope_head_dim = 4;
-    m.qk_rope_head_dim = 4;
-    m.v_head_dim = 4;
-    m.intermediate_size = 24;
-    m.moe_intermediate_size = 8;
-    m.n_routed_experts = 4;
-    m.num_experts_per_tok = 2;
-    m.n_group = 2;
-    m.topk_group = 1;
-    m.num_nextn_predict_layers = 1;
-    TrainConfig& t = j.train;
-    t.seq_len = 16;
-    t.batch_size = 4;
-    t.steps = 40;
-    t.lr = 1e-2;
-    t.warmup_steps = 5;
-    t.eval_batches = 2;
-    j.data.train_shards = {WriteTokens("train.bin", train_tokens, m.vocab_size, 1)};
-    j.data.val_shards = {WriteTokens("val.bin", 600, m.vocab_size, 2)};
+    JobConfig j = testing::SmallJob(dir_, train_tokens);
     j.toml_text = "# the small test job\n";
     return j;
   }
