@@ -40,6 +40,7 @@
 #include <set>
 #include <thread>
 
+#include "rocksdb_keys.h"
 #include "storage/checkpoint/catalog.h"
 #include "storage/checkpoint/checkpoint_io.h"
 #include "storage/checkpoint/shard_store.h"
@@ -48,6 +49,7 @@ namespace troupe::ckpt {
 namespace {
 
 namespace fs = std::filesystem;
+using testing::RawKeys;
 
 constexpr int kKeepLast = 3;  // the saver's retention
 int g_ready_fd = -1;          // savers write one byte here once their databases are open
@@ -333,22 +335,6 @@ int64_t IdNumber(const std::string& id) { return std::stoll(id.substr(5)); }
       snap->config_text != want.config_text)
     return ::testing::AssertionFailure() << m.id << ": metadata differs";
   return ::testing::AssertionSuccess();
-}
-
-// Every key of the closed database at `path`.
-std::vector<std::string> RawKeys(const std::string& path) {
-  rocksdb::DB* db = nullptr;
-  rocksdb::Options opts;
-  rocksdb::Status s = rocksdb::DB::Open(opts, path, &db);
-  EXPECT_TRUE(s.ok()) << s.ToString();
-  std::vector<std::string> keys;
-  if (!s.ok()) return keys;
-  {
-    std::unique_ptr<rocksdb::Iterator> it(db->NewIterator(rocksdb::ReadOptions()));
-    for (it->SeekToFirst(); it->Valid(); it->Next()) keys.push_back(it->key().ToString());
-  }
-  delete db;
-  return keys;
 }
 
 TEST_F(CheckpointCrashTest, KilledSaversNeverLeaveABrokenOrLostCheckpoint) {

@@ -21,6 +21,7 @@
 #include <sstream>
 
 #include "common/crc32c.h"
+#include "rocksdb_keys.h"
 #include "storage/checkpoint/catalog.h"
 #include "storage/checkpoint/checkpoint_io.h"
 #include "storage/checkpoint/manifest.h"
@@ -30,6 +31,7 @@ namespace troupe::ckpt {
 namespace {
 
 namespace fs = std::filesystem;
+using testing::RawKeys;
 using Bytes = std::vector<uint8_t>;
 using json = nlohmann::json;
 
@@ -57,21 +59,6 @@ bool Has(const std::string& s, const std::string& sub) { return s.find(sub) != s
   for (const std::string& n : needles)
     if (!Has(s.message(), n)) return ::testing::AssertionFailure() << "'" << n << "' not in: " << s.message();
   return ::testing::AssertionSuccess();
-}
-
-// All keys of a closed RocksDB database (to see what a store really holds).
-std::vector<std::string> RawKeys(const std::string& path) {
-  rocksdb::DB* db = nullptr;
-  rocksdb::Options opts;
-  rocksdb::Status s = rocksdb::DB::Open(opts, path, &db);
-  EXPECT_TRUE(s.ok()) << s.ToString();
-  std::vector<std::string> keys;
-  if (!s.ok()) return keys;
-  std::unique_ptr<rocksdb::Iterator> it(db->NewIterator(rocksdb::ReadOptions()));
-  for (it->SeekToFirst(); it->Valid(); it->Next()) keys.push_back(it->key().ToString());
-  it.reset();
-  delete db;
-  return keys;
 }
 
 void RawPut(const std::string& path, const std::string& key, const std::string& value) {
