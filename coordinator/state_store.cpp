@@ -3,10 +3,11 @@
 #include <rocksdb/db.h>
 #include <rocksdb/options.h>
 
-#include <filesystem>
 #include <limits>
 #include <type_traits>
 #include <nlohmann/json.hpp>
+
+#include "storage/rocksdb_open.h"
 
 namespace troupe::cluster {
 namespace {
@@ -58,18 +59,8 @@ Status Field(const json& j, const char* name, T& out, const std::string& key) {
 }  // namespace
 
 Expected<std::unique_ptr<StateStore>> StateStore::Open(const std::string& dir) {
-  std::error_code ec;
-  std::filesystem::create_directories(dir, ec);
-  if (ec) return Status::IOError("state store: cannot create " + dir + ": " + ec.message());
-  rocksdb::Options opts;
-  opts.create_if_missing = true;
-  opts.max_open_files = 64;
-  opts.keep_log_file_num = 2;
-  rocksdb::DB* db = nullptr;
-  const std::string path = dir + "/state";
-  rocksdb::Status s = rocksdb::DB::Open(opts, path, &db);
-  if (!s.ok()) return Status::IOError("state store: cannot open " + path + ": " + s.ToString());
-  return std::unique_ptr<StateStore>(new StateStore(db));
+  TROUPE_ASSIGN_OR_RETURN(std::unique_ptr<rocksdb::DB> db, OpenRocksDb(dir, "state", "state store"));
+  return std::unique_ptr<StateStore>(new StateStore(db.release()));
 }
 
 StateStore::~StateStore() { delete db_; }

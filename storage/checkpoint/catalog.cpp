@@ -4,7 +4,8 @@
 
 #include <algorithm>
 #include <cstdio>
-#include <filesystem>
+
+#include "storage/rocksdb_open.h"
 
 namespace troupe::ckpt {
 namespace {
@@ -29,18 +30,8 @@ Status CheckId(const std::string& id) {
 }  // namespace
 
 Expected<std::unique_ptr<Catalog>> Catalog::Open(const std::string& dir) {
-  std::error_code ec;
-  std::filesystem::create_directories(dir, ec);
-  if (ec) return Status::IOError("checkpoint catalog: cannot create " + dir + ": " + ec.message());
-  rocksdb::Options opts;
-  opts.create_if_missing = true;
-  opts.max_open_files = 64;
-  opts.keep_log_file_num = 2;
-  rocksdb::DB* db = nullptr;
-  const std::string path = dir + "/catalog";
-  rocksdb::Status s = rocksdb::DB::Open(opts, path, &db);
-  if (!s.ok()) return Status::IOError("checkpoint catalog: cannot open " + path + ": " + s.ToString());
-  return std::unique_ptr<Catalog>(new Catalog(db));
+  TROUPE_ASSIGN_OR_RETURN(std::unique_ptr<rocksdb::DB> db, OpenRocksDb(dir, "catalog", "checkpoint catalog"));
+  return std::unique_ptr<Catalog>(new Catalog(db.release()));
 }
 
 Catalog::~Catalog() { delete db_; }

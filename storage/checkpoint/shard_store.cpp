@@ -8,11 +8,11 @@
 #include <cereal/types/string.hpp>
 #include <cinttypes>
 #include <cstdio>
-#include <filesystem>
 #include <set>
 #include <sstream>
 
 #include "common/crc32c.h"
+#include "storage/rocksdb_open.h"
 
 namespace troupe::ckpt {
 namespace {
@@ -85,22 +85,13 @@ bool ValidName(const std::string& s) { return !s.empty() && s.find('/') == std::
 }  // namespace
 
 Expected<std::unique_ptr<ShardStore>> ShardStore::Open(const std::string& dir, std::string id) {
-  std::error_code ec;
-  std::filesystem::create_directories(dir, ec);
-  if (ec) return Status::IOError("shard store: cannot create " + dir + ": " + ec.message());
-  rocksdb::Options opts;
-  opts.create_if_missing = true;
-  opts.max_open_files = 64;
-  opts.keep_log_file_num = 2;
+  rocksdb::Options opts = DefaultRocksDbOptions();
   // Shards are big, write-once values: a large memtable and no compression
   // (fp32 weights do not compress) keep the write path at disk speed.
   opts.write_buffer_size = 64 << 20;
   opts.compression = rocksdb::kNoCompression;
-  rocksdb::DB* db = nullptr;
-  const std::string path = dir + "/shards";
-  rocksdb::Status s = rocksdb::DB::Open(opts, path, &db);
-  if (!s.ok()) return Status::IOError("shard store: cannot open " + path + ": " + s.ToString());
-  return std::unique_ptr<ShardStore>(new ShardStore(db, std::move(id), path));
+  TROUPE_ASSIGN_OR_RETURN(std::unique_ptr<rocksdb::DB> db, OpenRocksDb(dir, "shards", "shard store", opts));
+  return std::unique_ptr<ShardStore>(new ShardStore(db.release(), std::move(id), dir + "/shards"));
 }
 
 ShardStore::~ShardStore() { delete db_; }
