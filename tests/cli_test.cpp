@@ -424,5 +424,68 @@ TEST_F(CliTest, TrainThreeStepsPrintsValLoss) {
   EXPECT_NE(r.out.find("step     3/3"), std::string::npos) << r.out;
 }
 
+// ---- checkpoints ----
+
+TEST_F(CliTest, CheckpointsSaveResumeAndBrowse) {
+  RunResult r = Run({"train", "--config", "cfg.toml", "--steps", "4", "--checkpoint-every", "2", "--out", "run"});
+  ASSERT_TRUE(r.exited && r.code == 0) << r.err;
+  EXPECT_NE(r.out.find("checkpoint ckpt-000001 committed: step 2"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("checkpoint ckpt-000002 committed: step 4"), std::string::npos) << r.out;
+  r = Run({"ckpt", "--dir", "run/checkpoints", "ls"});
+  ASSERT_TRUE(r.exited && r.code == 0) << r.err;
+  EXPECT_NE(r.out.find("ckpt-000002"), std::string::npos) << r.out;
+  r = Run({"ckpt", "--dir", "run/checkpoints", "verify", "ckpt-000002"});
+  ASSERT_TRUE(r.exited && r.code == 0) << r.err;
+  // Resuming from step 2 ends where the uninterrupted run ended: the same weights.
+  r = Run({"train", "--config", "cfg.toml", "--steps", "4", "--checkpoint-dir", "run/checkpoints", "--resume",
+           "ckpt-000001", "--out", "resumed"});
+  ASSERT_TRUE(r.exited && r.code == 0) << r.err;
+  EXPECT_NE(r.out.find("resumed from ckpt-000001: step 2"), std::string::npos) << r.out;
+  EXPECT_EQ(ReadText(Path("resumed/model.safetensors")), ReadText(Path("run/model.safetensors")));
+  r = Run({"ckpt", "--dir", "run/checkpoints", "export", "ckpt-000002", "--out", "c.safetensors"});
+  ASSERT_TRUE(r.exited && r.code == 0) << r.err;
+  // The checkpoint's export holds the same tensors, bit for bit, as the run's own at that step.
+  auto exported = ReadSafetensors(Path("c.safetensors").string());
+  auto trained = ReadSafetensors(Path("run/model.safetensors").string());
+  ASSERT_TRUE(exported.ok() && trained.ok());
+  ASSERT_EQ(exported->tensors().size(), trained->tensors().size());
+  for (const SafeTensor& t : trained->tensors()) {
+    const SafeTensor* e = exported->Find(t.name);
+    ASSERT_NE(e, nullptr) << t.name;
+    EXPECT_EQ(e->bytes, t.bytes) << t.name;
+  }
+  EXPECT_EQ(exported->metadata().at("checkpoint"), "ckpt-000002");
+}
+
+TEST_F(CliTest, BadCheckpointInputsAreOneError) {
+  RunResult r = Run({"train", "--config", "cfg.toml", "--steps", "2", "--checkpoint-every", "1", "--out", "run"});
+  ASSERT_TRUE(r.exited && r.code == 0) << r.err;
+  EXPECT_FAILS(Args({"train", "--config", "cfg.toml", "--checkpoint-every", "-1"}), "--checkpoint-every");
+  EXPECT_FAILS(Args({"train", "--config", "cfg.toml", "--checkpoint-dir", "run/checkpoints", "--resume", "ckpt-000009"}),
+               "ckpt-000009");
+  EXPECT_FAILS(Args({"train", "--config", "cfg.toml", "--checkpoint-dir", "run/checkpoints", "--resume", "nonsense"}),
+               "nonsense");
+  EXPECT_FAILS(Args({"ckpt", "--dir", "nowhere", "ls"}), "nowhere");
+  EXPECT_FAILS(Args({"ckpt", "--dir", "run/checkpoints", "show", "ckpt-000009"}), "ckpt-000009");
+  EXPECT_FAILS(Args({"ckpt", "--dir", "run/checkpoints", "stats", "ckpt-000001", "no.such.tensor"}), "no.such.tensor");
+  EXPECT_FAILS(Args({"ckpt", "--dir", "run/checkpoints", "diff", "ckpt-000001"}), "diff");
+  EXPECT_FAILS(Args({"ckpt", "--dir", "run/checkpoints", "export", "ckpt-000001"}), "--out");
+  EXPECT_FAILS(Args({"ckpt", "--dir", "run/checkpoints", "frobnicate"}), "frobnicate");
+  // A model of another shape cannot take this checkpoint; nothing is trained or written.
+  WriteConfig("wide.toml", {{"model.hidden_size", "24"}});
+  EXPECT_FAILS(Args({"train", "--config", "wide.toml", "--checkpoint-dir", "run/checkpoints", "--resume", "latest",
+                     "--out", "wide"}),
+               "ckpt-000002");
+  EXPECT_FALSE(fs::exists(Path("wide/model.safetensors")));
+  // A pinned checkpoint is not removed; unpinned it is, and it is gone from the list.
+  r = Run({"ckpt", "--dir", "run/checkpoints", "pin", "ckpt-000001"});
+  ASSERT_TRUE(r.exited && r.code == 0) << r.err;
+  EXPECT_FAILS(Args({"ckpt", "--dir", "run/checkpoints", "rm", "ckpt-000001"}), "pinned");
+  ASSERT_EQ(Run({"ckpt", "--dir", "run/checkpoints", "unpin", "ckpt-000001"}).code, 0);
+  ASSERT_EQ(Run({"ckpt", "--dir", "run/checkpoints", "rm", "ckpt-000001"}).code, 0);
+  r = Run({"ckpt", "--dir", "run/checkpoints", "ls"});
+  EXPECT_EQ(r.out.find("ckpt-000001"), std::string::npos) << r.out;
+}
+
 }  // namespace
 }  // namespace troupe
