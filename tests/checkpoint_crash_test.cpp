@@ -4,12 +4,15 @@
 // must only grow, garbage collection must leave exactly the committed ones,
 // and checkpoints committed before one crash must survive the later ones.
 //
-// Shard bytes bypass RocksDB's write-ahead log and reach the disk when
-// ShardStore::Sync() flushes the memtable, so a kill before a store's Sync()
-// loses that store's part of the save, and a kill between the stores'
-// Sync() calls, or before the commit, leaves complete shards of a save that
-// never committed (garbage for CollectGarbage()). A separate test checks
-// that Sync() alone (no clean close) makes shards survive a SIGKILL.
+// Shard bytes go to a chunk file per checkpoint and their headers to
+// RocksDB without its write-ahead log; ShardStore::Sync() syncs the chunk
+// files, then flushes the headers. So a kill before a store's Sync() loses
+// that store's headers (the chunk file stays: garbage), and a kill between
+// the stores' Sync() calls, or before the commit, leaves complete shards of
+// a save that never committed (garbage for CollectGarbage()). After every
+// trial no header and no chunk file of an uncommitted save may remain. A
+// separate test checks that Sync() alone (no clean close) makes shards
+// survive a SIGKILL.
 //
 // Processes: RocksDB keeps background threads (its Env's thread pools)
 // after a database closes, and a fork() of a process that has them gives a
@@ -23,10 +26,10 @@
 // Knobs for manual runs: TROUPE_CRASH_TRIALS (default 25),
 // TROUPE_CRASH_MAX_DELAY_MS (default 300), TROUPE_CRASH_VERBOSE=1 (the
 // savers' progress and what each store holds after each trial).
-#include <gtest/gtest.h>
-#include <rocksdb/db.h>
 #include <fcntl.h>
+#include <gtest/gtest.h>
 #include <poll.h>
+#include <rocksdb/db.h>
 #include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -85,9 +88,8 @@ Snapshot StepSnapshot(int64_t step) {
   // ~0.3 MiB in all (under ASan on a busy VM a save of it takes ~50-100 ms).
   // Every fourth step starts with "big": one row of two almost full chunks
   // (8 MiB more), which makes the save long enough for kills to land in each
-  // of its stages, the stores' flushes included. (Chunks without their
-  // header, which a memtable flushed in the middle of a save would leave,
-  // need saves past the 64 MiB memtable: checkpoint_store_test covers them.)
+  // of its stages: chunk writes (leaving chunks without a header), the
+  // stores' syncs, the commit.
   std::vector<Spec> specs = {{"mat", {64, 512}}, {"wide", {3, 12000}}, {"vec", {300}}, {"cube", {4, 5, 6}}};
   if (step % 4 == 0) specs.insert(specs.begin(), {"big", {1, 2 * static_cast<int64_t>(kChunkBytes / 4) - 100}});
   for (size_t i = 0; i < specs.size(); ++i) {
@@ -359,7 +361,9 @@ TEST_F(CheckpointCrashTest, KilledSaversNeverLeaveABrokenOrLostCheckpoint) {
     const bool big_first = trial % 3 == 1 && !from_spawn;
     const int ms = big_first ? delay(rng) * 5 : delay(rng);
     SCOPED_TRACE("trial " + std::to_string(trial) + ", killed " + std::to_string(ms) + " ms after " +
-                 (from_spawn ? "the fork" : big_first ? "its big save began" : "opening"));
+                 (from_spawn  ? "the fork"
+                  : big_first ? "its big save began"
+                              : "opening"));
     KillAfter(dir, ms, from_spawn, big_first);
     if (HasFatalFailure()) return;
 
@@ -406,7 +410,15 @@ TEST_F(CheckpointCrashTest, KilledSaversNeverLeaveABrokenOrLostCheckpoint) {
       pinned.insert(after->back().id);
     }
     std::vector<std::string> paths;
-    for (auto& st : o->stores) paths.push_back(st->path());
+    for (auto& st : o->stores) {
+      paths.push_back(st->path());
+      // Chunk files "<id>.chunks": only those of committed checkpoints remain.
+      for (const auto& e : fs::directory_iterator(st->chunks_path())) {
+        const std::string name = e.path().filename().string();
+        EXPECT_TRUE(name.ends_with(".chunks") && listed.count(name.substr(0, name.size() - 7)))
+            << st->chunks_path() << " still holds " << name;
+      }
+    }
     o = Status::Internal("closed");  // close every database before looking at the raw keys
     for (const std::string& path : paths) {
       if (std::getenv("TROUPE_CRASH_VERBOSE")) {
@@ -426,8 +438,8 @@ TEST_F(CheckpointCrashTest, KilledSaversNeverLeaveABrokenOrLostCheckpoint) {
     if (HasFailure()) return;
   }
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  std::printf("%d trials in %.1f s: %zu checkpoints committed, %zu pinned, newest id %lld\n", trials, secs,
-              ever.size(), pinned.size(), static_cast<long long>(max_id));
+  std::printf("%d trials in %.1f s: %zu checkpoints committed, %zu pinned, newest id %lld\n", trials, secs, ever.size(),
+              pinned.size(), static_cast<long long>(max_id));
   // Not vacuous: the savers got far enough to commit, several times.
   EXPECT_GE(ever.size(), static_cast<size_t>(std::min(trials, 5)));
 }

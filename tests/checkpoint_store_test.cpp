@@ -1,5 +1,6 @@
 // Checkpoint storage: the shard store (chunks, checksums, listing, drop,
-// durability across reopen), manifests (round trip and every kind of
+// durability across reopen, reading format 1, damaged chunk files),
+// manifests (round trip and every kind of
 // malformed input), the catalog (ids, commit, retention, damage), and
 // saving/loading whole checkpoints over several stores with replication,
 // re-sharded reads, replica fallback and garbage collection.
@@ -9,6 +10,7 @@
 
 #include <algorithm>
 #include <cereal/archives/portable_binary.hpp>
+#include <cereal/types/string.hpp>
 #include <cmath>
 #include <cstring>
 #include <filesystem>
@@ -172,16 +174,36 @@ TEST_F(ShardStoreTest, PutGetRoundTripSmallMultiChunkAndEmpty) {
   // Dropping nothing is fine.
   EXPECT_TRUE(store->Drop("ckpt-000009").ok());
   // Everything of ckpt-000001 is gone on disk too, chunks included.
+  EXPECT_FALSE(fs::exists(store->chunks_path() + "/ckpt-000001.chunks"));
+  EXPECT_TRUE(fs::exists(store->chunks_path() + "/ckpt-000002.chunks"));
   const std::string path = store->path();
   store.reset();
   for (const std::string& k : RawKeys(path)) EXPECT_FALSE(Has(k, "ckpt-000001")) << k;
+}
+
+TEST(Crc32cCombine, IsTheCrcOfTheConcatenation) {
+  const Bytes all = RandomBytes(3 * 4096 + 77, 21);
+  const std::span<const uint8_t> b(all);
+  for (size_t cut : {size_t{0}, size_t{1}, size_t{7}, size_t{8}, size_t{4096}, all.size() - 1, all.size()}) {
+    const auto x = b.first(cut), y = b.subspan(cut);
+    EXPECT_EQ(Crc32cCombine(Crc32c(x), Crc32c(y), y.size()), Crc32c(b)) << "cut at " << cut;
+  }
+  // Three pieces, folded left to right, as a save folds chunks and shards.
+  uint32_t crc = 0;
+  for (size_t begin = 0; begin < all.size(); begin += 5000) {
+    const auto part = b.subspan(begin, std::min<size_t>(5000, all.size() - begin));
+    crc = Crc32cCombine(crc, Crc32c(part), part.size());
+  }
+  EXPECT_EQ(crc, Crc32c(b));
+  EXPECT_EQ(Crc32cCombine(0x12345678, 0, 0), 0x12345678u);  // nothing appended
 }
 
 TEST_F(ShardStoreTest, DropOfOneIdLeavesIdsItIsAPrefixOf) {
   auto store = OpenStore("a", "a");
   ASSERT_TRUE(store);
   const Bytes b = RandomBytes(64, 4);
-  for (const std::string id : {"ckpt-1", "ckpt-10", "ckpt-1.5", "ckpt-2"}) ASSERT_TRUE(store->Put({id, "w", 0}, 1, b).ok());
+  for (const std::string id : {"ckpt-1", "ckpt-10", "ckpt-1.5", "ckpt-2"})
+    ASSERT_TRUE(store->Put({id, "w", 0}, 1, b).ok());
   // Tensor names that are prefixes of each other stay apart too.
   ASSERT_TRUE(store->Put({"ckpt-2", "w0", 0}, 1, RandomBytes(64, 5)).ok());
   ASSERT_TRUE(store->Put({"ckpt-2", "w.b", 0}, 1, RandomBytes(64, 6)).ok());
@@ -238,7 +260,8 @@ TEST_F(ShardStoreTest, AFlippedByteIsACorruptionNamingTheShard) {
   EXPECT_TRUE(store->CorruptForTest({"ckpt-000005", "w", 0}).IsNotFound());
 }
 
-// The header layout as shard_store.cpp writes it (cereal, portable binary).
+// Format 1's shard header (cereal, portable binary), which shard_store.cpp
+// still reads; a format 2 header starts with the same fields.
 struct RawHeader {
   uint32_t version = 1;
   int64_t row_end = 0;
@@ -289,10 +312,138 @@ TEST_F(ShardStoreTest, DamagedHeadersAreCorruptionNotACrash) {
   EXPECT_TRUE(Fails(store->Get({"ckpt-1", "huge", 0}).status(), StatusCode::kCorruption, {"ckpt-1/huge"}));
   EXPECT_TRUE(Fails(store->Get({"ckpt-1", "mismatch", 0}).status(), StatusCode::kCorruption, {"ckpt-1/mismatch"}));
   EXPECT_TRUE(Fails(store->Get({"ckpt-1", "junk", 0}).status(), StatusCode::kCorruption, {"ckpt-1/junk"}));
-  EXPECT_TRUE(Fails(store->Get({"ckpt-1", "lacking", 0}).status(), StatusCode::kCorruption,
-                    {"ckpt-1/lacking", "chunk 0"}));
+  EXPECT_TRUE(
+      Fails(store->Get({"ckpt-1", "lacking", 0}).status(), StatusCode::kCorruption, {"ckpt-1/lacking", "chunk 0"}));
   EXPECT_TRUE(store->Get({"ckpt-1", "w", 0}).ok());
   EXPECT_TRUE(Fails(store->List("ckpt-1").status(), StatusCode::kCorruption, {"junk"}));
+}
+
+// Format 1's chunk value: a RocksDB value under "c/<shard>/<chunk:06>".
+struct RawChunkV1 {
+  uint32_t crc32c = 0;
+  std::string bytes;
+  template <class Archive>
+  void serialize(Archive& ar) {
+    ar(crc32c, bytes);
+  }
+};
+
+template <typename T>
+std::string EncodeRaw(const T& v) {
+  std::ostringstream os;
+  {
+    cereal::PortableBinaryOutputArchive ar(os);
+    ar(v);
+  }
+  return os.str();
+}
+
+TEST_F(ShardStoreTest, FormatOneShardsStillLoad) {
+  // A two-chunk shard as builds before format 2 wrote it: chunks in RocksDB.
+  std::string path;
+  {
+    auto store = OpenStore("a", "a");
+    ASSERT_TRUE(store);
+    path = store->path();
+  }
+  const Bytes bytes = RandomBytes(kChunkBytes + 1000, 31);
+  RawHeader h;
+  h.row_end = 4;
+  h.bytes = bytes.size();
+  h.chunks = 2;
+  h.crc32c = Crc32c(bytes);
+  for (uint32_t i = 0; i < 2; ++i) {
+    const auto part = std::span<const uint8_t>(bytes).subspan(i * kChunkBytes, i == 0 ? kChunkBytes : 1000);
+    RawChunkV1 c{Crc32c(part), std::string(part.begin(), part.end())};
+    RawPut(path, "c/ckpt-000001/w/000000000000/00000" + std::to_string(i), EncodeRaw(c));
+  }
+  RawPut(path, "s/ckpt-000001/w/000000000000", EncodeHeader(h));
+  auto store = OpenStore("a", "a");
+  ASSERT_TRUE(store);
+  uint32_t crc = 0;
+  EXPECT_TRUE(V(store->Get({"ckpt-000001", "w", 0}, &crc)) == bytes);
+  EXPECT_EQ(crc, Crc32c(bytes));
+  auto listed = V(store->List());
+  ASSERT_EQ(listed.size(), 1u);
+  EXPECT_EQ(listed[0].row_end, 4);
+  EXPECT_EQ(listed[0].bytes, bytes.size());
+  // A flipped byte in a format 1 chunk is still caught.
+  ASSERT_TRUE(store->CorruptForTest({"ckpt-000001", "w", 0}).ok());
+  EXPECT_TRUE(Fails(store->Verify({"ckpt-000001", "w", 0}), StatusCode::kCorruption, {"chunk 0", "CRC32C"}));
+  // New shards next to old ones are format 2; dropping the id removes both kinds.
+  ASSERT_TRUE(store->Put({"ckpt-000001", "w", 4}, 5, RandomBytes(10, 32)).ok());
+  EXPECT_EQ(store->Checkpoints(), std::vector<std::string>{"ckpt-000001"});
+  ASSERT_TRUE(store->Drop("ckpt-000001").ok());
+  EXPECT_TRUE(store->Checkpoints().empty());
+  store.reset();
+  EXPECT_TRUE(RawKeys(path).empty());
+}
+
+TEST_F(ShardStoreTest, AnUnknownFormatVersionIsRefusedByNumber) {
+  std::string path;
+  {
+    auto store = OpenStore("a", "a");
+    ASSERT_TRUE(store);
+    path = store->path();
+  }
+  RawHeader future;
+  future.version = 3;
+  future.bytes = 10;
+  future.chunks = 1;
+  RawPut(path, "s/ckpt-1/w/000000000000", EncodeHeader(future));
+  auto store = OpenStore("a", "a");
+  ASSERT_TRUE(store);
+  EXPECT_TRUE(Fails(store->Get({"ckpt-1", "w", 0}).status(), StatusCode::kCorruption,
+                    {"ckpt-1/w", "format version 3", "reads versions 1 and 2"}));
+  EXPECT_TRUE(Fails(store->List().status(), StatusCode::kCorruption, {"ckpt-1/w"}));
+}
+
+TEST_F(ShardStoreTest, DamagedChunkFilesAreCorruptionNamingTheShard) {
+  auto store = OpenStore("a", "a");
+  ASSERT_TRUE(store);
+  const Bytes big = RandomBytes(kChunkBytes + 99, 41), small = RandomBytes(64, 42);
+  ASSERT_TRUE(store->Put({"ckpt-1", "small", 0}, 1, small).ok());
+  ASSERT_TRUE(store->Put({"ckpt-1", "big", 0}, 2, big).ok());  // written after "small": the file's tail
+  ASSERT_TRUE(store->Sync().ok());
+  const std::string file = store->chunks_path() + "/ckpt-1.chunks";
+  ASSERT_TRUE(fs::exists(file));
+  const uintmax_t size = fs::file_size(file);
+  EXPECT_EQ(size, 64 + small.size() + big.size());  // a 64-byte file header, then the chunks back to back
+
+  // Cut short: the shard at the end lies past it, the one before it still loads.
+  fs::resize_file(file, size - 10);
+  EXPECT_TRUE(
+      Fails(store->Get({"ckpt-1", "big", 0}).status(), StatusCode::kCorruption, {"ckpt-1/big", "past the end"}));
+  EXPECT_TRUE(V(store->Get({"ckpt-1", "small", 0})) == small);
+  // Another checkpoint's file (its header names another id), then none at all.
+  fs::resize_file(file, size);
+  {
+    auto other = OpenStore("b", "b");
+    ASSERT_TRUE(other);
+    ASSERT_TRUE(other->Put({"ckpt-2", "small", 0}, 1, small).ok());
+    ASSERT_TRUE(other->Sync().ok());
+    fs::copy_file(other->chunks_path() + "/ckpt-2.chunks", file, fs::copy_options::overwrite_existing);
+  }
+  EXPECT_TRUE(Fails(store->Get({"ckpt-1", "small", 0}).status(), StatusCode::kCorruption,
+                    {"ckpt-1/small", "not a version 2 chunk file of ckpt-1"}));
+  fs::remove(file);
+  EXPECT_TRUE(Fails(store->Get({"ckpt-1", "small", 0}).status(), StatusCode::kCorruption, {"ckpt-1/small", "missing"}));
+}
+
+TEST_F(ShardStoreTest, AChunkFileWithoutHeadersBelongsToItsCheckpoint) {
+  // A save killed before any of its headers reached the index leaves only
+  // its chunk file: Checkpoints() must report the id so GC drops it.
+  auto store = OpenStore("a", "a");
+  ASSERT_TRUE(store);
+  ASSERT_TRUE(store->Put({"ckpt-000001", "w", 0}, 1, RandomBytes(10, 1)).ok());
+  { std::ofstream(store->chunks_path() + "/ckpt-000007.chunks") << "chunk bytes of a crashed save"; }
+  { std::ofstream(store->chunks_path() + "/unrelated.txt") << "not a chunk file"; }
+  EXPECT_EQ(store->Checkpoints(), (std::vector<std::string>{"ckpt-000001", "ckpt-000007"}));
+  EXPECT_TRUE(store->Get({"ckpt-000007", "w", 0}).status().IsNotFound());
+  ASSERT_TRUE(store->Drop("ckpt-000007").ok());
+  EXPECT_EQ(store->Checkpoints(), (std::vector<std::string>{"ckpt-000001"}));
+  EXPECT_FALSE(fs::exists(store->chunks_path() + "/ckpt-000007.chunks"));
+  EXPECT_TRUE(fs::exists(store->chunks_path() + "/unrelated.txt"));
 }
 
 TEST_F(ShardStoreTest, ChunksWithoutAHeaderStillBelongToTheirCheckpoint) {
@@ -432,7 +583,8 @@ TEST(Manifest, ConfigHashIsTheCrcInEightHexDigits) {
 }
 
 // Decodes `m` after `edit` changed its JSON; expects a Corruption with every needle.
-::testing::AssertionResult DecodeFails(const std::function<void(json&)>& edit, std::initializer_list<std::string> needles) {
+::testing::AssertionResult DecodeFails(const std::function<void(json&)>& edit,
+                                       std::initializer_list<std::string> needles) {
   json j = json::parse(EncodeManifest(SampleManifest()));
   edit(j);
   return Fails(DecodeManifest(j.dump()).status(), StatusCode::kCorruption, needles);
@@ -459,16 +611,25 @@ TEST(Manifest, DecodeErrorsNameTheProblem) {
   EXPECT_TRUE(DecodeFails([](json& j) { j["tensors"][1].erase("dtype"); }, {"'dtype'", "empty"}));
   EXPECT_TRUE(DecodeFails([](json& j) { j["tensors"][0].erase("shards"); }, {"'shards'", "model.layers.0.w"}));
   // Shards that do not tile the rows: a gap, an overlap, a short cover, a backwards one.
-  EXPECT_TRUE(DecodeFails([](json& j) { j["tensors"][0]["shards"][1]["rows"] = {4, 6}; },
-                          {"model.layers.0.w", "do not tile", "row 4", "expected 3"}));
-  EXPECT_TRUE(DecodeFails([](json& j) { j["tensors"][0]["shards"][1]["rows"] = {2, 6}; },
-                          {"model.layers.0.w", "do not tile"}));
-  EXPECT_TRUE(DecodeFails([](json& j) { j["tensors"][0]["shards"].erase(2); },
-                          {"model.layers.0.w", "cover 6 of 10 rows"}));
-  EXPECT_TRUE(DecodeFails([](json& j) { j["tensors"][0]["shards"][1]["rows"] = {3, 2}; },
-                          {"model.layers.0.w", "do not tile"}));
-  EXPECT_TRUE(DecodeFails([](json& j) { j["tensors"][0]["shards"][1]["rows"] = {3}; },
-                          {"model.layers.0.w", "[begin, end]"}));
+  EXPECT_TRUE(DecodeFails(
+      [](json& j) {
+        j["tensors"][0]["shards"][1]["rows"] = {4, 6};
+      },
+      {"model.layers.0.w", "do not tile", "row 4", "expected 3"}));
+  EXPECT_TRUE(DecodeFails(
+      [](json& j) {
+        j["tensors"][0]["shards"][1]["rows"] = {2, 6};
+      },
+      {"model.layers.0.w", "do not tile"}));
+  EXPECT_TRUE(
+      DecodeFails([](json& j) { j["tensors"][0]["shards"].erase(2); }, {"model.layers.0.w", "cover 6 of 10 rows"}));
+  EXPECT_TRUE(DecodeFails(
+      [](json& j) {
+        j["tensors"][0]["shards"][1]["rows"] = {3, 2};
+      },
+      {"model.layers.0.w", "do not tile"}));
+  EXPECT_TRUE(
+      DecodeFails([](json& j) { j["tensors"][0]["shards"][1]["rows"] = {3}; }, {"model.layers.0.w", "[begin, end]"}));
   EXPECT_TRUE(DecodeFails([](json& j) { j["tensors"][2]["shards"] = json::array(); }, {"vec", "cover 0 of 1"}));
   EXPECT_TRUE(DecodeFails([](json& j) { j["tensors"][0]["shards"][2]["stores"] = json::array(); },
                           {"model.layers.0.w", "no store"}));
@@ -516,8 +677,7 @@ TEST_F(CatalogTest, ReservedIdsIncreaseAndAreNeverReused) {
   auto cat = OpenCatalog();
   ASSERT_TRUE(cat);
   ids.push_back(V(cat->ReserveId()));  // nor the removed one
-  EXPECT_EQ(ids, (std::vector<std::string>{"ckpt-000001", "ckpt-000002", "ckpt-000003", "ckpt-000004",
-                                           "ckpt-000005"}));
+  EXPECT_EQ(ids, (std::vector<std::string>{"ckpt-000001", "ckpt-000002", "ckpt-000003", "ckpt-000004", "ckpt-000005"}));
 }
 
 TEST_F(CatalogTest, CommitGetListLatest) {
@@ -602,8 +762,8 @@ TEST_F(CatalogTest, ExpiredFollowsKeepLastKeepEveryAndPins) {
   };
   // keep the newest 2 (60, 70), steps % 30 == 0 (30, 60), the pin (20).
   EXPECT_EQ(ex(2, 30), (std::vector<std::string>{"ckpt-000001", "ckpt-000004", "ckpt-000005"}));
-  EXPECT_EQ(ex(1, 0), (std::vector<std::string>{"ckpt-000001", "ckpt-000003", "ckpt-000004", "ckpt-000005",
-                                                "ckpt-000006"}));
+  EXPECT_EQ(ex(1, 0),
+            (std::vector<std::string>{"ckpt-000001", "ckpt-000003", "ckpt-000004", "ckpt-000005", "ckpt-000006"}));
   EXPECT_EQ(ex(0, 0), (std::vector<std::string>{"ckpt-000001", "ckpt-000003", "ckpt-000004", "ckpt-000005",
                                                 "ckpt-000006", "ckpt-000007"}));
   EXPECT_EQ(ex(0, 20), (std::vector<std::string>{"ckpt-000001", "ckpt-000003", "ckpt-000005", "ckpt-000007"}));
@@ -691,13 +851,13 @@ class CheckpointIoTest : public CkptTest {
     s.seed = 99;
     s.metrics = {{"loss", 3.25}, {"lr", 1e-3}};
     s.config_text = "[train]\nsteps = 10\n";
-    s.tensors = {Tensor("vec", "F32", {1000}, 1 + salt),          // 1-D: one row
-                 Tensor("mat", "F32", {37, 24}, 2 + salt),        // 2-D
-                 Tensor("cube", "BF16", {5, 7, 6}, 3 + salt),     // 3-D: 35 rows
-                 Tensor("few", "F32", {2, 16}, 4 + salt),         // fewer rows than shards
-                 Tensor("empty", "F32", {0, 8}, 5 + salt),        // no rows at all
-                 Tensor("empty1d", "F32", {0}, 6 + salt),         // one row of 0 bytes
-                 Tensor("scalar", "F32", {}, 7 + salt),           // one element
+    s.tensors = {Tensor("vec", "F32", {1000}, 1 + salt),         // 1-D: one row
+                 Tensor("mat", "F32", {37, 24}, 2 + salt),       // 2-D
+                 Tensor("cube", "BF16", {5, 7, 6}, 3 + salt),    // 3-D: 35 rows
+                 Tensor("few", "F32", {2, 16}, 4 + salt),        // fewer rows than shards
+                 Tensor("empty", "F32", {0, 8}, 5 + salt),       // no rows at all
+                 Tensor("empty1d", "F32", {0}, 6 + salt),        // one row of 0 bytes
+                 Tensor("scalar", "F32", {}, 7 + salt),          // one element
                  Tensor("big", "F32", {2, 1048600}, 8 + salt)};  // rows just over kChunkBytes: 2 chunks per shard
     return s;
   }
@@ -742,7 +902,7 @@ TEST_F(CheckpointIoTest, SaveThenLoadGivesIdenticalBytes) {
   ASSERT_TRUE(committed.ok());
   EXPECT_TRUE(*committed == *m);
   // Shard layout: min(3, rows) pieces, as equal as the rows allow, two distinct stores each.
-  const std::map<std::string, int> want = {{"vec", 1}, {"mat", 3}, {"cube", 3}, {"few", 2},
+  const std::map<std::string, int> want = {{"vec", 1},   {"mat", 3},     {"cube", 3},   {"few", 2},
                                            {"empty", 0}, {"empty1d", 1}, {"scalar", 1}, {"big", 2}};
   std::set<std::string> used;
   int total_shards = 0;
@@ -783,6 +943,57 @@ TEST_F(CheckpointIoTest, SaveThenLoadGivesIdenticalBytes) {
   ExpectSameSnapshot(snap, *again);
 }
 
+TEST_F(CheckpointIoTest, ParallelWritersGiveTheSameCheckpoint) {
+  // The manifest (shard layout, stores, checksums) does not depend on how
+  // many threads wrote the shards; tensor CRCs, folded from the shards',
+  // are the CRCs of the tensors' bytes.
+  const Snapshot snap = Sample(3);
+  std::vector<Manifest> saved;
+  for (int threads : {1, 2, 5}) {
+    SaveOptions opts{2, 3};
+    opts.threads = threads;
+    auto m = SaveCheckpoint(snap, set_, *catalog_, opts);
+    ASSERT_TRUE(m.ok()) << m.status().message();
+    saved.push_back(*m);
+    auto back = LoadCheckpoint(*m, set_);
+    ASSERT_TRUE(back.ok()) << back.status().message();
+    ExpectSameSnapshot(snap, *back);
+  }
+  for (size_t i = 0; i < snap.tensors.size(); ++i) {
+    const HostTensor& h = snap.tensors[i];
+    EXPECT_EQ(saved[0].tensors[i].crc32c, Crc32c(h.bytes)) << h.name;
+    for (const Manifest& m : saved) EXPECT_TRUE(m.tensors[i] == saved[0].tensors[i]) << h.name << " in " << m.id;
+  }
+  SaveOptions none{2, 3};
+  none.threads = 0;
+  EXPECT_TRUE(Fails(SaveCheckpoint(snap, set_, *catalog_, none).status(), StatusCode::kInvalidArgument, {"threads"}));
+}
+
+TEST(StagingPool, HandsBackBuffersOfTheSizeAskedAndKeepsOneSnapshot) {
+  StagingPool pool;
+  EXPECT_EQ(pool.Take(100).size(), 100u);  // empty pool: a new buffer
+  Snapshot s;
+  s.tensors = {{"a", "F32", {25}, Bytes(100, 1)}, {"b", "F32", {2}, Bytes(8, 2)}};
+  const uint8_t* a = s.tensors[0].bytes.data();
+  pool.Recycle(std::move(s));
+  EXPECT_EQ(pool.bytes_kept(), 108u);
+  Bytes got = pool.Take(100);
+  EXPECT_EQ(got.data(), a);  // the same memory, not a copy
+  EXPECT_EQ(got.size(), 100u);
+  EXPECT_EQ(pool.bytes_kept(), 8u);
+  EXPECT_EQ(pool.Take(50).size(), 50u);  // no buffer of that size: a new one
+  EXPECT_EQ(pool.bytes_kept(), 8u);
+  // A second snapshot replaces what the first left: one snapshot's buffers at most.
+  Snapshot t;
+  t.tensors = {{"c", "F32", {4}, Bytes(16, 3)}};
+  pool.Recycle(std::move(t));
+  EXPECT_EQ(pool.bytes_kept(), 16u);
+  EXPECT_EQ(pool.Take(8).size(), 8u);
+  EXPECT_EQ(pool.bytes_kept(), 16u);
+  pool.Clear();
+  EXPECT_EQ(pool.bytes_kept(), 0u);
+}
+
 TEST_F(CheckpointIoTest, ReadRowsOfAnyRangeIsTheSlice) {
   const Snapshot snap = Sample(1);
   auto m = Save(snap);
@@ -798,8 +1009,8 @@ TEST_F(CheckpointIoTest, ReadRowsOfAnyRangeIsTheSlice) {
         auto got = ReadRows(*t, m->id, a, b, set_);
         ASSERT_TRUE(got.ok()) << h.name << " [" << a << ", " << b << "): " << got.status().message();
         ASSERT_EQ(static_cast<int64_t>(got->size()), (b - a) * rb) << h.name;
-        ASSERT_TRUE(std::equal(got->begin(), got->end(), h.bytes.begin() + a * rb)) << h.name << " [" << a << ", "
-                                                                                     << b << ")";
+        ASSERT_TRUE(std::equal(got->begin(), got->end(), h.bytes.begin() + a * rb))
+            << h.name << " [" << a << ", " << b << ")";
       }
     }
   }
@@ -849,8 +1060,8 @@ TEST_F(CheckpointIoTest, OneBadReplicaIsServedByTheOther) {
   EXPECT_TRUE(VerifyCheckpoint(*m, set_, &problems).ok());
   ASSERT_EQ(problems.size(), 2u);
   const std::string all = problems[0] + "\n" + problems[1];
-  EXPECT_TRUE(Has(all, "shard store " + ref.stores[0] + ": shard " + m->id + "/mat rows@" +
-                           std::to_string(ref.row_begin)))
+  EXPECT_TRUE(
+      Has(all, "shard store " + ref.stores[0] + ": shard " + m->id + "/mat rows@" + std::to_string(ref.row_begin)))
       << all;
   EXPECT_TRUE(Has(all, m->id + "/big rows@0")) << all;
 

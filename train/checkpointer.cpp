@@ -36,6 +36,7 @@ AsyncCheckpointer::~AsyncCheckpointer() {
   }
   cv_.notify_all();
   if (writer_.joinable()) writer_.join();
+  ckpt::StagingPool::Shared().Clear();  // no more saves: give the staging copy back
 }
 
 std::optional<SaveResult> AsyncCheckpointer::WaitIdle() {
@@ -80,7 +81,7 @@ void AsyncCheckpointer::Run() {
     const auto start = std::chrono::steady_clock::now();
     ckpt::SaveOptions opts{config_.replication, config_.shards_per_tensor};
     auto m = ckpt::SaveCheckpoint(snap, store_set_, *catalog_, opts);
-    snap = {};  // free the staging copy before the retention pass
+    ckpt::StagingPool::Shared().Recycle(std::move(snap));  // the next capture copies into these buffers
     if (m.ok()) {
       result.manifest = std::move(m).value();
       ckpt::RetentionPolicy policy{config_.keep_last, config_.keep_every};

@@ -6,6 +6,10 @@
 // retention policy while training goes on. One save at a time, so staging
 // memory is bounded by one copy of the training state: a save requested
 // while the previous one still runs waits for it first (counted as stall).
+// The written snapshot's buffers go back to ckpt::StagingPool::Shared(), so
+// the next capture copies into memory already mapped instead of allocating
+// a new copy (the staging copy stays allocated between saves, until the
+// checkpointer is destroyed).
 //
 // Folder layout (troupe train): <dir>/catalog, <dir>/store-<i>/shards with
 // store ids "local-<i>". Opening it drops the shards of saves that crashed
@@ -28,8 +32,8 @@ namespace troupe {
 
 struct SaveResult {
   Status status;
-  ckpt::Manifest manifest;  // when status is OK
-  double write_seconds = 0;  // shards written and synced, manifest committed
+  ckpt::Manifest manifest;           // when status is OK
+  double write_seconds = 0;          // shards written and synced, manifest committed
   std::vector<std::string> dropped;  // ids the retention policy removed
 };
 

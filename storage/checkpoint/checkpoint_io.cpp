@@ -1,8 +1,10 @@
 #include "storage/checkpoint/checkpoint_io.h"
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <set>
+#include <thread>
 
 #include "common/crc32c.h"
 
@@ -43,6 +45,7 @@ Expected<Manifest> SaveCheckpoint(const Snapshot& snap, const StoreSet& stores, 
     return Status::InvalidArgument("checkpoint save: replication " + std::to_string(options.replication) +
                                    " needs that many stores, there are " + std::to_string(stores.size()));
   if (options.shards_per_tensor < 1) return Status::InvalidArgument("checkpoint save: shards_per_tensor < 1");
+  if (options.threads < 1) return Status::InvalidArgument("checkpoint save: threads < 1");
   std::vector<ShardStore*> ring;
   for (const auto& [id, s] : stores) {
     if (s == nullptr) return Status::InvalidArgument("checkpoint save: store " + id + " is null");
@@ -55,16 +58,14 @@ Expected<Manifest> SaveCheckpoint(const Snapshot& snap, const StoreSet& stores, 
   for (const HostTensor& t : snap.tensors) {
     if (t.name.empty() || t.name.find('/') != std::string::npos)
       return Status::InvalidArgument("checkpoint save: bad tensor name '" + t.name + "'");
-    if (!names.insert(t.name).second)
-      return Status::InvalidArgument("checkpoint save: two tensors named " + t.name);
+    if (!names.insert(t.name).second) return Status::InvalidArgument("checkpoint save: two tensors named " + t.name);
     int64_t elems = 1;
     bool negative = false;
     for (int64_t d : t.shape) {
       negative |= d < 0;
       elems *= d;
     }
-    if (negative || (elems > 0 && t.bytes.size() % static_cast<size_t>(elems) != 0) ||
-        (elems == 0 && !t.bytes.empty()))
+    if (negative || (elems > 0 && t.bytes.size() % static_cast<size_t>(elems) != 0) || (elems == 0 && !t.bytes.empty()))
       return Status::InvalidArgument("checkpoint save: tensor " + t.name + " has " + std::to_string(t.bytes.size()) +
                                      " bytes for its shape");
   }
@@ -73,25 +74,30 @@ Expected<Manifest> SaveCheckpoint(const Snapshot& snap, const StoreSet& stores, 
   Manifest m;
   static_cast<RunState&>(m) = snap;
   m.id = id;
-  m.created_unix_ms = std::chrono::duration_cast<std::chrono::milliseconds>(
-                          std::chrono::system_clock::now().time_since_epoch())
-                          .count();
+  m.created_unix_ms =
+      std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::system_clock::now().time_since_epoch())
+          .count();
   m.replication = options.replication;
   m.config_hash = ConfigHash(snap.config_text);
 
-  std::set<ShardStore*> used;
-  size_t placement = 0;  // round-robin start, so shards spread over the stores
-  auto fail = [&](const Status& s) {
-    for (ShardStore* st : used) (void)st->Drop(id);  // best effort: GC would get them anyway
-    return s;
+  // Plan: every shard's row range and stores (round-robin start, so shards
+  // spread over the stores), and one write per shard copy.
+  struct Write {
+    size_t tensor, shard;
+    ShardStore* store;
+    std::span<const uint8_t> bytes;
+    uint32_t crc32c = 0;
   };
-  for (const HostTensor& t : snap.tensors) {
+  std::vector<Write> writes;
+  std::set<ShardStore*> used;
+  size_t placement = 0;
+  for (size_t ti = 0; ti < snap.tensors.size(); ++ti) {
+    const HostTensor& t = snap.tensors[ti];
     TensorRecord rec;
     rec.name = t.name;
     rec.dtype = t.dtype;
     rec.shape = t.shape;
     rec.bytes = t.bytes.size();
-    rec.crc32c = Crc32c(t.bytes);
     const int64_t rows = t.rows();
     const int64_t row_bytes = rows == 0 ? 0 : static_cast<int64_t>(t.bytes.size()) / rows;
     const int64_t pieces = std::max<int64_t>(1, std::min<int64_t>(options.shards_per_tensor, rows));
@@ -103,9 +109,7 @@ Expected<Manifest> SaveCheckpoint(const Snapshot& snap, const StoreSet& stores, 
                                                                    (ref.row_end - ref.row_begin) * row_bytes);
       for (int r = 0; r < options.replication; ++r) {
         ShardStore* st = ring[(placement + r) % ring.size()];
-        auto crc = st->Put({id, t.name, ref.row_begin}, ref.row_end, bytes);
-        if (!crc.ok()) return fail(crc.status().WithContext("checkpoint save " + id));
-        ref.crc32c = *crc;
+        writes.push_back({ti, rec.shards.size(), st, bytes});
         ref.stores.push_back(st->id());
         used.insert(st);
       }
@@ -114,6 +118,54 @@ Expected<Manifest> SaveCheckpoint(const Snapshot& snap, const StoreSet& stores, 
     }
     m.tensors.push_back(std::move(rec));
   }
+
+  auto fail = [&](const Status& s) {
+    for (ShardStore* st : used) (void)st->Drop(id);  // best effort: GC would get them anyway
+    return s;
+  };
+  // Write: `threads` workers take the next write until none is left or one fails.
+  std::atomic<size_t> next{0};
+  std::atomic<bool> failed{false};
+  std::mutex error_mu;
+  Status error;
+  auto work = [&] {
+    for (size_t i; !failed.load() && (i = next.fetch_add(1)) < writes.size();) {
+      Write& w = writes[i];
+      auto crc = w.store->Put({id, snap.tensors[w.tensor].name, m.tensors[w.tensor].shards[w.shard].row_begin},
+                              m.tensors[w.tensor].shards[w.shard].row_end, w.bytes);
+      if (crc.ok()) {
+        w.crc32c = *crc;
+        continue;
+      }
+      std::lock_guard<std::mutex> lock(error_mu);
+      if (!failed.exchange(true)) error = crc.status();
+    }
+  };
+  std::vector<std::thread> helpers;
+  const size_t threads = std::min<size_t>(options.threads, std::max<size_t>(writes.size(), 1));
+  for (size_t k = 1; k < threads; ++k) helpers.emplace_back(work);
+  work();
+  for (std::thread& h : helpers) h.join();
+  if (failed) return fail(error.WithContext("checkpoint save " + id));
+
+  // Checksums: each shard's from its writes (every copy must agree), each
+  // tensor's from its shards', which cover its bytes in row order.
+  for (const Write& w : writes) {
+    ShardRef& ref = m.tensors[w.tensor].shards[w.shard];
+    if (w.store->id() == ref.stores.front()) {
+      ref.crc32c = w.crc32c;
+    } else if (w.crc32c != ref.crc32c) {
+      return fail(Status::Internal("checkpoint save " + id + ": the copies of a shard of " + m.tensors[w.tensor].name +
+                                   " hash differently"));
+    }
+  }
+  for (TensorRecord& rec : m.tensors) {
+    const int64_t row_bytes = rec.row_bytes();
+    for (const ShardRef& ref : rec.shards)
+      rec.crc32c =
+          Crc32cCombine(rec.crc32c, ref.crc32c, static_cast<uint64_t>((ref.row_end - ref.row_begin) * row_bytes));
+  }
+
   for (ShardStore* st : used) {
     Status s = st->Sync();
     if (!s.ok()) return fail(s.WithContext("checkpoint save " + id));
@@ -137,8 +189,8 @@ Expected<std::vector<uint8_t>> ReadRows(const TensorRecord& tensor, const std::s
   out.reserve((row_end - row_begin) * row_bytes);
   for (const ShardRef& ref : tensor.shards) {
     if (ref.row_end <= row_begin || ref.row_begin >= row_end) continue;
-    Expected<std::vector<uint8_t>> bytes = Status::NotFound(where + ": no store keeps rows@" +
-                                                            std::to_string(ref.row_begin));
+    Expected<std::vector<uint8_t>> bytes =
+        Status::NotFound(where + ": no store keeps rows@" + std::to_string(ref.row_begin));
     bool first = true;
     for (const std::string& store_id : ref.stores) {
       auto it = stores.find(store_id);
@@ -154,8 +206,9 @@ Expected<std::vector<uint8_t>> ReadRows(const TensorRecord& tensor, const std::s
       if (stats) stats->failures.push_back(bytes.status().message());
       first = false;
     }
-    if (!bytes.ok()) return bytes.status().WithContext(where + ": every copy of rows@" + std::to_string(ref.row_begin) +
-                                                       " failed; last error");
+    if (!bytes.ok())
+      return bytes.status().WithContext(where + ": every copy of rows@" + std::to_string(ref.row_begin) +
+                                        " failed; last error");
     if (stats) ++stats->shards_read;
     const int64_t lo = std::max(row_begin, ref.row_begin), hi = std::min(row_end, ref.row_end);
     const auto first_byte = bytes->begin() + (lo - ref.row_begin) * row_bytes;
@@ -227,6 +280,51 @@ Expected<std::vector<std::string>> CollectGarbage(Catalog& catalog, const StoreS
     }
   }
   return std::vector<std::string>(dropped.begin(), dropped.end());
+}
+
+StagingPool& StagingPool::Shared() {
+  static StagingPool pool;
+  return pool;
+}
+
+std::vector<uint8_t> StagingPool::Take(size_t bytes) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = free_.find(bytes);
+    if (it != free_.end()) {
+      std::vector<uint8_t> b = std::move(it->second);
+      free_.erase(it);
+      kept_ -= b.size();
+      return b;
+    }
+  }
+  return std::vector<uint8_t>(bytes);
+}
+
+void StagingPool::Recycle(Snapshot&& snap) {
+  std::multimap<size_t, std::vector<uint8_t>> old;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    old.swap(free_);
+    kept_ = 0;
+    for (HostTensor& t : snap.tensors) {
+      kept_ += t.bytes.size();
+      free_.emplace(t.bytes.size(), std::move(t.bytes));
+    }
+  }
+  snap = {};
+}  // `old` is freed here, outside the lock
+
+void StagingPool::Clear() {
+  std::multimap<size_t, std::vector<uint8_t>> old;
+  std::lock_guard<std::mutex> lock(mu_);
+  old.swap(free_);
+  kept_ = 0;
+}
+
+uint64_t StagingPool::bytes_kept() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return kept_;
 }
 
 }  // namespace troupe::ckpt
