@@ -20,7 +20,7 @@ cd "$(dirname "$0")/.."
 steps=30
 threads_list="$(nproc)"
 troupe=build/cli/troupe
-python=/usr/bin/python3  # Debian's: the one with torch
+python=${TORCH_PYTHON:-/usr/bin/python3}  # Debian's has torch; TORCH_PYTHON overrides (e.g. the GPU host's venv)
 while getopts "s:t:b:h" opt; do
   case $opt in
     s) steps=$OPTARG ;;

@@ -14,6 +14,7 @@
 #include <nlohmann/json.hpp>
 #include <thread>
 
+#include "cli/child_process.h"
 #include "cli/cli_util.h"
 #include "cli/commands.h"
 #include "coordinator/process_util.h"
@@ -30,52 +31,6 @@ struct RunFlags {
   double heartbeat_timeout = 3.0;
   bool resume = false;
 };
-
-// fork + exec of this binary with `args`; stdout to `out_fd` (-1: inherit),
-// stderr to `log`. The child gets the default signal mask back.
-Expected<pid_t> Spawn(const std::vector<std::string>& args, const std::string& log, bool inherit_stdout) {
-  const int fd = ::open(log.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
-  if (fd < 0) return Status::IOError("cannot open log " + log);
-  const pid_t pid = ::fork();
-  if (pid < 0) {
-    ::close(fd);
-    return Status::IOError("fork failed");
-  }
-  if (pid == 0) {
-    ::dup2(fd, STDERR_FILENO);
-    if (!inherit_stdout) ::dup2(fd, STDOUT_FILENO);
-    std::vector<char*> argv;
-    for (const std::string& a : args) argv.push_back(const_cast<char*>(a.c_str()));
-    argv.push_back(nullptr);
-    ::execv("/proc/self/exe", argv.data());
-    _exit(127);
-  }
-  ::close(fd);
-  return pid;
-}
-
-// SIGTERM to every child still running, then SIGKILL after `grace`.
-void StopChildren(std::vector<pid_t>& pids, std::chrono::seconds grace) {
-  for (pid_t p : pids)
-    if (p > 0) ::kill(p, SIGTERM);
-  const auto deadline = std::chrono::steady_clock::now() + grace;
-  for (pid_t& p : pids) {
-    while (p > 0) {
-      int status = 0;
-      if (::waitpid(p, &status, WNOHANG) == p) {
-        p = -1;
-      } else if (std::chrono::steady_clock::now() > deadline) {
-        std::fprintf(stderr, "troupe run: pid %d did not stop in %lld s; killing it\n", p,
-                     static_cast<long long>(grace.count()));
-        ::kill(p, SIGKILL);
-        ::waitpid(p, &status, 0);
-        p = -1;
-      } else {
-        std::this_thread::sleep_for(std::chrono::milliseconds(50));
-      }
-    }
-  }
-}
 
 int RunCluster(const RunFlags& f) {
   auto wait_for_stop = cluster::BlockStopSignals();

@@ -7,6 +7,7 @@
 
 #include "cli/cli_util.h"
 #include "cli/commands.h"
+#include "cli/train_dist.h"
 #include "gpu/profiling_backend.h"
 #include "storage/model_weights.h"
 #include "train/checkpointer.h"
@@ -27,6 +28,8 @@ struct TrainFlags {
   std::string ckpt_dir;  // default <out>/checkpoints
   int ckpt_every = -1;   // default: the config's checkpoint.every
   std::string resume;    // a checkpoint id, or "latest"
+  ParallelFlags parallel;
+  int timeout_s = 60;
 };
 
 void PrintSave(const SaveResult& r) {
@@ -52,6 +55,25 @@ int RunTrain(const TrainFlags& f) {
   if (f.steps > 0) tc.steps = f.steps;
   if (f.threads >= 0) tc.threads = f.threads;
   if (!f.device.empty()) tc.device = f.device;
+  f.parallel.ApplyTo(job->parallel);
+  Status par = ValidateParallelConfig(job->parallel);
+  if (!par.ok()) return Fail(par);
+  if (job->parallel.dp == 0) job->parallel.dp = 1;  // "as many as fit": one machine's launcher makes one replica
+  if (job->parallel.pp * job->parallel.ep * job->parallel.dp > 1) {
+    if (!f.weights.empty() || !f.resume.empty() || f.ckpt_every > 0 || job->checkpoint.every > 0 || f.profile)
+      return Fail(Status::Unimplemented(
+          "a distributed run (more than one rank in [parallel]) does not take --weights, --resume, --profile or "
+          "checkpoints yet"));
+    DistFlags d;
+    d.config = f.config;
+    d.device = f.device;
+    d.out_dir = f.out_dir;
+    d.steps = f.steps;
+    d.threads = f.threads;
+    d.timeout_s = f.timeout_s;
+    d.parallel = job->parallel;
+    return LaunchDistributedTrain(d, *job);
+  }
   auto backend = MakeBackend(tc.device, tc.threads, f.precision);
   if (!backend.ok()) return Fail(backend.status());
   // --profile: every backend op timed on the device clock; the table is
@@ -110,7 +132,7 @@ int RunTrain(const TrainFlags& f) {
     auto r = trainer.Step();
     if (!r.ok()) return Fail(r.status());
     if (profiler) {
-      profiler->Collect();  // resolve this step's timers (keeps the event pool small)
+      profiler->Collect();                  // resolve this step's timers (keeps the event pool small)
       if (r->step == 1) profiler->Clear();  // the first step pays for warm-up
     }
     tokens += r->tokens;
@@ -119,18 +141,19 @@ int RunTrain(const TrainFlags& f) {
     if (r->step % tc.log_every == 0 || r->step == 1 || last) {
       std::printf("step %5d/%d | loss %.4f | main %.4f", r->step, tc.steps, r->loss.total, r->loss.main);
       for (double m : r->loss.mtp) std::printf(" | mtp %.4f", m);
-      std::printf(" | balance %.2e | lr %.2e | gnorm %.3f | max/mean load %.2f | %.0f tok/s\n", r->loss.balance,
-                  r->lr, r->grad_norm, r->max_load_ratio, r->tokens / r->seconds);
+      std::printf(" | balance %.2e | lr %.2e | gnorm %.3f | max/mean load %.2f | %.0f tok/s\n", r->loss.balance, r->lr,
+                  r->grad_norm, r->max_load_ratio, r->tokens / r->seconds);
     }
     if ((tc.eval_every > 0 && r->step % tc.eval_every == 0) || last) {
       auto val = trainer.Evaluate();
       if (!val.ok()) return Fail(val.status());
       last_val = *val;
       evaluated = true;
-      std::printf("step %5d/%d | val_loss %.4f | unigram_baseline %.4f | %.0f tok/s average | memory %.1f MiB "
-                  "(peak %.1f)\n",
-                  r->step, tc.steps, *val, trainer.unigram_baseline(), tokens / seconds,
-                  be.bytes_in_use() / 1048576.0, be.peak_bytes() / 1048576.0);
+      std::printf(
+          "step %5d/%d | val_loss %.4f | unigram_baseline %.4f | %.0f tok/s average | memory %.1f MiB "
+          "(peak %.1f)\n",
+          r->step, tc.steps, *val, trainer.unigram_baseline(), tokens / seconds, be.bytes_in_use() / 1048576.0,
+          be.peak_bytes() / 1048576.0);
     }
     if (ckpt) {
       if (auto done = ckpt->Poll()) PrintSave(*done);
@@ -149,8 +172,8 @@ int RunTrain(const TrainFlags& f) {
         ckpt->Submit(std::move(snap).value());
         const double stall = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
         stall_seconds += stall;
-        std::printf("checkpoint: step %d captured in %.1f ms (training stall); writing in the background\n",
-                    r->step, stall * 1e3);
+        std::printf("checkpoint: step %d captured in %.1f ms (training stall); writing in the background\n", r->step,
+                    stall * 1e3);
       }
     }
     std::fflush(stdout);
@@ -186,10 +209,15 @@ void AddTrainCommand(CLI::App& app, RunFn& run) {
   cmd->add_option("--steps", flags->steps, "optimizer steps (default: the config's)")->check(IntAtLeast(1));
   cmd->add_option("--weights", flags->weights, "start from these safetensors weights instead of the seed's");
   cmd->add_option("--out", flags->out_dir, "where to write model.safetensors (default runs/<config name>)");
-  cmd->add_option("--checkpoint-dir", flags->ckpt_dir, "checkpoint catalog and shard stores (default <out>/checkpoints)");
-  cmd->add_option("--checkpoint-every", flags->ckpt_every, "steps between checkpoints (default: the config's checkpoint.every; 0 = none)")
+  cmd->add_option("--checkpoint-dir", flags->ckpt_dir,
+                  "checkpoint catalog and shard stores (default <out>/checkpoints)");
+  cmd->add_option("--checkpoint-every", flags->ckpt_every,
+                  "steps between checkpoints (default: the config's checkpoint.every; 0 = none)")
       ->check(IntAtLeast(0));
   cmd->add_option("--resume", flags->resume, "continue from this checkpoint id, or 'latest'");
+  AddParallelOptions(*cmd, flags->parallel);
+  cmd->add_option("--timeout", flags->timeout_s, "distributed runs: seconds a rank waits for a peer before failing")
+      ->check(IntAtLeast(1));
   cmd->callback([flags, &run] { run = [flags] { return RunTrain(*flags); }; });
 }
 

@@ -21,5 +21,6 @@ void AddCoordinatorCommand(CLI::App& app, RunFn& run);
 void AddNodeCommand(CLI::App& app, RunFn& run);
 void AddRunCommand(CLI::App& app, RunFn& run);
 void AddCkptCommand(CLI::App& app, RunFn& run);
+void AddScheduleCommand(CLI::App& app, RunFn& run);
 
 }  // namespace troupe::cli

@@ -3,6 +3,7 @@
 #include <string>
 
 #include "cli/commands.h"
+#include "cli/train_dist.h"
 
 int main(int argc, char** argv) {
   CLI::App app{"troupe: trains DeepSeek-V3-style mixture-of-experts models"};
@@ -17,6 +18,8 @@ int main(int argc, char** argv) {
   troupe::cli::AddNodeCommand(app, run);
   troupe::cli::AddRunCommand(app, run);
   troupe::cli::AddCkptCommand(app, run);
+  troupe::cli::AddScheduleCommand(app, run);
+  troupe::cli::AddRankCommand(app, run);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -24,9 +27,9 @@ int main(int argc, char** argv) {
     // Every other flag error: one line, like every other failure.
     std::string msg = e.what();
     if (argc >= 2 && argv[1][0] != '-' && app.get_subcommands().empty())
-      msg = "unknown command '" + std::string(argv[1]) + "' (expected data, train, eval, export, keys, coordinator, node or run)";
+      msg = "unknown command '" + std::string(argv[1]) + "' (expected data, train, eval, export, keys, coordinator, node, run or schedule)";
     else if (argc < 2)
-      msg = "a command is required (data, train, eval, export, keys, coordinator, node or run)";
+      msg = "a command is required (data, train, eval, export, keys, coordinator, node, run or schedule)";
     for (char& c : msg)
       if (c == '\n') c = ' ';
     std::fprintf(stderr, "troupe: error: %s; see --help\n", msg.c_str());

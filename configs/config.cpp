@@ -7,6 +7,8 @@
 // Status, so no exception leaves this file.
 #include "configs/config.h"
 
+#include <toml++/toml.h>
+
 #include <algorithm>
 #include <cerrno>
 #include <climits>
@@ -18,8 +20,6 @@
 #include <functional>
 #include <sstream>
 #include <utility>
-
-#include <toml++/toml.h>
 
 namespace troupe {
 namespace {
@@ -35,16 +35,26 @@ std::string Num(double v) {
 
 const char* TypeName(toml::node_type t) {
   switch (t) {
-    case toml::node_type::table: return "table";
-    case toml::node_type::array: return "array";
-    case toml::node_type::string: return "string";
-    case toml::node_type::integer: return "integer";
-    case toml::node_type::floating_point: return "float";
-    case toml::node_type::boolean: return "boolean";
-    case toml::node_type::date: return "date";
-    case toml::node_type::time: return "time";
-    case toml::node_type::date_time: return "date-time";
-    default: return "nothing";
+    case toml::node_type::table:
+      return "table";
+    case toml::node_type::array:
+      return "array";
+    case toml::node_type::string:
+      return "string";
+    case toml::node_type::integer:
+      return "integer";
+    case toml::node_type::floating_point:
+      return "float";
+    case toml::node_type::boolean:
+      return "boolean";
+    case toml::node_type::date:
+      return "date";
+    case toml::node_type::time:
+      return "time";
+    case toml::node_type::date_time:
+      return "date-time";
+    default:
+      return "nothing";
   }
 }
 
@@ -80,7 +90,8 @@ FieldReader Int(int* dst) {
     if (v == nullptr) return WrongType(node, key, at, "integer");
     const int64_t x = v->get();
     if (x < INT_MIN || x > INT_MAX) {
-      return Status::InvalidArgument(at + key + " = " + std::to_string(x) + " is out of range (must fit in a 32-bit int)");
+      return Status::InvalidArgument(at + key + " = " + std::to_string(x) +
+                                     " is out of range (must fit in a 32-bit int)");
     }
     *dst = static_cast<int>(x);
     return Status::Ok();
@@ -233,12 +244,21 @@ std::vector<Field> DataFields(DataConfig& d) {
 
 std::vector<Field> CheckpointFields(CheckpointConfig& c) {
   return {
-      {"every", Int(&c.every)},
-      {"keep_last", Int(&c.keep_last)},
-      {"keep_every", Int(&c.keep_every)},
-      {"replication", Int(&c.replication)},
-      {"stores", Int(&c.stores)},
-      {"shards_per_tensor", Int(&c.shards_per_tensor)},
+      {"every", Int(&c.every)},           {"keep_last", Int(&c.keep_last)},
+      {"keep_every", Int(&c.keep_every)}, {"replication", Int(&c.replication)},
+      {"stores", Int(&c.stores)},         {"shards_per_tensor", Int(&c.shards_per_tensor)},
+  };
+}
+
+std::vector<Field> ParallelFields(ParallelConfig& p) {
+  return {
+      {"pp", Int(&p.pp)},
+      {"ep", Int(&p.ep)},
+      {"dp", Int(&p.dp)},
+      {"schedule", String(&p.schedule)},
+      {"micro_batches", Int(&p.micro_batches)},
+      {"zero1", Bool(&p.zero1)},
+      {"split_w", Bool(&p.split_w)},
   };
 }
 
@@ -248,9 +268,8 @@ Status ReadSection(const toml::table& table, const std::string& section, const s
                    const std::string& file) {
   std::vector<std::pair<std::string, const toml::node*>> keys;
   for (const auto& [k, node] : table) keys.emplace_back(std::string(k.str()), &node);
-  std::stable_sort(keys.begin(), keys.end(), [](const auto& a, const auto& b) {
-    return a.second->source().begin < b.second->source().begin;
-  });
+  std::stable_sort(keys.begin(), keys.end(),
+                   [](const auto& a, const auto& b) { return a.second->source().begin < b.second->source().begin; });
   for (const auto& [name, node] : keys) {
     const std::string key = section + "." + name;
     const std::string at = Where(file, *node);
@@ -402,22 +421,23 @@ Expected<JobConfig> ParseConfigText(const std::string& toml_text, const std::str
       {"train", TrainFields(job.train)},
       {"data", DataFields(job.data)},
       {"checkpoint", CheckpointFields(job.checkpoint)},
+      {"parallel", ParallelFields(job.parallel)},
   };
 
   std::vector<std::pair<std::string, const toml::node*>> top;
   for (const auto& [k, node] : root) top.emplace_back(std::string(k.str()), &node);
-  std::stable_sort(top.begin(), top.end(), [](const auto& a, const auto& b) {
-    return a.second->source().begin < b.second->source().begin;
-  });
+  std::stable_sort(top.begin(), top.end(),
+                   [](const auto& a, const auto& b) { return a.second->source().begin < b.second->source().begin; });
   for (const auto& [name, node] : top) {
     const std::string at = Where(source_name, *node);
     auto it = std::find_if(sections.begin(), sections.end(), [&name](const auto& s) { return name == s.first; });
     if (it == sections.end()) {
       if (node->is_table()) {
-        return Status::InvalidArgument(at + "unknown section [" + name + "] (sections: model, train, data, checkpoint)");
+        return Status::InvalidArgument(at + "unknown section [" + name +
+                                       "] (sections: model, train, data, checkpoint, parallel)");
       }
       return Status::InvalidArgument(at + "unknown top-level key " + name +
-                                     " (every key belongs in [model], [train], [data] or [checkpoint])");
+                                     " (every key belongs in [model], [train], [data], [checkpoint] or [parallel])");
     }
     const auto* table = node->as_table();
     if (table == nullptr) {
@@ -431,7 +451,19 @@ Expected<JobConfig> ParseConfigText(const std::string& toml_text, const std::str
   TROUPE_RETURN_IF_ERROR(ValidateTrainConfig(job.train).WithContext(source_name));
   TROUPE_RETURN_IF_ERROR(ValidateDataConfig(job.data).WithContext(source_name));
   TROUPE_RETURN_IF_ERROR(ValidateCheckpointConfig(job.checkpoint).WithContext(source_name));
+  TROUPE_RETURN_IF_ERROR(ValidateParallelConfig(job.parallel).WithContext(source_name));
   return job;
+}
+
+Status ValidateParallelConfig(const ParallelConfig& p) {
+  TROUPE_RETURN_IF_ERROR(AtLeast("parallel.pp", p.pp, 1));
+  TROUPE_RETURN_IF_ERROR(AtLeast("parallel.ep", p.ep, 1));
+  TROUPE_RETURN_IF_ERROR(AtLeast("parallel.dp", p.dp, 0));
+  TROUPE_RETURN_IF_ERROR(AtLeast("parallel.micro_batches", p.micro_batches, 0));
+  if (p.schedule != "1f1b" && p.schedule != "zb1p" && p.schedule != "dualpipe" && p.schedule != "dualpipev")
+    return Status::InvalidArgument("parallel.schedule = \"" + p.schedule +
+                                   "\" is not a schedule (1f1b | zb1p | dualpipe | dualpipev)");
+  return Status::Ok();
 }
 
 Status ValidateCheckpointConfig(const CheckpointConfig& c) {

@@ -42,27 +42,27 @@ struct ModelConfig {
 enum class LrSchedule { kCosine, kMultiStep };
 
 struct TrainConfig {
-  uint64_t seed = 1234;                 // weights, data order: all randomness
-  int seq_len = 64;                     // T, tokens per sequence
-  int batch_size = 8;                   // B, sequences per step
-  int steps = 400;                      // optimizer steps
-  double lr = 3e-3;                     // peak learning rate
-  double min_lr_ratio = 0.1;            // cosine floor, as a share of lr
-  int warmup_steps = 30;                // linear warm-up
+  uint64_t seed = 1234;       // weights, data order: all randomness
+  int seq_len = 64;           // T, tokens per sequence
+  int batch_size = 8;         // B, sequences per step
+  int steps = 400;            // optimizer steps
+  double lr = 3e-3;           // peak learning rate
+  double min_lr_ratio = 0.1;  // cosine floor, as a share of lr
+  int warmup_steps = 30;      // linear warm-up
   LrSchedule schedule = LrSchedule::kCosine;
   double beta1 = 0.9;
   double beta2 = 0.95;
   double adam_eps = 1e-8;
-  double weight_decay = 0.1;            // on matrices only
-  double grad_clip = 1.0;               // global-norm clip (0 = off)
-  double mtp_lambda = 0.3;              // L = L_main + lambda/D * sum L_k
-  double balance_alpha = 1e-4;          // sequence-wise balance loss weight
-  double bias_update_gamma = 1e-3;      // aux-loss-free bias step
-  int eval_every = 50;                  // steps between validation runs (0 = only at the end)
-  int eval_batches = 8;                 // validation batches per run
-  int log_every = 10;                   // steps between log lines
-  int threads = 0;                      // CPU threads (0 = all cores)
-  std::string device = "auto";          // auto (the GPU when one is present) | cpu | cuda
+  double weight_decay = 0.1;        // on matrices only
+  double grad_clip = 1.0;           // global-norm clip (0 = off)
+  double mtp_lambda = 0.3;          // L = L_main + lambda/D * sum L_k
+  double balance_alpha = 1e-4;      // sequence-wise balance loss weight
+  double bias_update_gamma = 1e-3;  // aux-loss-free bias step
+  int eval_every = 50;              // steps between validation runs (0 = only at the end)
+  int eval_batches = 8;             // validation batches per run
+  int log_every = 10;               // steps between log lines
+  int threads = 0;                  // CPU threads (0 = all cores)
+  std::string device = "auto";      // auto (the GPU when one is present) | cpu | cuda
 };
 
 struct DataConfig {
@@ -73,12 +73,25 @@ struct DataConfig {
 
 // [checkpoint]: asynchronous saves (docs/checkpoints.md).
 struct CheckpointConfig {
-  int every = 0;           // steps between saves (0 = never)
-  int keep_last = 3;       // retention: the newest N ...
-  int keep_every = 0;      // ... plus every checkpoint whose step is a multiple of this (0 = none) ...
-  int replication = 1;     // ... plus pinned ones; stores per shard
-  int stores = 1;          // shard stores (troupe train: folders under the checkpoint dir)
+  int every = 0;              // steps between saves (0 = never)
+  int keep_last = 3;          // retention: the newest N ...
+  int keep_every = 0;         // ... plus every checkpoint whose step is a multiple of this (0 = none) ...
+  int replication = 1;        // ... plus pinned ones; stores per shard
+  int stores = 1;             // shard stores (troupe train: folders under the checkpoint dir)
   int shards_per_tensor = 1;  // row ranges each tensor is cut into
+};
+
+// [parallel]: how a distributed run lays the model over its ranks
+// (docs/parallel.md). World = pp * ep * dp ranks; every rank of a stage but
+// the pp pipeline ranks runs different sequences of the global batch.
+struct ParallelConfig {
+  int pp = 1;                     // pipeline ranks
+  int ep = 1;                     // expert-parallel ranks per stage: the routed experts are split over them
+  int dp = 1;                     // data-parallel copies of a whole (pp x ep) model; 0 = as many as the workers allow
+  std::string schedule = "1f1b";  // pipeline schedule: 1f1b | zb1p | dualpipe | dualpipev
+  int micro_batches = 0;          // per pipeline per step (0 = the schedule's smallest)
+  bool zero1 = true;              // shard AdamW state over each parameter's copies (ZeRO-1)
+  bool split_w = true;            // zb1p/dualpipe/dualpipev: weight gradients in separate, deferred W chunks
 };
 
 struct JobConfig {
@@ -86,6 +99,7 @@ struct JobConfig {
   TrainConfig train;
   DataConfig data;
   CheckpointConfig checkpoint;
+  ParallelConfig parallel;
   std::string source_path;  // where it was read from
   std::string toml_text;    // the exact text, kept for checkpoints
 };
@@ -99,5 +113,8 @@ Expected<JobConfig> LoadConfigFile(const std::string& path);
 Status ValidateModelConfig(const ModelConfig& m);
 Status ValidateTrainConfig(const TrainConfig& t);
 Status ValidateCheckpointConfig(const CheckpointConfig& c);
+// Ranges only; whether a layout fits the model and the batch is the
+// planner's call (train/parallel/layout.h).
+Status ValidateParallelConfig(const ParallelConfig& p);
 
 }  // namespace troupe

@@ -75,7 +75,9 @@ class Backend {
   // Routed experts, tokens sorted by expert: rows [offsets[e], offsets[e+1])
   // of `in` go through expert e.  in [R, I], w [E, O, I], out [R, O].
   virtual void GroupedLinearForward(Tensor& out, const Tensor& in, const Tensor& w, const Tensor& offsets) = 0;
-  // din [R, I] +=, dw [E, O, I] +=.
+  // din [R, I] +=, dw [E, O, I] +=. An undefined din or dw (Tensor{})
+  // skips that half: pipelines run the input half in B and the weight half
+  // later, in W (BRIEF §2).
   virtual void GroupedLinearBackward(Tensor& din, Tensor& dw, const Tensor& dout, const Tensor& in, const Tensor& w,
                                      const Tensor& offsets) = 0;
 

@@ -5,8 +5,8 @@
 // (not a signal), and nothing already written lost or half-written. Every
 // test writes a tiny model config and random token shards into a fresh
 // folder, so each run of the binary takes a few milliseconds.
-#include <gtest/gtest.h>
 #include <fcntl.h>
+#include <gtest/gtest.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -53,19 +53,32 @@ void WriteText(const fs::path& p, const std::string& text) {
 
 // The base config: a ~10k-parameter MoE with MTP; ("section.key", value) in file order.
 const std::vector<std::pair<std::string, std::string>> kBaseConfig = {
-    {"model.vocab_size", "64"},          {"model.hidden_size", "16"},
-    {"model.num_hidden_layers", "2"},    {"model.first_k_dense_replace", "1"},
-    {"model.num_attention_heads", "2"},  {"model.q_lora_rank", "8"},
-    {"model.kv_lora_rank", "8"},         {"model.qk_nope_head_dim", "4"},
-    {"model.qk_rope_head_dim", "4"},     {"model.v_head_dim", "4"},
-    {"model.intermediate_size", "32"},   {"model.moe_intermediate_size", "8"},
-    {"model.n_routed_experts", "4"},     {"model.n_shared_experts", "1"},
-    {"model.num_experts_per_tok", "2"},  {"model.n_group", "2"},
-    {"model.topk_group", "1"},           {"model.num_nextn_predict_layers", "1"},
-    {"train.seq_len", "8"},              {"train.batch_size", "2"},
-    {"train.steps", "3"},                {"train.eval_every", "0"},
-    {"train.eval_batches", "1"},         {"train.log_every", "1"},
-    {"train.threads", "1"},              {"data.train_shards", "[\"train.bin\"]"},
+    {"model.vocab_size", "64"},
+    {"model.hidden_size", "16"},
+    {"model.num_hidden_layers", "2"},
+    {"model.first_k_dense_replace", "1"},
+    {"model.num_attention_heads", "2"},
+    {"model.q_lora_rank", "8"},
+    {"model.kv_lora_rank", "8"},
+    {"model.qk_nope_head_dim", "4"},
+    {"model.qk_rope_head_dim", "4"},
+    {"model.v_head_dim", "4"},
+    {"model.intermediate_size", "32"},
+    {"model.moe_intermediate_size", "8"},
+    {"model.n_routed_experts", "4"},
+    {"model.n_shared_experts", "1"},
+    {"model.num_experts_per_tok", "2"},
+    {"model.n_group", "2"},
+    {"model.topk_group", "1"},
+    {"model.num_nextn_predict_layers", "1"},
+    {"train.seq_len", "8"},
+    {"train.batch_size", "2"},
+    {"train.steps", "3"},
+    {"train.eval_every", "0"},
+    {"train.eval_batches", "1"},
+    {"train.log_every", "1"},
+    {"train.threads", "1"},
+    {"data.train_shards", "[\"train.bin\"]"},
     {"data.val_shards", "[\"val.bin\"]"},
 };
 
@@ -178,8 +191,7 @@ std::string Describe(const std::vector<std::string>& args, const RunResult& r) {
 
 // The rule: a clean non-zero exit and exactly one stderr line, starting
 // "troupe: error:", that contains every one of `needles`.
-void ExpectOneError(const std::vector<std::string>& args, const RunResult& r,
-                    const std::vector<std::string>& needles) {
+void ExpectOneError(const std::vector<std::string>& args, const RunResult& r, const std::vector<std::string>& needles) {
   SCOPED_TRACE(Describe(args, r));
   ASSERT_TRUE(r.exited) << "killed by signal " << r.signal;
   EXPECT_NE(r.code, 0);
@@ -193,10 +205,10 @@ void ExpectOneError(const std::vector<std::string>& args, const RunResult& r,
   for (const std::string& n : needles) EXPECT_NE(lines[0].find(n), std::string::npos) << "missing '" << n << "'";
 }
 
-#define EXPECT_FAILS(args, ...)                  \
-  do {                                           \
-    const std::vector<std::string> a_ = args;    \
-    ExpectOneError(a_, Run(a_), {__VA_ARGS__});  \
+#define EXPECT_FAILS(args, ...)                 \
+  do {                                          \
+    const std::vector<std::string> a_ = args;   \
+    ExpectOneError(a_, Run(a_), {__VA_ARGS__}); \
   } while (0)
 
 using Args = std::vector<std::string>;
@@ -252,10 +264,8 @@ TEST_F(CliTest, BadTrainShardsAreOneErrorNamingTheFile) {
   Export("cfg.toml", "w.safetensors");
 
   const std::vector<std::pair<std::string, std::vector<std::string>>> cases = {
-      {"missing.bin", {"missing.bin"}},
-      {"trunc.bin", {"trunc.bin", "truncated"}},
-      {"magic.bin", {"magic.bin", "magic"}},
-      {"big.bin", {"big.bin", "64", "vocab_size"}},
+      {"missing.bin", {"missing.bin"}},      {"trunc.bin", {"trunc.bin", "truncated"}},
+      {"magic.bin", {"magic.bin", "magic"}}, {"big.bin", {"big.bin", "64", "vocab_size"}},
       {"short.bin", {"3 tokens"}},
   };
   for (const auto& [shard, needles] : cases) {
@@ -266,8 +276,7 @@ TEST_F(CliTest, BadTrainShardsAreOneErrorNamingTheFile) {
     if (shard == "missing.bin") continue;
     std::vector<std::string> eval_needles = needles;
     eval_needles.push_back(shard);
-    EXPECT_FAILS((Args{"eval", "--config", "cfg.toml", "--weights", "w.safetensors", "--tokens", shard}),
-                 eval_needles);
+    EXPECT_FAILS((Args{"eval", "--config", "cfg.toml", "--weights", "w.safetensors", "--tokens", shard}), eval_needles);
   }
 }
 
@@ -316,6 +325,24 @@ TEST_F(CliTest, BadWeightsAreOneErrorNamingTheFile) {
 
 // ---- flags ----
 
+TEST_F(CliTest, BadParallelAndScheduleInputsAreOneError) {
+  EXPECT_FAILS((Args{"train", "--config", "cfg.toml", "--pp", "0"}), "--pp");
+  EXPECT_FAILS((Args{"train", "--config", "cfg.toml", "--ep", "x"}), "--ep");
+  EXPECT_FAILS((Args{"train", "--config", "cfg.toml", "--micro-batches", "-1"}), "--micro-batches");
+  EXPECT_FAILS((Args{"train", "--config", "cfg.toml", "--pp", "2", "--schedule", "gpipe"}), "gpipe", "schedule");
+  EXPECT_FAILS((Args{"train", "--config", "cfg.toml", "--pp", "2", "--resume", "latest"}), "--resume");
+  EXPECT_FAILS((Args{"rank", "--config", "cfg.toml", "--rank", "5", "--world", "2", "--run-dir", "d"}), "--rank 5",
+               "--world 2");
+  EXPECT_FAILS((Args{"schedule", "--kind", "nope", "--pp", "2", "--micro", "4"}), "--kind", "nope");
+  EXPECT_FAILS((Args{"schedule", "--kind", "dualpipe", "--pp", "3", "--micro", "6"}), "even");
+  EXPECT_FAILS((Args{"schedule", "--kind", "1f1b", "--pp", "0", "--micro", "4"}), "--pp");
+  EXPECT_FAILS((Args{"schedule", "--kind", "1f1b", "--pp", "2", "--micro", "4", "--w", "3", "--b", "2"}), "W (3)",
+               "B (2)");
+  EXPECT_FAILS((Args{"schedule", "--kind", "1f1b", "--pp", "2", "--micro", "4", "--json", "no/such/dir/s.json"}),
+               "s.json");
+  EXPECT_FALSE(fs::exists(Path("runs")));
+}
+
 TEST_F(CliTest, BadFlagsAreOneError) {
   Export("cfg.toml", "w.safetensors");
   EXPECT_FAILS((Args{"train", "--config", "cfg.toml", "--bogus", "1"}), "--bogus");
@@ -325,9 +352,9 @@ TEST_F(CliTest, BadFlagsAreOneError) {
   EXPECT_FAILS((Args{"train", "--config", "cfg.toml", "--steps", "-1"}), "--steps", "-1");
   EXPECT_FAILS((Args{"train", "--config", "cfg.toml", "--steps", "abc"}), "--steps", "abc");
   EXPECT_FAILS((Args{"train", "--config", "cfg.toml", "--threads", "-2"}), "--threads");
-  EXPECT_FAILS((Args{"eval", "--config", "cfg.toml", "--weights", "w.safetensors", "--tokens", "val.bin",
-                     "--batches", "0"}),
-               "--batches");
+  EXPECT_FAILS(
+      (Args{"eval", "--config", "cfg.toml", "--weights", "w.safetensors", "--tokens", "val.bin", "--batches", "0"}),
+      "--batches");
   EXPECT_FAILS((Args{"frobnicate"}), "frobnicate");
   EXPECT_FAILS((Args{}), "command");
   EXPECT_FALSE(fs::exists(Path("run")));
@@ -365,11 +392,10 @@ TEST_F(CliTest, TrainWritesWholeWeightsAndNoTempFiles) {
   ASSERT_TRUE(st.ok()) << st.status().message();
   EXPECT_NE(st->Find("model.embed_tokens.weight"), nullptr);
   EXPECT_EQ(st->metadata().at("step"), "3");
-  for (const auto& e : fs::recursive_directory_iterator(dir_))
-    EXPECT_NE(e.path().extension(), ".tmp") << e.path();
+  for (const auto& e : fs::recursive_directory_iterator(dir_)) EXPECT_NE(e.path().extension(), ".tmp") << e.path();
   // The written weights load back: eval accepts them and train resumes from them.
-  const RunResult ev = Run({"eval", "--config", "cfg.toml", "--weights", "run/model.safetensors", "--tokens",
-                            "val.bin"});
+  const RunResult ev =
+      Run({"eval", "--config", "cfg.toml", "--weights", "run/model.safetensors", "--tokens", "val.bin"});
   EXPECT_TRUE(ev.exited && ev.code == 0) << ev.err;
 }
 
@@ -388,8 +414,7 @@ TEST_F(CliTest, DataCommandsFailWithOneError) {
   WriteText(Path("text.txt"), "one sentence .\n");
   EXPECT_FAILS((Args{"data", "encode", "--tokenizer", "none.model", "--in", "text.txt", "--out", "e.bin"}),
                "none.model");
-  EXPECT_FAILS((Args{"data", "encode", "--tokenizer", "cfg.toml", "--in", "text.txt", "--out", "e.bin"}),
-               "cfg.toml");
+  EXPECT_FAILS((Args{"data", "encode", "--tokenizer", "cfg.toml", "--in", "text.txt", "--out", "e.bin"}), "cfg.toml");
   EXPECT_FAILS((Args{"data", "brown", "--out", "brown", "--corpus", "nocorpus"}), "nocorpus");
   EXPECT_FAILS((Args{"data", "brown", "--out", "brown", "--vocab-size", "10"}), "--vocab-size");
   EXPECT_FALSE(fs::exists(Path("e.bin")));
@@ -400,8 +425,8 @@ TEST_F(CliTest, DataCommandsFailWithOneError) {
 
 TEST_F(CliTest, ExportThenEvalGivesAboutLnVocab) {
   Export("cfg.toml", "w.safetensors");
-  const RunResult r = Run({"eval", "--config", "cfg.toml", "--weights", "w.safetensors", "--tokens", "val.bin",
-                           "--batches", "2"});
+  const RunResult r =
+      Run({"eval", "--config", "cfg.toml", "--weights", "w.safetensors", "--tokens", "val.bin", "--batches", "2"});
   ASSERT_TRUE(r.exited && r.code == 0) << r.err;
   EXPECT_EQ(r.err, "");
   double loss = NAN;
@@ -461,8 +486,9 @@ TEST_F(CliTest, BadCheckpointInputsAreOneError) {
   RunResult r = Run({"train", "--config", "cfg.toml", "--steps", "2", "--checkpoint-every", "1", "--out", "run"});
   ASSERT_TRUE(r.exited && r.code == 0) << r.err;
   EXPECT_FAILS(Args({"train", "--config", "cfg.toml", "--checkpoint-every", "-1"}), "--checkpoint-every");
-  EXPECT_FAILS(Args({"train", "--config", "cfg.toml", "--checkpoint-dir", "run/checkpoints", "--resume", "ckpt-000009"}),
-               "ckpt-000009");
+  EXPECT_FAILS(
+      Args({"train", "--config", "cfg.toml", "--checkpoint-dir", "run/checkpoints", "--resume", "ckpt-000009"}),
+      "ckpt-000009");
   EXPECT_FAILS(Args({"train", "--config", "cfg.toml", "--checkpoint-dir", "run/checkpoints", "--resume", "nonsense"}),
                "nonsense");
   EXPECT_FAILS(Args({"ckpt", "--dir", "nowhere", "ls"}), "nowhere");

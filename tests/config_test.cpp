@@ -1,11 +1,11 @@
 // The job configuration: the shipped configs parse and validate, and every
 // kind of bad input is refused with a one-line message naming the file and
 // the offending key.
+#include "configs/config.h"
+
 #include <gtest/gtest.h>
 
 #include <string>
-
-#include "configs/config.h"
 
 namespace troupe {
 namespace {
@@ -149,7 +149,8 @@ TEST(ConfigTest, ExpertsNotDivisibleByGroups) {
 
 TEST(ConfigTest, ExpertsPerTokenNotReachableFromAllowedGroups) {
   // 8 experts in 4 groups of 2; a token may use 2 groups = 4 experts, not 5.
-  const std::string msg = ErrorOf(WithModel("n_routed_experts = 8\nn_group = 4\ntopk_group = 2\nnum_experts_per_tok = 5"));
+  const std::string msg =
+      ErrorOf(WithModel("n_routed_experts = 8\nn_group = 4\ntopk_group = 2\nnum_experts_per_tok = 5"));
   EXPECT_CONTAINS(msg, "model.num_experts_per_tok");
   EXPECT_CONTAINS(msg, "model.topk_group");
 }
@@ -166,9 +167,7 @@ TEST(ConfigTest, BadSchedule) {
   EXPECT_CONTAINS(msg, "cosine | multistep");
 }
 
-TEST(ConfigTest, VocabTooLargeForUint16Shards) {
-  EXPECT_CONTAINS(ErrorOf(WithModel("vocab_size = 65537")), "uint16");
-}
+TEST(ConfigTest, VocabTooLargeForUint16Shards) { EXPECT_CONTAINS(ErrorOf(WithModel("vocab_size = 65537")), "uint16"); }
 
 TEST(ConfigTest, TrainRanges) {
   EXPECT_CONTAINS(ErrorOf("[train]\nseq_len = 1\n"), "train.seq_len");
@@ -201,6 +200,26 @@ TEST(ConfigTest, CheckpointSection) {
   EXPECT_CONTAINS(msg, "checkpoint.every");
   msg = ErrorOf("[checkpoint]\nevry = 10\n");
   EXPECT_CONTAINS(msg, "unknown key checkpoint.evry");
+}
+
+TEST(ConfigTest, ParallelSection) {
+  auto job = ParseConfigText(
+      "[parallel]\npp = 4\nep = 2\ndp = 0\nschedule = \"dualpipe\"\nmicro_batches = 16\nzero1 = false\n"
+      "split_w = false\n",
+      "ok.toml");
+  ASSERT_TRUE(job.ok()) << job.status().message();
+  EXPECT_EQ(job->parallel.pp, 4);
+  EXPECT_EQ(job->parallel.ep, 2);
+  EXPECT_EQ(job->parallel.dp, 0);
+  EXPECT_EQ(job->parallel.schedule, "dualpipe");
+  EXPECT_EQ(job->parallel.micro_batches, 16);
+  EXPECT_FALSE(job->parallel.zero1);
+  EXPECT_FALSE(job->parallel.split_w);
+  EXPECT_CONTAINS(ErrorOf("[parallel]\npp = 0\n"), "parallel.pp = 0");
+  EXPECT_CONTAINS(ErrorOf("[parallel]\ndp = -1\n"), "parallel.dp");
+  EXPECT_CONTAINS(ErrorOf("[parallel]\nschedule = \"gpipe\"\n"), "is not a schedule");
+  EXPECT_CONTAINS(ErrorOf("[parallel]\nzero1 = 3\n"), "parallel.zero1");
+  EXPECT_CONTAINS(ErrorOf("[parallel]\ntp = 2\n"), "unknown key parallel.tp");
 }
 
 }  // namespace

@@ -17,32 +17,7 @@
 namespace troupe {
 namespace {
 
-// Small but complete: a dense layer, MoE layers with group-limited routing
-// (G=2, M=1), two MTP depths (the second fed by the first).
-ModelConfig TinyModel() {
-  ModelConfig c;
-  c.vocab_size = 13;
-  c.hidden_size = 8;
-  c.num_hidden_layers = 3;
-  c.first_k_dense_replace = 1;
-  c.num_attention_heads = 2;
-  c.q_lora_rank = 6;
-  c.kv_lora_rank = 5;
-  c.qk_nope_head_dim = 4;
-  c.qk_rope_head_dim = 2;
-  c.v_head_dim = 3;
-  c.intermediate_size = 10;
-  c.moe_intermediate_size = 4;
-  c.n_routed_experts = 4;
-  c.n_shared_experts = 1;
-  c.num_experts_per_tok = 2;
-  c.n_group = 2;
-  c.topk_group = 1;
-  c.routed_scaling_factor = 2.5;
-  c.num_nextn_predict_layers = 2;
-  c.init_std = 0.4;  // large weights: every path carries a visible gradient
-  return c;
-}
+ModelConfig TinyModel() { return testing::TinyMoeModel(); }
 
 std::vector<int32_t> RandomTokens(size_t n, int vocab, uint64_t seed) {
   std::mt19937_64 rng(seed);

@@ -5,14 +5,65 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <filesystem>
 #include <functional>
 #include <random>
 #include <string>
 #include <vector>
 
+#include "configs/config.h"
 #include "gpu/backend.h"
 
 namespace troupe::testing {
+
+// Small but complete: a dense layer, MoE layers with group-limited routing
+// (G=2, M=1), two MTP depths (the second fed by the first).
+inline ModelConfig TinyMoeModel() {
+  ModelConfig c;
+  c.vocab_size = 13;
+  c.hidden_size = 8;
+  c.num_hidden_layers = 3;
+  c.first_k_dense_replace = 1;
+  c.num_attention_heads = 2;
+  c.q_lora_rank = 6;
+  c.kv_lora_rank = 5;
+  c.qk_nope_head_dim = 4;
+  c.qk_rope_head_dim = 2;
+  c.v_head_dim = 3;
+  c.intermediate_size = 10;
+  c.moe_intermediate_size = 4;
+  c.n_routed_experts = 4;
+  c.n_shared_experts = 1;
+  c.num_experts_per_tok = 2;
+  c.n_group = 2;
+  c.topk_group = 1;
+  c.routed_scaling_factor = 2.5;
+  c.num_nextn_predict_layers = 2;
+  c.init_std = 0.4;  // large weights: every path carries a visible gradient
+  return c;
+}
+
+// A fresh directory under the system temp dir, named after the running test
+// (parameterised ones included), removed when it goes out of scope.
+class TempDir {
+ public:
+  TempDir() {
+    const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
+    std::string name = std::string("troupe_") + info->test_suite_name() + "_" + info->name();
+    for (char& c : name)
+      if (c == '/') c = '_';
+    path_ = std::filesystem::temp_directory_path() / name;
+    std::filesystem::remove_all(path_);
+    std::filesystem::create_directories(path_);
+  }
+  ~TempDir() { std::filesystem::remove_all(path_); }
+  TempDir(const TempDir&) = delete;
+  TempDir& operator=(const TempDir&) = delete;
+  const std::filesystem::path& path() const { return path_; }
+
+ private:
+  std::filesystem::path path_;
+};
 
 // A tensor of `dtype` (F32 or F64) holding `values` (converted).
 inline Tensor MakeTensor(Backend& be, std::vector<int64_t> shape, DType dtype, const std::vector<double>& values,

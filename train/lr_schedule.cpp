@@ -17,4 +17,16 @@ double LearningRate(const TrainConfig& t, int step) {
   return min_lr + (t.lr - min_lr) * 0.5 * (1.0 + std::cos(M_PI * progress));
 }
 
+AdamWParams AdamWSettings(const TrainConfig& t, double lr, double clip_scale, int step, bool decay) {
+  AdamWParams p;
+  p.lr = lr;
+  p.beta1 = t.beta1;
+  p.beta2 = t.beta2;
+  p.eps = t.adam_eps;
+  p.weight_decay = decay ? t.weight_decay : 0.0;
+  p.step = step;
+  p.grad_scale = clip_scale;
+  return p;
+}
+
 }  // namespace troupe

@@ -23,6 +23,20 @@ Expected<std::vector<uint16_t>> ReadAll(const std::vector<std::string>& paths, i
 
 }  // namespace
 
+Status OpenJobLoaders(const JobConfig& job, std::unique_ptr<data::TokenLoader>* train,
+                      std::unique_ptr<data::TokenLoader>* val) {
+  const int extra = 1 + job.model.num_nextn_predict_layers;
+  const data::LoaderOptions train_opts{job.train.seq_len, extra, data::LoaderMode::kTrain, job.train.seed};
+  const data::LoaderOptions val_opts{job.train.seq_len, extra, data::LoaderMode::kEval, 0};
+  TROUPE_ASSIGN_OR_RETURN(data::TokenLoader t,
+                          data::TokenLoader::Open(job.data.train_shards, job.model.vocab_size, train_opts));
+  TROUPE_ASSIGN_OR_RETURN(data::TokenLoader v,
+                          data::TokenLoader::Open(job.data.val_shards, job.model.vocab_size, val_opts));
+  *train = std::make_unique<data::TokenLoader>(std::move(t));
+  *val = std::make_unique<data::TokenLoader>(std::move(v));
+  return Status::Ok();
+}
+
 Expected<std::unique_ptr<Trainer>> Trainer::Create(Backend& be, const JobConfig& job, DType dtype) {
   std::unique_ptr<Trainer> t(new Trainer(be, job));
   TROUPE_RETURN_IF_ERROR(t->Init(dtype));
@@ -32,14 +46,8 @@ Expected<std::unique_ptr<Trainer>> Trainer::Create(Backend& be, const JobConfig&
 Status Trainer::Init(DType dtype) {
   const ModelConfig& mc = job_.model;
   const TrainConfig& tc = job_.train;
-  const int extra = 1 + mc.num_nextn_predict_layers;
-  data::LoaderOptions train_opts{tc.seq_len, extra, data::LoaderMode::kTrain, tc.seed};
-  data::LoaderOptions val_opts{tc.seq_len, extra, data::LoaderMode::kEval, 0};
-  TROUPE_ASSIGN_OR_RETURN(data::TokenLoader train, data::TokenLoader::Open(job_.data.train_shards, mc.vocab_size, train_opts));
-  TROUPE_ASSIGN_OR_RETURN(data::TokenLoader val, data::TokenLoader::Open(job_.data.val_shards, mc.vocab_size, val_opts));
-  train_tokens_ = train.num_tokens();
-  train_loader_ = std::make_unique<data::TokenLoader>(std::move(train));
-  val_loader_ = std::make_unique<data::TokenLoader>(std::move(val));
+  TROUPE_RETURN_IF_ERROR(OpenJobLoaders(job_, &train_loader_, &val_loader_));
+  train_tokens_ = train_loader_->num_tokens();
   {
     TROUPE_ASSIGN_OR_RETURN(std::vector<uint16_t> train_tokens, ReadAll(job_.data.train_shards, mc.vocab_size));
     TROUPE_ASSIGN_OR_RETURN(std::vector<uint16_t> val_tokens, ReadAll(job_.data.val_shards, mc.vocab_size));
@@ -60,15 +68,8 @@ void Trainer::OptimizerStep(double lr, double clip_scale) {
   std::vector<ParamRef> v = ListParams(adam_v_);
   for (size_t i = 0; i < params.size(); ++i) {
     if (!params[i].trainable) continue;
-    AdamWParams p;
-    p.lr = lr;
-    p.beta1 = tc.beta1;
-    p.beta2 = tc.beta2;
-    p.eps = tc.adam_eps;
-    p.weight_decay = params[i].weight_decay ? tc.weight_decay : 0.0;
-    p.step = step_ + 1;
-    p.grad_scale = clip_scale;
-    be_.AdamWStep(*params[i].tensor, *grads[i].tensor, *m[i].tensor, *v[i].tensor, p);
+    be_.AdamWStep(*params[i].tensor, *grads[i].tensor, *m[i].tensor, *v[i].tensor,
+                  AdamWSettings(tc, lr, clip_scale, step_ + 1, params[i].weight_decay));
   }
 }
 
@@ -97,12 +98,7 @@ Expected<StepReport> Trainer::Step() {
   std::vector<std::vector<float>> biases = model_->RoutingBiases();
   for (size_t l = 0; l < loads.size(); ++l) {
     UpdateRoutingBias(biases[l], loads[l], tc.bias_update_gamma);
-    int64_t total = 0, most = 0;
-    for (int64_t x : loads[l]) {
-      total += x;
-      most = std::max(most, x);
-    }
-    if (total > 0) r.max_load_ratio = std::max(r.max_load_ratio, double(most) * loads[l].size() / total);
+    r.max_load_ratio = std::max(r.max_load_ratio, MaxLoadRatio(loads[l]));
   }
   model_->SetRoutingBiases(biases);
   // A GPU fault anywhere in the step surfaces here, never as a silent bad step.
@@ -138,7 +134,8 @@ Expected<ckpt::Snapshot> Trainer::Capture(const std::map<std::string, double>& m
     h.name = name;
     h.dtype = DTypeName(t->dtype());
     h.shape = t->shape();
-    h.bytes.resize(t->bytes());
+    // Into the previous save's buffers when it left them (no page faults, no zero fill).
+    h.bytes = ckpt::StagingPool::Shared().Take(t->bytes());
     be_.CopyToHost(h.bytes.data(), *t);
     snap.tensors.push_back(std::move(h));
   }
@@ -157,8 +154,8 @@ Status Trainer::Restore(const ckpt::Snapshot& snap) {
     const ckpt::HostTensor& h = *it->second;
     if (h.shape != t->shape() || h.dtype != DTypeName(t->dtype()) || h.bytes.size() != t->bytes())
       return Status::InvalidArgument("checkpoint tensor " + name + " is " + h.dtype + " with " +
-                                     std::to_string(h.bytes.size()) + " bytes; this model wants " +
-                                     t->ShapeString() + " " + DTypeName(t->dtype()));
+                                     std::to_string(h.bytes.size()) + " bytes; this model wants " + t->ShapeString() +
+                                     " " + DTypeName(t->dtype()));
   }
   if (by_name.size() != targets.size())
     return Status::InvalidArgument("checkpoint holds " + std::to_string(by_name.size()) + " tensors; this model has " +

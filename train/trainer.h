@@ -22,11 +22,16 @@ struct StepReport {
   int step = 0;  // 1-based, after this step
   BatchLoss loss;
   double lr = 0;
-  double grad_norm = 0;  // before clipping
-  double seconds = 0;    // wall time of the step
-  int64_t tokens = 0;    // tokens in the batch (B * T)
+  double grad_norm = 0;       // before clipping
+  double seconds = 0;         // wall time of the step
+  int64_t tokens = 0;         // tokens in the batch (B * T)
   double max_load_ratio = 0;  // max over MoE layers of max_i load_i / mean load
 };
+
+// The job's training loader (seeded order) and validation loader (fixed
+// order), over its shards; a clear Status on missing or bad shards.
+Status OpenJobLoaders(const JobConfig& job, std::unique_ptr<data::TokenLoader>* train,
+                      std::unique_ptr<data::TokenLoader>* val);
 
 class Trainer {
  public:

@@ -38,8 +38,8 @@ void PinBlasToOneThread() {
 }
 
 // One single-threaded row-major GEMM: c[M,N] = alpha op(a) op(b) + beta c.
-void Gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, double alpha, const float* a, int64_t lda,
-          const float* b, int64_t ldb, double beta, float* c, int64_t ldc) {
+void Gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, double alpha, const float* a, int64_t lda, const float* b,
+          int64_t ldb, double beta, float* c, int64_t ldc) {
   cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, static_cast<int>(M),
               static_cast<int>(N), static_cast<int>(K), static_cast<float>(alpha), a, static_cast<int>(lda), b,
               static_cast<int>(ldb), static_cast<float>(beta), c, static_cast<int>(ldc));
@@ -47,8 +47,8 @@ void Gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, double alpha, const
 void Gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, double alpha, const double* a, int64_t lda,
           const double* b, int64_t ldb, double beta, double* c, int64_t ldc) {
   cblas_dgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, static_cast<int>(M),
-              static_cast<int>(N), static_cast<int>(K), alpha, a, static_cast<int>(lda), b, static_cast<int>(ldb),
-              beta, c, static_cast<int>(ldc));
+              static_cast<int>(N), static_cast<int>(K), alpha, a, static_cast<int>(lda), b, static_cast<int>(ldb), beta,
+              c, static_cast<int>(ldc));
 }
 
 // c[M,N] = alpha op(a) op(b) + beta c on one thread, for the tile
@@ -75,8 +75,8 @@ void GemmTile(bool ta, bool tb, int64_t M, int64_t N, int64_t K, double alpha, c
 // The tile grid depends on (M, N) only: row tiles when there are at least
 // two of them, else column tiles, else one call.
 template <typename T>
-void GemmParallel(bool ta, bool tb, int64_t M, int64_t N, int64_t K, double alpha, const T* a, const T* b,
-                  double beta, T* c) {
+void GemmParallel(bool ta, bool tb, int64_t M, int64_t N, int64_t K, double alpha, const T* a, const T* b, double beta,
+                  T* c) {
   if (M == 0 || N == 0) return;
   PinBlasToOneThread();
   if (M >= 2 * kRowTile) {
@@ -109,9 +109,9 @@ std::vector<GroupTask> ExpertRowTasks(const int32_t* offsets, int64_t n_experts)
 template <typename T>
 void GroupedLinearForwardImpl(Tensor& out, const Tensor& in, const Tensor& w, const int32_t* offsets) {
   const int64_t E = w.dim(0), O = w.dim(1), I = w.dim(2);
-  const T* x = in.data<T>();   // (R, I)
-  const T* wp = w.data<T>();   // (E, O, I)
-  T* y = out.data<T>();        // (R, O)
+  const T* x = in.data<T>();  // (R, I)
+  const T* wp = w.data<T>();  // (E, O, I)
+  T* y = out.data<T>();       // (R, O)
   PinBlasToOneThread();
   const std::vector<GroupTask> tasks = ExpertRowTasks(offsets, E);
 #pragma omp parallel for schedule(static)
@@ -126,14 +126,14 @@ template <typename T>
 void GroupedLinearBackwardImpl(Tensor& din, Tensor& dw, const Tensor& dout, const Tensor& in, const Tensor& w,
                                const int32_t* offsets) {
   const int64_t E = w.dim(0), O = w.dim(1), I = w.dim(2);
-  const T* x = in.data<T>();     // (R, I)
-  const T* wp = w.data<T>();     // (E, O, I)
-  const T* dy = dout.data<T>();  // (R, O)
-  T* dx = din.data<T>();         // (R, I)
-  T* dwp = dw.data<T>();         // (E, O, I)
+  const T* x = in.data<T>();                        // (R, I)
+  const T* wp = w.data<T>();                        // (E, O, I)
+  const T* dy = dout.data<T>();                     // (R, O)
+  T* dx = din.defined() ? din.data<T>() : nullptr;  // (R, I)
+  T* dwp = dw.defined() ? dw.data<T>() : nullptr;   // (E, O, I)
   PinBlasToOneThread();
   // din[r0:r1] += dout[r0:r1] @ w[e]: rows are independent.
-  const std::vector<GroupTask> row_tasks = ExpertRowTasks(offsets, E);
+  const std::vector<GroupTask> row_tasks = dx ? ExpertRowTasks(offsets, E) : std::vector<GroupTask>{};
 #pragma omp parallel for schedule(static)
   for (size_t t = 0; t < row_tasks.size(); ++t) {
     const GroupTask& k = row_tasks[t];
@@ -142,7 +142,7 @@ void GroupedLinearBackwardImpl(Tensor& din, Tensor& dw, const Tensor& dout, cons
   // dw[e][o0:o1] += dout_e[:, o0:o1]^T @ in_e: the sum over the expert's rows
   // stays inside one BLAS call, so tiles are over O (never over rows).
   std::vector<GroupTask> w_tasks;
-  for (int64_t e = 0; e < E; ++e) {
+  for (int64_t e = 0; dwp && e < E; ++e) {
     if (offsets[e + 1] == offsets[e]) continue;
     for (int64_t o = 0; o < O; o += kRowTile) w_tasks.push_back({e, o, std::min(O, o + kRowTile)});
   }
@@ -151,8 +151,7 @@ void GroupedLinearBackwardImpl(Tensor& din, Tensor& dw, const Tensor& dout, cons
     const GroupTask& k = w_tasks[t];
     const int64_t n = offsets[k.e + 1] - offsets[k.e];
     const int64_t r = offsets[k.e];
-    Gemm(true, false, k.r1 - k.r0, I, n, 1.0, dy + r * O + k.r0, O, x + r * I, I, 1.0,
-         dwp + k.e * O * I + k.r0 * I, I);
+    Gemm(true, false, k.r1 - k.r0, I, n, 1.0, dy + r * O + k.r0, O, x + r * I, I, 1.0, dwp + k.e * O * I + k.r0 * I, I);
   }
 }
 
@@ -182,11 +181,10 @@ void CpuBackend::GroupedLinearForward(Tensor& out, const Tensor& in, const Tenso
 void CpuBackend::GroupedLinearBackward(Tensor& din, Tensor& dw, const Tensor& dout, const Tensor& in, const Tensor& w,
                                        const Tensor& offsets) {
   assert(offsets.dtype() == DType::kI32 && offsets.numel() == w.dim(0) + 1);
-  assert(dw.numel() == w.numel() && din.numel() == in.numel());
+  assert((!dw.defined() || dw.numel() == w.numel()) && (!din.defined() || din.numel() == in.numel()));
   const int32_t* off = offsets.data<int32_t>();
-  cpu::DispatchFloat(dout.dtype(), [&](auto tag) {
-    GroupedLinearBackwardImpl<decltype(tag)>(din, dw, dout, in, w, off);
-  });
+  cpu::DispatchFloat(dout.dtype(),
+                     [&](auto tag) { GroupedLinearBackwardImpl<decltype(tag)>(din, dw, dout, in, w, off); });
 }
 
 // ---- elementwise -------------------------------------------------------------
@@ -233,9 +231,9 @@ void CpuBackend::ConcatCols(Tensor& out, const Tensor& a, const Tensor& b) {
   assert(a.rows() == N && b.rows() == N && out.cols() == A + B);
   cpu::DispatchFloat(out.dtype(), [&](auto tag) {
     using T = decltype(tag);
-    T* o = out.data<T>();        // (N, A+B)
-    const T* ap = a.data<T>();   // (N, A)
-    const T* bp = b.data<T>();   // (N, B)
+    T* o = out.data<T>();       // (N, A+B)
+    const T* ap = a.data<T>();  // (N, A)
+    const T* bp = b.data<T>();  // (N, B)
 #pragma omp parallel for schedule(static) if (N * (A + B) > kChunk)
     for (int64_t n = 0; n < N; ++n) {
       std::memcpy(o + n * (A + B), ap + n * A, sizeof(T) * A);

@@ -384,12 +384,13 @@ void CudaBackend::GroupedLinearForward(Tensor& out, const Tensor& in, const Tens
 void CudaBackend::GroupedLinearBackward(Tensor& din, Tensor& dw, const Tensor& dout, const Tensor& in, const Tensor& w,
                                         const Tensor& offsets) {
   static const char* kOp = "GroupedLinearBackward";
-  if (failed() || !RequireF32(*this, kOp, {&din, &dw, &dout, &in, &w})) return;
+  if (failed() || !RequireF32(*this, kOp, {&dout, &in, &w})) return;
+  if ((din.defined() && !RequireF32(*this, kOp, {&din})) || (dw.defined() && !RequireF32(*this, kOp, {&dw}))) return;
   if (!ShapeOk(*this, kOp, w.ndim() == 3, "w " + w.ShapeString() + " is not [E, O, I]")) return;
   const int64_t E = w.dim(0), O = w.dim(1), I = w.dim(2), R = in.rows();
   if (!ShapeOk(*this, kOp,
-               in.cols() == I && din.numel() == in.numel() && dw.numel() == w.numel() && dout.cols() == O &&
-                   dout.rows() == R,
+               in.cols() == I && (!din.defined() || din.numel() == in.numel()) &&
+                   (!dw.defined() || dw.numel() == w.numel()) && dout.cols() == O && dout.rows() == R,
                "din " + din.ShapeString() + ", dw " + dw.ShapeString() + ", dout " + dout.ShapeString() + ", in " +
                    in.ShapeString() + ", w " + w.ShapeString()))
     return;
@@ -400,17 +401,18 @@ void CudaBackend::GroupedLinearBackward(Tensor& din, Tensor& dw, const Tensor& d
   const float* x = in.data<float>();     // (R, I)
   const float* wp = w.data<float>();     // (E, O, I)
   const float* dy = dout.data<float>();  // (R, O)
-  float* dx = din.data<float>();         // (R, I)
-  float* dwp = dw.data<float>();         // (E, O, I)
+  float* dx = din.defined() ? din.data<float>() : nullptr;  // (R, I)
+  float* dwp = dw.defined() ? dw.data<float>() : nullptr;   // (E, O, I)
   std::vector<GemmProblem> input_grads;
-  for (int64_t e = 0; e < E; ++e) {
+  for (int64_t e = 0; dx && e < E; ++e) {
     const int64_t r0 = off[e], rows = off[e + 1] - off[e];
     if (rows == 0) continue;
     input_grads.push_back({CUBLAS_OP_N, CUBLAS_OP_N, static_cast<int>(I), static_cast<int>(rows), static_cast<int>(O),
                            wp + e * O * I, static_cast<int>(I), dy + r0 * O, static_cast<int>(O), 1.0f, dx + r0 * I,
                            static_cast<int>(I)});
   }
-  GroupedGemm(*this, kOp, input_grads);
+  if (!input_grads.empty()) GroupedGemm(*this, kOp, input_grads);
+  if (dwp == nullptr) return;
   if (ChunkedWeightGrad(*this, kOp, dwp, x, dy, off, E, I, O)) return;
   // Shapes too large for the chunk scratch: each expert's GEMM then fills
   // the GPU by itself, and the grouped call (which cuBLAS may run as one

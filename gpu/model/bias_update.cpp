@@ -1,6 +1,7 @@
 // Auxiliary-loss-free bias rule; see bias_update.h.
 #include "gpu/model/bias_update.h"
 
+#include <algorithm>
 #include <cassert>
 
 namespace troupe {
@@ -18,6 +19,15 @@ void UpdateRoutingBias(std::vector<float>& bias, const std::vector<int64_t>& loa
     const int sign = scaled < total ? 1 : (scaled > total ? -1 : 0);
     bias[i] = static_cast<float>(static_cast<double>(bias[i]) + gamma * sign);
   }
+}
+
+double MaxLoadRatio(const std::vector<int64_t>& load) {
+  int64_t total = 0, most = 0;
+  for (int64_t x : load) {
+    total += x;
+    most = std::max(most, x);
+  }
+  return total > 0 ? static_cast<double>(most) * load.size() / total : 0.0;
 }
 
 }  // namespace troupe

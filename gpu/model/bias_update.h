@@ -19,4 +19,7 @@ namespace troupe {
 // Pure and deterministic; an empty vector is left alone.
 void UpdateRoutingBias(std::vector<float>& bias, const std::vector<int64_t>& load, double gamma);
 
+// max_i load_i / mean load (1 = perfectly balanced); 0 when nothing was routed.
+double MaxLoadRatio(const std::vector<int64_t>& load);
+
 }  // namespace troupe

@@ -4,6 +4,7 @@
 #pragma once
 
 #include "gpu/backend.h"
+#include "gpu/model/weight_grads.h"
 
 namespace troupe {
 
@@ -15,12 +16,17 @@ inline void Linear(Backend& be, Tensor& y, const Tensor& x, const Tensor& w) {
   be.Matmul(y2, AsRowsOf(x, w.dim(1)), w, false, true, 1.0, 0.0);
 }
 
-// dx += dy W;  dW += dy^T x.
-inline void LinearBackward(Backend& be, Tensor& dx, Tensor& dw, const Tensor& dy, const Tensor& x, const Tensor& w) {
+// dx += dy W;  dW += dy^T x (now, or into `defer` for a later W).
+inline void LinearBackward(Backend& be, Tensor& dx, Tensor& dw, const Tensor& dy, const Tensor& x, const Tensor& w,
+                           WeightGradQueue* defer = nullptr) {
   Tensor dx2 = AsRowsOf(dx, w.dim(1));
   const Tensor dy2 = AsRowsOf(dy, w.dim(0));
   be.Matmul(dx2, dy2, w, false, false, 1.0, 1.0);
-  be.Matmul(dw, dy2, AsRowsOf(x, w.dim(1)), true, false, 1.0, 1.0);
+  if (defer) {
+    defer->DeferLinear(be, dw, dy2, x);
+  } else {
+    be.Matmul(dw, dy2, AsRowsOf(x, w.dim(1)), true, false, 1.0, 1.0);
+  }
 }
 
 }  // namespace troupe

@@ -47,20 +47,23 @@ struct LayerParams {
   bool is_mtp = false;
   Tensor input_norm;  // [d]
   MlaParams attn;
-  Tensor post_norm;  // [d]
+  Tensor post_norm;    // [d]
   SwiGluParams dense;  // when !is_moe
   MoeParams moe;       // when is_moe
-  Tensor enorm;      // [d]      MTP: norm of the shifted token's embedding
-  Tensor hnorm;      // [d]      MTP: norm of the previous depth's hidden state
-  Tensor eh_proj;    // [d, 2d]  MTP: M_k, input [enorm(emb) ; hnorm(h)]
-  Tensor head_norm;  // [d]      MTP: its own final norm (shared_head.norm)
+  Tensor enorm;        // [d]      MTP: norm of the shifted token's embedding
+  Tensor hnorm;        // [d]      MTP: norm of the previous depth's hidden state
+  Tensor eh_proj;      // [d, 2d]  MTP: M_k, input [enorm(emb) ; hnorm(h)]
+  Tensor head_norm;    // [d]      MTP: its own final norm (shared_head.norm)
 };
 
 struct ModelParams {
-  Tensor embed;       // [V, d]
+  Tensor embed;                     // [V, d]
   std::vector<LayerParams> layers;  // L main layers, then D MTP modules
-  Tensor final_norm;  // [d]
-  Tensor lm_head;     // [V, d]
+  Tensor final_norm;                // [d]
+  Tensor lm_head;                   // [V, d]
+  // Expert parallelism: the routed-expert tensors hold experts
+  // [expert_first, expert_first + their dim 0) of every MoE layer.
+  int expert_first = 0;
 };
 
 // A parameter with its internal name (HF-style, fused tensors named
@@ -72,13 +75,49 @@ struct ParamRef {
   bool weight_decay;  // matrices only
 };
 
-// Allocates zeroed tensors for every parameter of `cfg` on `backend`.
-Expected<ModelParams> AllocateParams(Backend& backend, const ModelConfig& cfg, DType dtype);
+// The part of the network one pipeline stage runs (BRIEF §2): main layers
+// [first_layer, end_layer) (end -1 = to the last), the embedding on the first
+// stage, the final norm, main head and MTP modules on the last.
+struct StageSpan {
+  int first_layer = 0;
+  int end_layer = -1;
+  bool first = true;
+  bool last = true;
+  // Expert parallelism: the routed experts are split evenly over ep ranks
+  // and this stage holds rank ep_rank's contiguous share.
+  int ep = 1;
+  int ep_rank = 0;
+  bool whole() const { return first && last && first_layer == 0 && end_layer < 0 && ep == 1; }
+};
+
+// Which parameters a Model holds; the rest keep their name and shape but no
+// storage (Tensor::defined() is false) and are skipped by ListParams.
+struct ParamSelection {
+  bool embed = true;
+  int first_layer = 0, end_layer = -1;      // main layers held; -1 = to the last
+  bool mtp = true;                          // the MTP modules
+  bool head = true;                         // final norm and lm_head
+  int expert_first = 0, expert_count = -1;  // routed experts held; -1 = all
+  // A stage's own tensors; the last stage also holds the embedding when
+  // there are MTP modules (they embed the shifted tokens), as V3 does.
+  static ParamSelection ForStage(const ModelConfig& cfg, const StageSpan& span);
+  bool HoldsLayer(const ModelConfig& cfg, int layer) const;
+};
+
+// Allocates zeroed tensors for the selected parameters of `cfg` on `backend`.
+Expected<ModelParams> AllocateParams(Backend& backend, const ModelConfig& cfg, DType dtype,
+                                     const ParamSelection& selection = {});
 // Norm weights 1, routing biases 0, matrices N(0, init_std^2) from `seed`
 // (the output projections o and down scaled by 1/sqrt(2 * layers), GPT-2 style).
-// Drawn on the host in a fixed order, so every backend gets the same bits.
+// Drawn on the host in a fixed order over the whole model, so every backend
+// and every pipeline stage gets the same bits as a whole-model run.
 Status InitParams(Backend& backend, const ModelConfig& cfg, uint64_t seed, ModelParams& params);
-// Every tensor, in a fixed order (the order of optimizer updates and files).
+// False for the routing biases, which gradients never touch.
+bool IsTrainableParam(const std::string& name);
+// Names of the tensors `selection` holds, in ListParams order, without
+// allocating anything.
+std::vector<std::string> ParamNames(const ModelConfig& cfg, const ParamSelection& selection);
+// Every held tensor, in a fixed order (the order of optimizer updates and files).
 std::vector<ParamRef> ListParams(ModelParams& params);
 int64_t CountParams(ModelParams& params);
 // Parameters a token touches: routed experts count K of E.

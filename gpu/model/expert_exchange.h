@@ -1,0 +1,48 @@
+// Expert parallelism inside a MoE layer (BRIEF §2): the routed experts of a
+// layer are split evenly over the ranks of an expert-parallel group, rank r
+// holding experts [r E/ep, (r+1) E/ep). Each rank routes its own tokens; a
+// token copy travels to the rank of its expert (dispatch) and its output
+// travels back (combine), and the same on the way back in backward. The
+// counts go first in each message, so a receiver knows every row's expert.
+//
+// The layer code is synchronous and cannot return a Status, so an exchange
+// records its first failure: the layer then runs on zeros and the caller
+// checks status() after each chunk and aborts the step.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "common/status.h"
+
+namespace troupe {
+
+struct ExpertRouteStats {
+  int64_t tokens = 0;           // tokens routed
+  int64_t copies = 0;           // token copies (tokens x K)
+  int64_t remote_copies = 0;    // copies whose expert lives on another rank
+  int max_ranks_per_token = 0;  // most ranks one token's experts span (device-limited routing bounds it by M)
+};
+
+class ExpertExchange {
+ public:
+  virtual ~ExpertExchange() = default;
+  virtual int size() const = 0;
+  virtual int rank() const = 0;
+  // send[j] goes to rank j; the result's [j] is what rank j sent here. The
+  // four transfers of a layer pass (dispatch and combine, forward and
+  // backward) use their own `phase` 0..3.
+  virtual Expected<std::vector<std::vector<uint8_t>>> AllToAll(std::vector<std::vector<uint8_t>> send, int phase) = 0;
+
+  const Status& status() const { return status_; }
+  void Fail(const Status& s) {
+    if (status_.ok()) status_ = s;
+  }
+  ExpertRouteStats& stats() { return stats_; }
+
+ private:
+  Status status_;
+  ExpertRouteStats stats_;
+};
+
+}  // namespace troupe

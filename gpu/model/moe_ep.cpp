@@ -1,0 +1,250 @@
+#include "gpu/model/moe_ep.h"
+
+#include <cstring>
+#include <string>
+
+#include "gpu/host_io.h"
+
+namespace troupe {
+namespace {
+
+enum Phase { kDispatchForward = 0, kCombineForward = 1, kDispatchBackward = 2, kCombineBackward = 3 };
+
+// Rows of `t` as host bytes.
+std::vector<uint8_t> HostRows(Backend& be, const Tensor& t, int64_t rows) {
+  std::vector<uint8_t> out(static_cast<size_t>(rows) * t.cols() * DTypeSize(t.dtype()));
+  if (rows > 0) be.CopyToHost(out.data(), t.Prefix({rows, t.cols()}));
+  return out;
+}
+
+void SetRows(Backend& be, Tensor& t, const std::vector<uint8_t>& bytes, int64_t rows) {
+  if (rows > 0) {
+    Tensor view = t.Prefix({rows, t.cols()});
+    be.CopyFromHost(view, bytes.data());
+  }
+}
+
+// One message: the counts of each of the receiver's experts, then the rows.
+std::vector<uint8_t> Pack(const int64_t* counts, int experts, const uint8_t* rows, size_t row_bytes, int64_t n) {
+  std::vector<uint8_t> m(experts * sizeof(int64_t) + static_cast<size_t>(n) * row_bytes);
+  std::memcpy(m.data(), counts, experts * sizeof(int64_t));
+  if (n > 0) std::memcpy(m.data() + experts * sizeof(int64_t), rows, static_cast<size_t>(n) * row_bytes);
+  return m;
+}
+
+// Sources' blocks (each sorted by expert, counts[src][e] rows) -> one
+// expert-major buffer, and back. Both directions share the walk.
+template <bool kToExpertMajor>
+void Rearrange(std::vector<uint8_t>& expert_major, std::vector<std::vector<uint8_t>>& blocks,
+               const std::vector<int64_t>& counts, int ranks, int experts, size_t row_bytes, size_t header) {
+  std::vector<size_t> at(ranks, header);
+  size_t out = 0;
+  for (int e = 0; e < experts; ++e) {
+    for (int src = 0; src < ranks; ++src) {
+      const size_t n = static_cast<size_t>(counts[src * experts + e]) * row_bytes;
+      if (n == 0) continue;
+      if (kToExpertMajor)
+        std::memcpy(expert_major.data() + out, blocks[src].data() + at[src], n);
+      else
+        std::memcpy(blocks[src].data() + at[src], expert_major.data() + out, n);
+      at[src] += n;
+      out += n;
+    }
+  }
+}
+
+// Sends rows sorted by global expert to the experts' ranks; returns the
+// rows received, expert-major. `send_counts` [ranks * experts] says how many
+// rows go to each (rank, expert); the received counts are filled in.
+// A source can send at most `per_source_max` rows (its own token copies)
+// and all together at most `total_max` (the receive buffers' capacity):
+// counts beyond either are refused before any byte is placed.
+std::vector<uint8_t> Dispatch(ExpertExchange& ex, const std::vector<uint8_t>& sorted, size_t row_bytes,
+                              const std::vector<int64_t>& send_counts, std::vector<int64_t>* recv_counts, int phase,
+                              int64_t* recv_rows, int64_t per_source_max, int64_t total_max) {
+  const int ranks = ex.size(), experts = static_cast<int>(send_counts.size()) / ranks;
+  std::vector<std::vector<uint8_t>> send(ranks);
+  size_t offset = 0;
+  for (int j = 0; j < ranks; ++j) {
+    int64_t n = 0;
+    for (int e = 0; e < experts; ++e) n += send_counts[j * experts + e];
+    send[j] = Pack(&send_counts[j * experts], experts, sorted.data() + offset, row_bytes, n);
+    offset += static_cast<size_t>(n) * row_bytes;
+  }
+  auto got = ex.AllToAll(std::move(send), phase);
+  *recv_rows = 0;
+  if (!got.ok()) {
+    ex.Fail(got.status().WithContext("expert dispatch"));
+    return {};
+  }
+  const size_t header = experts * sizeof(int64_t);
+  recv_counts->assign(static_cast<size_t>(ranks) * experts, 0);
+  for (int src = 0; src < ranks; ++src) {
+    const std::vector<uint8_t>& m = (*got)[src];
+    if (m.size() < header) {
+      ex.Fail(Status::Corruption("expert dispatch from rank " + std::to_string(src) + ": " + std::to_string(m.size()) +
+                                 " bytes, shorter than its counts"));
+      return {};
+    }
+    int64_t rows = 0;
+    for (int e = 0; e < experts; ++e) {
+      int64_t c = 0;
+      std::memcpy(&c, m.data() + e * sizeof(int64_t), sizeof(int64_t));
+      if (c < 0 || c > per_source_max - rows) {
+        ex.Fail(Status::Corruption("expert dispatch from rank " + std::to_string(src) + ": row count " +
+                                   std::to_string(c) + " for expert " + std::to_string(e) +
+                                   " is out of range (at most " + std::to_string(per_source_max) + " rows per rank)"));
+        return {};
+      }
+      (*recv_counts)[src * experts + e] = c;
+      rows += c;
+    }
+    if (rows > total_max - *recv_rows) {
+      ex.Fail(Status::Corruption("expert dispatch: " + std::to_string(*recv_rows + rows) +
+                                 " rows arrived, more than the " + std::to_string(total_max) + " the buffers hold"));
+      return {};
+    }
+    if (m.size() != header + static_cast<size_t>(rows) * row_bytes) {
+      ex.Fail(Status::Corruption("expert dispatch from rank " + std::to_string(src) + ": " + std::to_string(m.size()) +
+                                 " bytes for " + std::to_string(rows) + " rows"));
+      return {};
+    }
+    *recv_rows += rows;
+  }
+  std::vector<uint8_t> expert_major(static_cast<size_t>(*recv_rows) * row_bytes);
+  Rearrange<true>(expert_major, *got, *recv_counts, ranks, experts, row_bytes, header);
+  return expert_major;
+}
+
+// The way back: expert-major rows (laid out as Dispatch received them) go to
+// their sources, which get them in their sorted order.
+std::vector<uint8_t> Combine(ExpertExchange& ex, std::vector<uint8_t> expert_major, size_t row_bytes,
+                             const std::vector<int64_t>& recv_counts, const std::vector<int64_t>& send_counts,
+                             int phase) {
+  const int ranks = ex.size(), experts = static_cast<int>(recv_counts.size()) / ranks;
+  std::vector<std::vector<uint8_t>> back(ranks);
+  for (int src = 0; src < ranks; ++src) {
+    int64_t n = 0;
+    for (int e = 0; e < experts; ++e) n += recv_counts[src * experts + e];
+    back[src].resize(static_cast<size_t>(n) * row_bytes);
+  }
+  Rearrange<false>(expert_major, back, recv_counts, ranks, experts, row_bytes, 0);
+  auto got = ex.AllToAll(std::move(back), phase);
+  if (!got.ok()) {
+    ex.Fail(got.status().WithContext("expert combine"));
+    return {};
+  }
+  std::vector<uint8_t> sorted;
+  for (int j = 0; j < ranks; ++j) {
+    int64_t n = 0;
+    for (int e = 0; e < experts; ++e) n += send_counts[j * experts + e];
+    if ((*got)[j].size() != static_cast<size_t>(n) * row_bytes) {
+      ex.Fail(Status::Corruption("expert combine from rank " + std::to_string(j) + ": " +
+                                 std::to_string((*got)[j].size()) + " bytes, expected " + std::to_string(n) + " rows"));
+      return {};
+    }
+    sorted.insert(sorted.end(), (*got)[j].begin(), (*got)[j].end());
+  }
+  return sorted;
+}
+
+void RecordRouting(ExpertExchange& ex, const std::vector<double>& topk, int64_t tokens, int k, int per_rank) {
+  ExpertRouteStats& st = ex.stats();
+  st.tokens += tokens;
+  st.copies += tokens * k;
+  for (int64_t n = 0; n < tokens; ++n) {
+    uint64_t ranks = 0;  // bit set of ranks (ep <= 64)
+    for (int j = 0; j < k; ++j) {
+      const int r = static_cast<int>(topk[n * k + j]) / per_rank;
+      ranks |= uint64_t{1} << (r & 63);
+      if (r != ex.rank()) ++st.remote_copies;
+    }
+    st.max_ranks_per_token = std::max(st.max_ranks_per_token, __builtin_popcountll(ranks));
+  }
+}
+
+}  // namespace
+
+void RoutedExpertsForwardEp(Backend& be, const ModelConfig& c, const MoeParams& p, LayerActs& a, ExpertExchange& ex) {
+  if (!ex.status().ok()) {  // an earlier transfer failed: the step is lost, do not wait on the network again
+    be.Zero(a.e_out);
+    return;
+  }
+  const int ranks = ex.size();
+  const int local = static_cast<int>(p.experts_gate_up.dim(0));
+  const int64_t copies = a.x_sorted.rows(), d = a.x_sorted.cols();
+  const size_t row_bytes = static_cast<size_t>(d) * DTypeSize(a.x_sorted.dtype());
+  const std::vector<double> offsets = ToHostDoubles(be, a.offsets);  // [E + 1]
+  RecordRouting(ex, ToHostDoubles(be, a.topk_idx), a.topk_idx.rows(), static_cast<int>(a.topk_idx.cols()), local);
+  a.send_counts.assign(static_cast<size_t>(ranks) * local, 0);
+  for (int e = 0; e < ranks * local; ++e) a.send_counts[e] = static_cast<int64_t>(offsets[e + 1] - offsets[e]);
+  int64_t rows = 0;
+  std::vector<uint8_t> mine = Dispatch(ex, HostRows(be, a.x_sorted, copies), row_bytes, a.send_counts, &a.recv_counts,
+                                       kDispatchForward, &rows, copies, a.x_recv.rows());
+  if (!ex.status().ok()) {
+    be.Zero(a.e_out);
+    return;
+  }
+  SetRows(be, a.x_recv, mine, rows);
+  std::vector<int32_t> local_offsets(local + 1, 0);
+  for (int e = 0; e < local; ++e) {
+    int64_t n = 0;
+    for (int src = 0; src < ranks; ++src) n += a.recv_counts[src * local + e];
+    local_offsets[e + 1] = static_cast<int32_t>(local_offsets[e] + n);
+  }
+  be.CopyFromHost(a.offsets_local, local_offsets.data());
+  const int64_t f = p.experts_down.dim(2);
+  Tensor x = a.x_recv.Prefix({rows, d}), gate_up = a.e_gate_up.Prefix({rows, 2 * f}), act = a.e_act.Prefix({rows, f});
+  Tensor y = a.y_recv.Prefix({rows, d});
+  be.GroupedLinearForward(gate_up, x, p.experts_gate_up, a.offsets_local);
+  be.SwiGluForward(act, gate_up);
+  be.GroupedLinearForward(y, act, p.experts_down, a.offsets_local);
+  std::vector<uint8_t> out =
+      Combine(ex, HostRows(be, a.y_recv, rows), row_bytes, a.recv_counts, a.send_counts, kCombineForward);
+  if (!ex.status().ok()) {
+    be.Zero(a.e_out);
+    return;
+  }
+  SetRows(be, a.e_out, out, copies);
+  (void)c;
+}
+
+void RoutedExpertsBackwardEp(Backend& be, const MoeParams& p, MoeParams& g, LayerActs& a, LayerScratch& s,
+                             ExpertExchange& ex, WeightGradQueue* defer) {
+  if (!ex.status().ok()) {
+    be.Zero(s.d_x_sorted);
+    return;
+  }
+  const int64_t copies = s.d_y_sorted.rows(), d = s.d_y_sorted.cols(), f = p.experts_down.dim(2);
+  const size_t row_bytes = static_cast<size_t>(d) * DTypeSize(s.d_y_sorted.dtype());
+  int64_t rows = 0;
+  std::vector<int64_t> counts_check;
+  std::vector<uint8_t> dy = Dispatch(ex, HostRows(be, s.d_y_sorted, copies), row_bytes, a.send_counts, &counts_check,
+                                     kDispatchBackward, &rows, copies, s.d_y_recv.rows());
+  be.Zero(s.d_x_sorted);
+  if (!ex.status().ok()) return;
+  if (counts_check != a.recv_counts) {
+    ex.Fail(Status::Internal("expert gradients arrived with other counts than the forward's"));
+    return;
+  }
+  SetRows(be, s.d_y_recv, dy, rows);
+  Tensor d_y = s.d_y_recv.Prefix({rows, d}), d_act = s.d_e_act.Prefix({rows, f});
+  Tensor d_gate_up = s.d_e_gate_up.Prefix({rows, 2 * f}), d_x = s.d_x_recv.Prefix({rows, d});
+  Tensor act = a.e_act.Prefix({rows, f}), gate_up = a.e_gate_up.Prefix({rows, 2 * f}), x = a.x_recv.Prefix({rows, d});
+  be.Zero(d_act);
+  be.Zero(d_gate_up);
+  be.Zero(d_x);
+  Tensor no_weights;
+  be.GroupedLinearBackward(d_act, defer ? no_weights : g.experts_down, d_y, act, p.experts_down, a.offsets_local);
+  if (defer) defer->DeferGrouped(be, g.experts_down, d_y, act, p.experts_down, a.offsets_local);
+  be.SwiGluBackward(d_gate_up, d_act, gate_up);
+  be.GroupedLinearBackward(d_x, defer ? no_weights : g.experts_gate_up, d_gate_up, x, p.experts_gate_up,
+                           a.offsets_local);
+  if (defer) defer->DeferGrouped(be, g.experts_gate_up, d_gate_up, x, p.experts_gate_up, a.offsets_local);
+  std::vector<uint8_t> back =
+      Combine(ex, HostRows(be, s.d_x_recv, rows), row_bytes, a.recv_counts, a.send_counts, kCombineBackward);
+  if (!ex.status().ok()) return;
+  SetRows(be, s.d_x_sorted, back, copies);
+}
+
+}  // namespace troupe

@@ -1,0 +1,168 @@
+#include "train/parallel/bucket_optimizer.h"
+
+#include <algorithm>
+
+#include "gpu/host_io.h"
+#include "train/lr_schedule.h"
+#include "train/parallel/collectives.h"
+#include "train/parallel/tags.h"
+
+namespace troupe::parallel {
+namespace {
+
+// Elements [begin, end) of a tensor, as a [end - begin, 1] view.
+Tensor Elements(const Tensor& t, int64_t begin, int64_t end) { return t.Reshape({t.numel(), 1}).SliceRows(begin, end); }
+
+// The bucket's tensors as one host vector (local duplicates summed).
+std::vector<float> Flatten(Backend& be, const std::vector<std::vector<Tensor*>>& copies, int64_t length) {
+  std::vector<float> flat(static_cast<size_t>(length));
+  size_t at = 0;
+  for (const auto& c : copies) {
+    std::vector<float> sum = ToHostFloats(be, *c[0]);
+    for (size_t i = 1; i < c.size(); ++i) {
+      std::vector<float> more = ToHostFloats(be, *c[i]);
+      for (size_t j = 0; j < sum.size(); ++j) sum[j] += more[j];
+    }
+    std::copy(sum.begin(), sum.end(), flat.begin() + at);
+    at += sum.size();
+  }
+  return flat;
+}
+
+// Writes flat elements [begin, end) back into every local copy.
+void Scatter(Backend& be, const std::vector<std::vector<Tensor*>>& copies, const std::vector<float>& flat,
+             int64_t begin, int64_t end) {
+  int64_t at = 0;
+  for (const auto& c : copies) {
+    const int64_t n = c[0]->numel();
+    const int64_t lo = std::max(begin, at), hi = std::min(end, at + n);
+    if (lo < hi) {
+      for (Tensor* t : c) {
+        Tensor part = Elements(*t, lo - at, hi - at);
+        be.CopyFromHost(part, flat.data() + lo);
+      }
+    }
+    at += n;
+  }
+}
+
+std::vector<Tensor*> Copies(const std::vector<ModelParams*>& sets, const std::string& name, bool* weight_decay) {
+  std::vector<Tensor*> out;
+  for (ModelParams* p : sets) {
+    for (ParamRef& r : ListParams(*p)) {
+      if (r.name != name) continue;
+      out.push_back(r.tensor);
+      if (weight_decay) *weight_decay = r.weight_decay;
+    }
+  }
+  return out;
+}
+
+}  // namespace
+
+Expected<std::unique_ptr<BucketOptimizer>> BucketOptimizer::Create(Backend& be, ProcessGroup& group,
+                                                                   std::vector<Bucket> buckets,
+                                                                   std::vector<ModelParams*> params,
+                                                                   std::vector<ModelParams*> grads, bool zero1,
+                                                                   int timeout_ms) {
+  std::unique_ptr<BucketOptimizer> o(new BucketOptimizer(be, group, std::move(buckets), zero1, timeout_ms));
+  TROUPE_RETURN_IF_ERROR(o->Init(std::move(params), std::move(grads)));
+  return o;
+}
+
+Status BucketOptimizer::Init(std::vector<ModelParams*> params, std::vector<ModelParams*> grads) {
+  const int rank = group_.rank();
+  for (size_t b = 0; b < buckets_.size(); ++b) {
+    const Bucket& bucket = buckets_[b];
+    auto me = std::find(bucket.holders.begin(), bucket.holders.end(), rank);
+    if (me == bucket.holders.end()) continue;
+    Local l;
+    l.index = b;
+    l.bucket = &bucket;
+    std::vector<bool> decay;
+    for (const std::string& n : bucket.names) {
+      bool wd = false;
+      l.params.push_back(Copies(params, n, &wd));
+      l.grads.push_back(Copies(grads, n, nullptr));
+      if (l.params.back().empty() || l.grads.back().size() != l.params.back().size())
+        return Status::Internal("rank " + std::to_string(rank) + " is listed as a holder of " + n + " but lacks it");
+      decay.push_back(wd);
+      l.length += l.params.back()[0]->numel();
+    }
+    if (zero1_) {
+      const Chunk c = ChunkOf(static_cast<size_t>(l.length), bucket.holders.size(),
+                              static_cast<size_t>(me - bucket.holders.begin()));
+      l.chunk_begin = static_cast<int64_t>(c.offset);
+      l.chunk_end = static_cast<int64_t>(c.offset + c.count);
+    } else {
+      l.chunk_end = l.length;
+    }
+    int64_t at = 0;
+    for (size_t i = 0; i < bucket.names.size(); ++i) {
+      const int64_t n = l.params[i][0]->numel();
+      const int64_t lo = std::max(l.chunk_begin, at), hi = std::min(l.chunk_end, at + n);
+      if (lo < hi) l.pieces.push_back({l.params[i], l.grads[i], lo - at, hi - at, lo - l.chunk_begin, decay[i]});
+      at += n;
+    }
+    const int64_t chunk = l.chunk_end - l.chunk_begin;
+    if (chunk > 0) {
+      TROUPE_ASSIGN_OR_RETURN(l.m, be_.Alloc({chunk, 1}, DType::kF32, "optimizer.exp_avg"));
+      TROUPE_ASSIGN_OR_RETURN(l.v, be_.Alloc({chunk, 1}, DType::kF32, "optimizer.exp_avg_sq"));
+      be_.Zero(l.m);
+      be_.Zero(l.v);
+      state_bytes_ += 2 * static_cast<size_t>(chunk) * sizeof(float);
+    }
+    mine_.push_back(std::move(l));
+  }
+  return Status::Ok();
+}
+
+Status BucketOptimizer::ReduceGradients() {
+  for (Local& l : mine_) {
+    std::vector<float> flat = Flatten(be_, l.grads, l.length);
+    const std::vector<int>& holders = l.bucket->holders;
+    if (holders.size() > 1) {
+      Status s = zero1_ ? ReduceScatterSum(group_, holders, flat, Tag(TagKind::kGradBucket, l.index), timeout_ms_)
+                        : AllReduceSum(group_, holders, flat, Tag(TagKind::kGradBucket, l.index), timeout_ms_);
+      TROUPE_RETURN_IF_ERROR(s.WithContext("gradient reduction"));
+    }
+    Scatter(be_, l.grads, flat, l.chunk_begin, l.chunk_end);
+  }
+  return Status::Ok();
+}
+
+double BucketOptimizer::OwnedSquaredNorm() {
+  double sq = 0.0;
+  for (const Local& l : mine_) {
+    // Plain mode: every holder has the whole sum; the first holder counts it.
+    if (!zero1_ && l.bucket->holders.front() != group_.rank()) continue;
+    for (const Piece& p : l.pieces) sq += be_.SumSquares(Elements(*p.grads[0], p.begin, p.end));
+  }
+  return sq;
+}
+
+Status BucketOptimizer::Step(const TrainConfig& tc, double lr, double clip_scale, int step) {
+  for (Local& l : mine_) {
+    for (const Piece& p : l.pieces) {
+      const AdamWParams a = AdamWSettings(tc, lr, clip_scale, step, p.weight_decay);
+      Tensor param = Elements(*p.params[0], p.begin, p.end);
+      Tensor grad = Elements(*p.grads[0], p.begin, p.end);
+      Tensor m = l.m.SliceRows(p.state_offset, p.state_offset + (p.end - p.begin));
+      Tensor v = l.v.SliceRows(p.state_offset, p.state_offset + (p.end - p.begin));
+      be_.AdamWStep(param, grad, m, v, a);
+    }
+    const bool gather = zero1_ && l.bucket->holders.size() > 1;
+    const bool duplicates = std::any_of(l.params.begin(), l.params.end(), [](const auto& c) { return c.size() > 1; });
+    if (!gather && !duplicates) continue;
+    std::vector<std::vector<Tensor*>> firsts;
+    for (const auto& c : l.params) firsts.push_back({c[0]});
+    std::vector<float> flat = Flatten(be_, firsts, l.length);
+    if (gather)
+      TROUPE_RETURN_IF_ERROR(AllGather(group_, l.bucket->holders, flat, Tag(TagKind::kWeights, l.index), timeout_ms_)
+                                 .WithContext("weight all-gather"));
+    Scatter(be_, l.params, flat, 0, l.length);
+  }
+  return Status::Ok();
+}
+
+}  // namespace troupe::parallel

@@ -1,0 +1,109 @@
+// DistributedTrainer: one rank of a pipeline x expert x data parallel run
+// (BRIEF §2). Every rank of the job runs one, over one ProcessGroup.
+//
+// Each Step():
+//   1. every rank reads the same global batch (the loader is seeded) and
+//      takes its shard's sequences, cut into the layout's micro-batches;
+//   2. the rank runs its list of the pipeline schedule (PipelineRunner);
+//   3. gradients are summed over every copy of each parameter: DualPipe's
+//      two copies of a stage, the embedding the last stage shares for MTP,
+//      and the data-parallel replicas (BucketOptimizer: one bucket per set
+//      of holders, in one global order);
+//   4. the global gradient norm (each element counted once), clipping and
+//      AdamW: on the whole bucket by every holder, or under ZeRO-1
+//      (parallel.zero1) on one chunk per holder and then all-gathered;
+//   5. expert loads are summed over the holders of each routing bias, which
+//      then take the same auxiliary-loss-free step everywhere.
+// The loss and gradients equal a single-process run of the same global
+// batch (tests/dist_trainer_test.cpp).
+#pragma once
+
+#include <memory>
+#include <vector>
+
+#include "configs/config.h"
+#include "data/loader.h"
+#include "gpu/backend.h"
+#include "gpu/model/model.h"
+#include "train/parallel/bucket_optimizer.h"
+#include "train/parallel/ep_exchange.h"
+#include "train/parallel/layout.h"
+#include "train/parallel/pipeline_runner.h"
+#include "train/parallel/process_group.h"
+#include "train/trainer.h"
+
+namespace troupe::parallel {
+
+// Where a step's time went on this rank.
+struct StepTiming {
+  double busy_s = 0;        // this rank, inside pipeline ops
+  double pipeline_s = 0;    // step start (a barrier) to the last op's end on the slowest rank
+  double bubble_share = 0;  // over all ranks: 1 - sum(busy) / (ranks * pipeline_s)
+  double recv_wait_s = 0;   // this rank, blocked in receives: communication compute did not hide
+  double sync_s = 0;        // gradient, loss and load reductions after the pipeline
+  // Mean op durations over all ranks (s): a forward chunk, a backward chunk
+  // (input gradients only when split), an F&B pair, a W chunk (0 when the
+  // schedule has none).
+  double mean_f_s = 0, mean_b_s = 0, mean_fb_s = 0, mean_w_s = 0;
+  // Expert parallelism, over all ranks: the share of token copies whose
+  // expert lived on another rank, and the most ranks one token reached
+  // (device-limited routing keeps it <= model.topk_group).
+  double ep_remote_share = 0;
+  int ep_max_ranks_per_token = 0;
+};
+
+class DistributedTrainer {
+ public:
+  // `group` has layout.world() ranks; this process is group.rank(). Fails
+  // with a clear Status on a layout the runtime cannot run.
+  static Expected<std::unique_ptr<DistributedTrainer>> Create(Backend& be, const JobConfig& job, const Layout& layout,
+                                                              ProcessGroup& group, int timeout_ms = 60000);
+
+  // One optimizer step. Every rank returns the same report.
+  Expected<StepReport> Step();
+  // Mean main-head loss over the validation batches (same on every rank).
+  Expected<double> Evaluate();
+
+  // Every rank calls it; rank 0 passes a whole-model ModelParams (from
+  // AllocateParams) and receives every tensor: each copy-set's lowest rank
+  // sends it, expert shards land in their rows. Other ranks pass nullptr.
+  Status GatherWeights(ModelParams* whole);
+
+  int step() const { return step_; }
+  const Layout& layout() const { return layout_; }
+  const Schedule& schedule() const { return schedule_; }
+  // This rank's stage copies, by module.
+  std::vector<Model*> modules();
+  const std::vector<OpRecord>& timeline() const { return runner_->timeline(); }
+  const StepTiming& timing() const { return timing_; }
+  // Bytes of AdamW state on this rank (ZeRO-1 divides it among the copies).
+  size_t optimizer_state_bytes() const { return optimizer_->state_bytes(); }
+
+ private:
+  DistributedTrainer(Backend& be, JobConfig job, Layout layout, ProcessGroup& group, int timeout_ms);
+  Status Init();
+  Status UpdateRoutingBiases(double* max_load_ratio);
+  Expected<double> SumOverWorld(double v, uint64_t tag);
+  // This rank's micro-batches of a global batch (its shard's rows).
+  PipelineRunner::MicroTokens MicroBatches(const std::vector<int32_t>& batch) const;
+
+  Backend& be_;
+  JobConfig job_;
+  Layout layout_;
+  ProcessGroup& group_;
+  int timeout_ms_;
+  int rank_;
+  Schedule schedule_;
+  std::vector<std::unique_ptr<Model>> modules_;
+  std::unique_ptr<BucketOptimizer> optimizer_;
+  std::unique_ptr<GroupExpertExchange> expert_exchange_;
+  std::map<std::string, std::vector<int>> holders_;
+  std::vector<std::vector<std::string>> gather_senders_;  // [rank] tensors it sends in GatherWeights
+  std::unique_ptr<PipelineRunner> runner_;
+  std::unique_ptr<data::TokenLoader> train_loader_, val_loader_;
+  std::vector<int> world_;
+  int step_ = 0;
+  StepTiming timing_;
+};
+
+}  // namespace troupe::parallel

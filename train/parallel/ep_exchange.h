@@ -1,0 +1,29 @@
+// ExpertExchange over a ProcessGroup: the all-to-alls of expert parallelism
+// between the ranks of one stage and data replica (Layout::ExpertGroupOf),
+// through the group's communication thread (CURVE ZeroMQ between
+// processes).
+#pragma once
+
+#include <vector>
+
+#include "gpu/model/expert_exchange.h"
+#include "train/parallel/process_group.h"
+
+namespace troupe::parallel {
+
+class GroupExpertExchange final : public ExpertExchange {
+ public:
+  // `members`: the group's world ranks by ep_rank; this process must be one.
+  GroupExpertExchange(ProcessGroup& group, std::vector<int> members, int timeout_ms);
+  int size() const override { return static_cast<int>(members_.size()); }
+  int rank() const override { return my_index_; }
+  Expected<std::vector<std::vector<uint8_t>>> AllToAll(std::vector<std::vector<uint8_t>> send, int phase) override;
+
+ private:
+  ProcessGroup& group_;
+  std::vector<int> members_;
+  int my_index_ = 0;
+  int timeout_ms_;
+};
+
+}  // namespace troupe::parallel

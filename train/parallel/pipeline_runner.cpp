@@ -1,0 +1,207 @@
+#include "train/parallel/pipeline_runner.h"
+
+#include <chrono>
+#include <string>
+
+#include "train/parallel/tags.h"
+
+namespace troupe::parallel {
+namespace {
+
+std::string Chunk(ChunkRef c) { return "micro-batch " + std::to_string(c.micro) + " stage " + std::to_string(c.stage); }
+
+}  // namespace
+
+std::vector<int> SlotsNeeded(const Schedule& schedule, int pp_rank, int modules) {
+  std::vector<int> live(modules, 0), most(modules, 1);
+  for (const Op& op : schedule.per_rank[pp_rank]) {
+    if (op.kind == OpKind::kForward || op.kind == OpKind::kForwardBackward) {
+      const int m = schedule.Place(op.f).module;
+      most[m] = std::max(most[m], ++live[m]);
+    }
+    const bool releases = schedule.split_w ? op.kind == OpKind::kWeight
+                                           : (op.kind == OpKind::kBackward || op.kind == OpKind::kForwardBackward);
+    if (releases) --live[schedule.Place(op.b).module];
+  }
+  return most;
+}
+
+PipelineRunner::PipelineRunner(const Layout& layout, const Schedule& schedule, int world_rank, ProcessGroup& group,
+                               std::vector<Model*> modules, int timeout_ms, const ExpertExchange* experts)
+    : layout_(layout),
+      schedule_(schedule),
+      world_rank_(world_rank),
+      pp_rank_(layout.CoordOf(world_rank).pp_rank),
+      group_(group),
+      modules_(std::move(modules)),
+      timeout_ms_(timeout_ms),
+      experts_(experts) {}
+
+int PipelineRunner::PeerOf(int pp_rank) const {
+  RankCoord c = layout_.CoordOf(world_rank_);
+  c.pp_rank = pp_rank;
+  return layout_.RankOf(c);
+}
+
+Status PipelineRunner::SendTensor(int pp_rank, uint64_t tag, const Tensor& t) {
+  std::vector<uint8_t> bytes;
+  bytes.reserve(t.bytes() + kSendReserveBytes);
+  bytes.resize(t.bytes());
+  modules_[0]->backend().CopyToHost(bytes.data(), t);
+  return group_.Send(PeerOf(pp_rank), tag, std::move(bytes));
+}
+
+Status PipelineRunner::Receive(int pp_rank, uint64_t tag, Tensor& into, const char* what, ChunkRef c) {
+  const auto t0 = std::chrono::steady_clock::now();
+  auto bytes = group_.Recv(PeerOf(pp_rank), tag, timeout_ms_);
+  op_wait_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  if (!bytes.ok()) return bytes.status().WithContext(std::string(what) + " for " + Chunk(c));
+  if (bytes->size() != into.bytes())
+    return Status::Corruption(std::string(what) + " for " + Chunk(c) + " from rank " + std::to_string(PeerOf(pp_rank)) +
+                              " has " + std::to_string(bytes->size()) + " bytes; expected " +
+                              std::to_string(into.bytes()));
+  modules_[0]->backend().CopyFromHost(into, bytes->data());
+  return Status::Ok();
+}
+
+void PipelineRunner::AddLoss(const StageLoss& l) {
+  loss_.main_sum += l.main_sum;
+  loss_.main_valid += l.main_valid;
+  loss_.balance_sum += l.balance_sum;
+  if (loss_.mtp_sum.size() < l.mtp_sum.size()) {
+    loss_.mtp_sum.resize(l.mtp_sum.size(), 0.0);
+    loss_.mtp_valid.resize(l.mtp_sum.size(), 0);
+  }
+  for (size_t k = 0; k < l.mtp_sum.size(); ++k) {
+    loss_.mtp_sum[k] += l.mtp_sum[k];
+    loss_.mtp_valid[k] += l.mtp_valid[k];
+  }
+}
+
+Status PipelineRunner::Forward(ChunkRef c, const MicroTokens& tokens, const LossWeights& w, bool train) {
+  const Placement at = schedule_.Place(c);
+  Model& m = *modules_[at.module];
+  if (free_slots_[at.module].empty())
+    return Status::Internal("pipeline rank " + std::to_string(pp_rank_) + " has no free activation slot for " +
+                            Chunk(c));
+  const int slot = free_slots_[at.module].back();
+  free_slots_[at.module].pop_back();
+  if (c.stage > 0) {
+    const Placement prev = schedule_.Place({c.micro, c.stage - 1});
+    TROUPE_RETURN_IF_ERROR(
+        Receive(prev.rank, ChunkTag(TagKind::kActivation, c.micro, c.stage), m.StageInput(slot), "activation", c));
+  }
+  TROUPE_ASSIGN_OR_RETURN(StageLoss l, m.ForwardStage(slot, tokens(c.micro), w, /*with_mtp=*/train));
+  AddLoss(l);
+  if (c.stage + 1 < schedule_.stages) {
+    const Placement next = schedule_.Place({c.micro, c.stage + 1});
+    TROUPE_RETURN_IF_ERROR(
+        SendTensor(next.rank, ChunkTag(TagKind::kActivation, c.micro, c.stage + 1), m.StageOutput(slot)));
+  }
+  if (train) {
+    std::vector<std::vector<int64_t>> loads = m.ExpertLoads(slot);
+    auto& acc = loads_[at.module];
+    if (acc.empty()) {
+      acc = std::move(loads);
+    } else {
+      for (size_t i = 0; i < loads.size(); ++i)
+        for (size_t e = 0; e < loads[i].size(); ++e) acc[i][e] += loads[i][e];
+    }
+    slot_of_[{c.micro, c.stage}] = slot;
+  } else {
+    free_slots_[at.module].push_back(slot);  // evaluation keeps nothing for a backward
+  }
+  return Status::Ok();
+}
+
+Status PipelineRunner::Backward(ChunkRef c, const LossScale& scale) {
+  const Placement at = schedule_.Place(c);
+  Model& m = *modules_[at.module];
+  auto it = slot_of_.find({c.micro, c.stage});
+  if (it == slot_of_.end()) return Status::Internal("backward of " + Chunk(c) + " before its forward");
+  const int slot = it->second;
+  if (c.stage + 1 < schedule_.stages) {
+    const Placement next = schedule_.Place({c.micro, c.stage + 1});
+    TROUPE_RETURN_IF_ERROR(
+        Receive(next.rank, ChunkTag(TagKind::kGradient, c.micro, c.stage), m.OutputGrad(), "gradient", c));
+  }
+  WeightGradQueue* defer = schedule_.split_w ? &deferred_[{c.micro, c.stage}] : nullptr;
+  m.BackwardStage(slot, scale, defer);
+  if (c.stage > 0) {
+    const Placement prev = schedule_.Place({c.micro, c.stage - 1});
+    TROUPE_RETURN_IF_ERROR(SendTensor(prev.rank, ChunkTag(TagKind::kGradient, c.micro, c.stage - 1), m.InputGrad()));
+  }
+  if (!defer) {
+    slot_of_.erase(it);
+    free_slots_[at.module].push_back(slot);
+  }
+  return Status::Ok();
+}
+
+Status PipelineRunner::Weight(ChunkRef c) {
+  auto q = deferred_.find({c.micro, c.stage});
+  auto it = slot_of_.find({c.micro, c.stage});
+  if (q == deferred_.end() || it == slot_of_.end()) return Status::Internal("W of " + Chunk(c) + " before its B");
+  const Placement at = schedule_.Place(c);
+  q->second.Run(modules_[at.module]->backend());
+  deferred_.erase(q);
+  free_slots_[at.module].push_back(it->second);
+  slot_of_.erase(it);
+  return Status::Ok();
+}
+
+Status PipelineRunner::RunTrainStep(const MicroTokens& tokens, const LossWeights& w, const LossScale& scale) {
+  loss_ = StageLoss{};
+  loads_.assign(modules_.size(), {});
+  timeline_.clear();
+  free_slots_.assign(modules_.size(), {});
+  for (size_t i = 0; i < modules_.size(); ++i)
+    for (int s = modules_[i]->slots() - 1; s >= 0; --s) free_slots_[i].push_back(s);
+  slot_of_.clear();
+  deferred_.clear();
+  const auto t0 = std::chrono::steady_clock::now();
+  auto since = [&t0] { return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(); };
+  for (const Op& op : schedule_.per_rank[pp_rank_]) {
+    OpRecord rec{op.kind, op.f, op.b, since(), 0, 0};
+    op_wait_ = 0;
+    switch (op.kind) {
+      case OpKind::kForward:
+        TROUPE_RETURN_IF_ERROR(Forward(op.f, tokens, w, true));
+        break;
+      case OpKind::kBackward:
+        TROUPE_RETURN_IF_ERROR(Backward(op.b, scale));
+        break;
+      case OpKind::kForwardBackward:
+        // The pair's transfers overlap each other's compute: F's output is
+        // queued before B starts, and B's input was buffered during F.
+        TROUPE_RETURN_IF_ERROR(Forward(op.f, tokens, w, true));
+        TROUPE_RETURN_IF_ERROR(Backward(op.b, scale));
+        break;
+      case OpKind::kWeight:
+        TROUPE_RETURN_IF_ERROR(Weight(op.b));
+        break;
+    }
+    rec.end = since();
+    rec.wait = op_wait_;
+    timeline_.push_back(rec);
+    if (experts_ && !experts_->status().ok())
+      return experts_->status().WithContext("expert all-to-all in " + OpToString(op));
+  }
+  if (!slot_of_.empty()) return Status::Internal("schedule left micro-batches without a backward");
+  return Status::Ok();
+}
+
+Status PipelineRunner::RunForwardOnly(const MicroTokens& tokens, const LossWeights& w) {
+  loss_ = StageLoss{};
+  free_slots_.assign(modules_.size(), {});
+  for (size_t i = 0; i < modules_.size(); ++i) free_slots_[i].push_back(0);
+  for (const Op& op : schedule_.per_rank[pp_rank_]) {
+    if (op.kind == OpKind::kForward || op.kind == OpKind::kForwardBackward)
+      TROUPE_RETURN_IF_ERROR(Forward(op.f, tokens, w, /*train=*/false));
+    if (experts_ && !experts_->status().ok())
+      return experts_->status().WithContext("expert all-to-all in " + OpToString(op));
+  }
+  return Status::Ok();
+}
+
+}  // namespace troupe::parallel

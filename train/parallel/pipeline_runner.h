@@ -1,0 +1,91 @@
+// One pipeline rank running its list of a Schedule (BRIEF §2) for one step.
+//
+// The rank holds one Model per module (the schedule's Placement::module).
+// For each op it takes the inputs the op needs from the process group
+// (activations from the previous stage's rank, gradients from the next
+// stage's), computes, and sends what the next op elsewhere needs. Sends are
+// queued to the group's communication thread and receives are buffered by
+// its receive thread, so transfers run while this thread computes; the time
+// a Recv still has to wait is what compute did not hide (CommStats).
+// Stage-to-stage hand-offs on one rank (DualPipeV's turn) go through the
+// group as self-sends, so every edge of the schedule is treated alike.
+//
+// Split schedules (split_w): B computes input gradients and queues the
+// matrices' weight gradients (WeightGradQueue); the chunk's W op runs them,
+// and only then are the micro-batch's activations released.
+#pragma once
+
+#include <functional>
+#include <vector>
+
+#include "gpu/model/model.h"
+#include "train/parallel/layout.h"
+#include "train/parallel/process_group.h"
+#include "train/parallel/schedule.h"
+
+namespace troupe::parallel {
+
+// One op as it ran: seconds since the step's start, and how long of that it
+// waited for its inputs (compute = end - start - wait).
+struct OpRecord {
+  OpKind kind = OpKind::kForward;
+  ChunkRef f, b;
+  double start = 0, end = 0;
+  double wait = 0;
+};
+
+// Activation slots each module needs to run `pp_rank`'s list: the most
+// micro-batches it holds between their F and their B (W when split) at once.
+std::vector<int> SlotsNeeded(const Schedule& schedule, int pp_rank, int modules);
+
+class PipelineRunner {
+ public:
+  // `modules[i]` runs the stages this rank holds as module i; `world_rank`
+  // is this process's rank in `group`; transfers wait at most timeout_ms.
+  // `experts`, when the stages' MoE layers are expert-parallel, is checked
+  // after every op: a failed all-to-all stops the step there.
+  PipelineRunner(const Layout& layout, const Schedule& schedule, int world_rank, ProcessGroup& group,
+                 std::vector<Model*> modules, int timeout_ms, const ExpertExchange* experts = nullptr);
+
+  // Tokens of micro-batch m: [micro_batch_size, window] for this rank's shard.
+  using MicroTokens = std::function<const int32_t*(int micro)>;
+
+  // Every op of this rank's list, forward and backward. Afterwards loss()
+  // holds this rank's share of the step's loss sums and loads() its modules'
+  // expert loads summed over micro-batches.
+  Status RunTrainStep(const MicroTokens& tokens, const LossWeights& w, const LossScale& scale);
+  // The forward ops only (evaluation: main head only, no MTP).
+  Status RunForwardOnly(const MicroTokens& tokens, const LossWeights& w);
+
+  const StageLoss& loss() const { return loss_; }
+  // [module][MoE layer][expert]
+  const std::vector<std::vector<std::vector<int64_t>>>& loads() const { return loads_; }
+  const std::vector<OpRecord>& timeline() const { return timeline_; }
+
+ private:
+  Status Forward(ChunkRef c, const MicroTokens& tokens, const LossWeights& w, bool train);
+  Status Backward(ChunkRef c, const LossScale& scale);
+  Status Weight(ChunkRef c);
+  int PeerOf(int pp_rank) const;
+  Status Receive(int pp_rank, uint64_t tag, Tensor& into, const char* what, ChunkRef c);
+  Status SendTensor(int pp_rank, uint64_t tag, const Tensor& t);
+  void AddLoss(const StageLoss& l);
+
+  const Layout& layout_;
+  const Schedule& schedule_;
+  int world_rank_;
+  int pp_rank_;
+  ProcessGroup& group_;
+  std::vector<Model*> modules_;
+  int timeout_ms_;
+  const ExpertExchange* experts_;
+  std::vector<std::vector<int>> free_slots_;                 // [module]
+  std::map<std::pair<int, int>, int> slot_of_;               // (micro, stage) -> slot
+  std::map<std::pair<int, int>, WeightGradQueue> deferred_;  // (micro, stage) -> its W
+  StageLoss loss_;
+  std::vector<std::vector<std::vector<int64_t>>> loads_;
+  std::vector<OpRecord> timeline_;
+  double op_wait_ = 0;  // receive waits of the op running now
+};
+
+}  // namespace troupe::parallel
