@@ -54,7 +54,8 @@ int RunCluster(const RunFlags& f) {
   pids.push_back(*coord);
   for (int i = 1; i <= f.nodes; ++i) {
     const std::string name = "node" + std::to_string(i);
-    auto p = Spawn({"troupe", "node", "--join", f.listen, "--keys", keys, "--key-name", name},
+    auto p = Spawn({"troupe", "node", "--join", f.listen, "--keys", keys, "--key-name", name, "--data",
+                    f.dir + "/nodes/" + name},
                    logs + "/" + name + ".log", false);
     if (!p.ok()) {
       StopChildren(pids, std::chrono::seconds(5));

@@ -470,13 +470,15 @@ Status ValidateCheckpointConfig(const CheckpointConfig& c) {
   TROUPE_RETURN_IF_ERROR(AtLeast("checkpoint.every", c.every, 0));
   TROUPE_RETURN_IF_ERROR(AtLeast("checkpoint.keep_last", c.keep_last, 1));
   TROUPE_RETURN_IF_ERROR(AtLeast("checkpoint.keep_every", c.keep_every, 0));
-  TROUPE_RETURN_IF_ERROR(AtLeast("checkpoint.replication", c.replication, 1));
+  TROUPE_RETURN_IF_ERROR(AtLeast("checkpoint.replication", c.replication, 0));
   TROUPE_RETURN_IF_ERROR(AtLeast("checkpoint.stores", c.stores, 1));
   TROUPE_RETURN_IF_ERROR(AtLeast("checkpoint.shards_per_tensor", c.shards_per_tensor, 1));
-  if (c.replication > c.stores)
-    return Status::InvalidArgument(KV("checkpoint.replication", c.replication) + " needs at least as many stores (" +
-                                   KV("checkpoint.stores", c.stores) + ")");
   return Status::Ok();
+}
+
+int EffectiveReplication(const CheckpointConfig& c, int stores) {
+  if (stores < 1) return 0;
+  return c.replication > 0 ? std::min(c.replication, stores) : std::min(2, stores);
 }
 
 Expected<JobConfig> LoadConfigFile(const std::string& path) {

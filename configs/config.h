@@ -76,7 +76,7 @@ struct CheckpointConfig {
   int every = 0;              // steps between saves (0 = never)
   int keep_last = 3;          // retention: the newest N ...
   int keep_every = 0;         // ... plus every checkpoint whose step is a multiple of this (0 = none) ...
-  int replication = 1;        // ... plus pinned ones; stores per shard
+  int replication = 0;        // ... plus pinned ones; copies per shard (0 = 2 where there are 2 stores/nodes, else 1)
   int stores = 1;             // shard stores (troupe train: folders under the checkpoint dir)
   int shards_per_tensor = 1;  // row ranges each tensor is cut into
 };
@@ -113,6 +113,10 @@ Expected<JobConfig> LoadConfigFile(const std::string& path);
 Status ValidateModelConfig(const ModelConfig& m);
 Status ValidateTrainConfig(const TrainConfig& t);
 Status ValidateCheckpointConfig(const CheckpointConfig& c);
+// Copies each shard gets when `stores` stores (troupe train) or live nodes
+// (a cluster) can take one: `replication`, at most `stores`; for 0 (auto), 2
+// when there are at least 2, else 1.
+int EffectiveReplication(const CheckpointConfig& c, int stores);
 // Ranges only; whether a layout fits the model and the batch is the
 // planner's call (train/parallel/layout.h).
 Status ValidateParallelConfig(const ParallelConfig& p);

@@ -24,6 +24,7 @@
 
 #include "actors/protocol/actor_types.h"
 #include "actors/transport/socket.h"
+#include "coordinator/checkpoint_keeper.h"
 #include "coordinator/job_record.h"
 #include "coordinator/membership.h"
 #include "coordinator/state_store.h"
@@ -46,12 +47,21 @@ using job_actor = caf::typed_actor<
     caf::reacts_to<protocol::node_up_atom, std::string, protocol::node_actor, int32_t>,  // id, handle, workers
     caf::reacts_to<protocol::node_down_atom, std::string, std::string>,                   // id, why
     caf::reacts_to<protocol::StepReport>,                                                  // sender checked
+    caf::reacts_to<protocol::CheckpointBegin>, caf::reacts_to<protocol::CheckpointWritten>,  // sender checked
+    caf::reacts_to<protocol::ShardsDurable>,                                               // sender checked
+    caf::reacts_to<caf::tick_atom>,                                                        // save timeouts
+    caf::replies_to<protocol::ckpt_atom>::with<int, std::string>,                          // JSON: checkpoints
     caf::replies_to<caf::get_atom>::with<std::string>,                                     // JSON of the job
     caf::replies_to<protocol::stop_atom>::with<int, std::string>>;                         // status, JSON
 
 using membership_actor = caf::typed_actor<
     caf::reacts_to<protocol::Join, protocol::PeerRef>, caf::reacts_to<protocol::Heartbeat, protocol::PeerRef>,
     caf::reacts_to<protocol::Leave, protocol::PeerRef>, caf::reacts_to<protocol::StepReport, protocol::PeerRef>,
+    caf::reacts_to<protocol::CheckpointBegin, protocol::PeerRef>,
+    caf::reacts_to<protocol::CheckpointWritten, protocol::PeerRef>,
+    caf::reacts_to<protocol::ShardsDurable, protocol::PeerRef>,
+    caf::reacts_to<protocol::ShardCopy, protocol::PeerRef>,  // relayed to `to_node`
+    caf::reacts_to<protocol::ShardCopyEnd, protocol::PeerRef>, caf::reacts_to<protocol::ShardFetch, protocol::PeerRef>,
     caf::reacts_to<caf::tick_atom>,                                          // failure detection
     caf::replies_to<caf::get_atom>::with<std::string>,                       // JSON: epoch, counts, nodes
     caf::replies_to<protocol::drain_atom, std::string>::with<int, std::string>,
@@ -73,6 +83,7 @@ void ServerBridge(caf::blocking_actor* self, std::shared_ptr<transport::SecureSe
 
 struct JobActorState {
   std::unique_ptr<JobTracker> tracker;
+  std::shared_ptr<CheckpointKeeper> checkpoints;  // null: checkpoints unavailable (logged at start)
   std::shared_ptr<StateStore> store;
   std::map<std::string, protocol::node_actor> nodes;  // live nodes that may take work
   std::map<std::string, int32_t> workers;             // their worker counts
@@ -80,8 +91,10 @@ struct JobActorState {
   std::chrono::steady_clock::time_point last_save{};  // progress is saved at most once a second
   static inline const char* name = "job";
 };
+// `checkpoints` may be null (the catalog could not be opened): the job then
+// runs without checkpoints.
 job_actor::behavior_type JobActor(job_actor::stateful_pointer<JobActorState> self, JobRecord record,
-                                  std::shared_ptr<StateStore> store);
+                                  std::shared_ptr<StateStore> store, std::shared_ptr<CheckpointKeeper> checkpoints);
 
 struct MembershipActorState {
   std::unique_ptr<Membership> membership;

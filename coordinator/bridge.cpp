@@ -43,6 +43,12 @@ void ServerBridge(caf::blocking_actor* self, std::shared_ptr<transport::SecureSe
         case MsgType::kHeartbeat: ok = Forward<Heartbeat>(self, membership, msg); break;
         case MsgType::kLeave: ok = Forward<Leave>(self, membership, msg); break;
         case MsgType::kStepReport: ok = Forward<StepReport>(self, membership, msg); break;
+        case MsgType::kCheckpointBegin: ok = Forward<CheckpointBegin>(self, membership, msg); break;
+        case MsgType::kCheckpointWritten: ok = Forward<CheckpointWritten>(self, membership, msg); break;
+        case MsgType::kShardsDurable: ok = Forward<ShardsDurable>(self, membership, msg); break;
+        case MsgType::kShardCopy: ok = Forward<ShardCopy>(self, membership, msg); break;
+        case MsgType::kShardCopyEnd: ok = Forward<ShardCopyEnd>(self, membership, msg); break;
+        case MsgType::kShardFetch: ok = Forward<ShardFetch>(self, membership, msg); break;
         default:
           spdlog::warn("bridge: dropped a frame of unexpected type {} from key {}", msg.frame.type,
                        msg.peer_public_key.substr(0, 8));
@@ -83,6 +89,11 @@ node_proxy_actor::behavior_type NodeProxy(node_proxy_actor::pointer self, caf::a
       [=](const Drain& m) { forward(m); },
       [=](const JobAssign& m) { forward(m); },
       [=](const StopJob& m) { forward(m); },
+      [=](const CheckpointPlan& m) { forward(m); },
+      [=](const ShardCopy& m) { forward(m); },
+      [=](const ShardCopyEnd& m) { forward(m); },
+      [=](const ShardFetch& m) { forward(m); },
+      [=](const DropCheckpoint& m) { forward(m); },
       [=](peer_atom, const std::string& id) { *peer = id; },
   };
 }

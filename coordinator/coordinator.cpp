@@ -88,7 +88,17 @@ Status RunCoordinator(const CoordinatorOptions& o, const std::function<bool(int)
   caf::actor_system_config cfg;
   cfg.set("scheduler.max-threads", size_t{2});
   caf::actor_system sys{cfg};
-  auto job = sys.spawn(JobActor, std::move(record), store);
+  // The checkpoint catalog: beside the state, <data>/catalog. A job whose
+  // config cannot be parsed any more still runs its course without one.
+  std::shared_ptr<CheckpointKeeper> checkpoints;
+  if (auto cfg = ParseConfigText(record.toml_text, record.config_path); cfg.ok()) {
+    auto k = CheckpointKeeper::Open(o.data_dir, cfg->checkpoint);
+    if (!k.ok()) return k.status().WithContext("checkpoint catalog");
+    checkpoints = std::move(k).value();
+  } else {
+    spdlog::error("checkpoints off: the job's config does not parse: {}", cfg.status().message());
+  }
+  auto job = sys.spawn(JobActor, std::move(record), store, checkpoints);
   auto mem = sys.spawn(MembershipActor, std::move(membership), store, job, server, counters);
   server.reset();  // the bridge owns it now
 

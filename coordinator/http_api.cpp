@@ -141,6 +141,12 @@ void HttpApi::Routes() {
     if (!ok) return Error(res, 504, j);
     Reply(res, 200, j);
   });
+  s.Get("/api/checkpoints", [this](const httplib::Request&, httplib::Response& res) {
+    caf::scoped_actor self{system_};
+    self->request(job_, kActorTimeout, ckpt_atom_v)
+        .receive([&](int status, std::string& body) { Reply(res, status, body); },
+                 [&](caf::error& e) { Error(res, 504, "job actor did not answer: " + system_.render(e)); });
+  });
   s.Get("/metrics", [this](const httplib::Request&, httplib::Response& res) {
     auto [ok, m] = AskJson(system_, membership_);
     auto [jok, jb] = AskJson(system_, job_);

@@ -3,6 +3,7 @@
 //   GET  /api/cluster               epoch, node counts, uptime, job summary
 //   GET  /api/nodes                 id, name, host, state, devices, heartbeat age
 //   GET  /api/job                   state, step, losses, val loss, tokens/s, history
+//   GET  /api/checkpoints           committed checkpoints (id, step, bytes, replication, nodes, metrics)
 //   GET  /metrics                   Prometheus text format
 //   POST /api/nodes/{id}/drain      Authorization: Bearer <token> required
 //   POST /api/job/stop              Authorization: Bearer <token> required

@@ -7,6 +7,8 @@
 #include <cstdio>
 #include <nlohmann/json.hpp>
 
+#include <set>
+
 #include "configs/config.h"
 #include "coordinator/actors.h"
 
@@ -52,28 +54,91 @@ json JobJson(const JobRecord& r) {
           {"history", hist}};
 }
 
-// Gives the job to the first free worker of a live node, if it needs one.
+std::vector<std::string> LiveNodes(Self self) {
+  std::vector<std::string> ids;
+  for (const auto& [id, handle] : self->state.nodes) ids.push_back(id);
+  return ids;
+}
+
+json CheckpointJson(const ckpt::Manifest& m) {
+  std::set<std::string> nodes;
+  for (const ckpt::TensorRecord& t : m.tensors)
+    for (const ckpt::ShardRef& s : t.shards) nodes.insert(s.stores.begin(), s.stores.end());
+  json metrics = json::object();
+  for (const auto& [k, v] : m.metrics) metrics[k] = Num(v);
+  return {{"id", m.id},           {"step", m.step},         {"phase", m.phase},
+          {"created_unix_ms", m.created_unix_ms},           {"replication", m.replication},
+          {"bytes", m.TotalBytes()}, {"tensors", m.tensors.size()}, {"nodes", nodes},
+          {"pinned", m.pinned},   {"config_hash", m.config_hash}, {"metrics", metrics}};
+}
+
+// Prints and carries out what a checkpoint event decided: a commit is
+// announced, dropped checkpoints are deleted on every node that may hold them.
+void Apply(Self self, const KeeperOutcome& out) {
+  auto& st = self->state;
+  if (out.committed) {
+    const ckpt::Manifest& m = *out.committed;
+    const json j = CheckpointJson(m);
+    std::string nodes;
+    for (const auto& n : j["nodes"]) nodes += (nodes.empty() ? "" : ",") + n.get<std::string>();
+    spdlog::info("checkpoint {} at step {} committed (r={} on {})", m.id, m.step, m.replication, nodes);
+    std::printf("checkpoint: %s at step %lld committed, %.1f MiB, r=%d on %s\n", m.id.c_str(),
+                static_cast<long long>(m.step), m.TotalBytes() / 1048576.0, m.replication, nodes.c_str());
+  }
+  for (const std::string& f : out.failures) {
+    spdlog::warn("{}", f);
+    std::printf("checkpoint: %s\n", f.c_str());
+  }
+  std::fflush(stdout);
+  for (const std::string& id : out.drop)
+    for (const auto& [node, handle] : st.nodes) self->send(handle, DropCheckpoint{id});
+}
+
+// Gives the job to the first free worker of a live node, if it needs one,
+// resuming from the newest committed checkpoint of its config.
 void TryAssign(Self self) {
   auto& st = self->state;
   if (!st.tracker->NeedsWorker()) return;
   std::vector<WorkerSlot> slots;
   for (const auto& [id, n] : st.workers)
     if (n > 0 && st.nodes.count(id)) slots.push_back({id, 0});
-  auto slot = st.tracker->Assign(slots);
+  if (slots.empty()) return;
+  std::optional<ckpt::Manifest> resume;
+  if (st.checkpoints) {
+    auto latest = st.checkpoints->LatestFor(ckpt::ConfigHash(st.tracker->record().toml_text));
+    if (latest.ok()) {
+      resume = std::move(latest).value();
+    } else {
+      spdlog::error("job: cannot read the checkpoint catalog, starting from step 0: {}", latest.status().message());
+    }
+  }
+  auto slot = st.tracker->Assign(slots, resume ? static_cast<int>(resume->step) : 0);
   if (!slot) return;
   const JobRecord& r = st.tracker->record();
-  spdlog::info("job: attempt {} of '{}' assigned to node {} worker {}", r.attempt, r.config_name, slot->node_id,
-               slot->worker);
-  std::printf("job: attempt %llu on node %s worker %d\n", static_cast<unsigned long long>(r.attempt),
+  spdlog::info("job: attempt {} of '{}' assigned to node {} worker {}{}", r.attempt, r.config_name, slot->node_id,
+               slot->worker, resume ? " resuming from " + resume->id : "");
+  std::printf("job: attempt %llu on node %s worker %d", static_cast<unsigned long long>(r.attempt),
               slot->node_id.c_str(), slot->worker);
+  if (resume) std::printf(", resuming from %s (step %lld)", resume->id.c_str(), static_cast<long long>(resume->step));
+  std::printf("\n");
   std::fflush(stdout);
-  self->send(st.nodes[slot->node_id], JobAssign{r.attempt, slot->worker, r.config_name, r.toml_text});
+  JobAssign a{r.attempt, slot->worker, r.config_name, r.toml_text};
+  if (resume) {
+    a.resume_manifest = ckpt::EncodeManifest(*resume);
+    a.live_nodes = LiveNodes(self);
+  }
+  self->send(st.nodes[slot->node_id], a);
   Save(self);
 }
 
+constexpr std::chrono::seconds kCheckpointTick{1};
+
 }  // namespace
 
-job_actor::behavior_type JobActor(Self self, JobRecord record, std::shared_ptr<StateStore> store) {
+job_actor::behavior_type JobActor(Self self, JobRecord record, std::shared_ptr<StateStore> store,
+                                  std::shared_ptr<CheckpointKeeper> checkpoints) {
+  self->state.checkpoints = std::move(checkpoints);
+  self->delayed_send(self, kCheckpointTick, caf::tick_atom_v);
   if (auto cfg = ParseConfigText(record.toml_text, record.config_path); cfg.ok())
     self->state.log_every = std::max(1, cfg->train.log_every);
   self->state.tracker = std::make_unique<JobTracker>(std::move(record));
@@ -101,7 +166,53 @@ job_actor::behavior_type JobActor(Self self, JobRecord record, std::shared_ptr<S
         }
         st.nodes.erase(id);
         st.workers.erase(id);
+        if (st.checkpoints) Apply(self, st.checkpoints->OnNodeLost(id));
         TryAssign(self);
+      },
+      [=](const CheckpointBegin& b) {
+        auto& st = self->state;
+        auto it = st.nodes.find(b.node_id);
+        if (it == st.nodes.end()) return;  // not a node that may keep data now
+        CheckpointPlan plan;
+        plan.attempt = b.attempt;
+        plan.step = b.step;
+        const JobRecord& r = st.tracker->record();
+        if (!st.checkpoints) {
+          plan.reason = "the coordinator has no checkpoint catalog (see its log)";
+        } else if (r.state != JobState::kRunning || r.attempt != b.attempt || r.node_id != b.node_id) {
+          plan.reason = "attempt " + std::to_string(b.attempt) + " is not the job's running attempt";
+        } else {
+          auto p = st.checkpoints->Begin(b.node_id, b.attempt, b.step, LiveNodes(self),
+                                         CheckpointKeeper::Clock::now());
+          if (p.ok()) {
+            plan.id = p->id;
+            plan.replicas = p->replicas;
+            if (auto cfg = ParseConfigText(r.toml_text, r.config_path); cfg.ok())
+              plan.shards_per_tensor = cfg->checkpoint.shards_per_tensor;
+          } else {
+            plan.reason = p.status().message();
+          }
+        }
+        if (!plan.reason.empty()) spdlog::warn("checkpoint at step {} refused: {}", b.step, plan.reason);
+        self->send(it->second, plan);
+      },
+      [=](const CheckpointWritten& w) {
+        if (self->state.checkpoints) Apply(self, self->state.checkpoints->OnWritten(w.node_id, w.id, w.manifest, w.error));
+      },
+      [=](const ShardsDurable& d) {
+        if (self->state.checkpoints) Apply(self, self->state.checkpoints->OnDurable(d.node_id, d.id, d.error));
+      },
+      [=](caf::tick_atom) {
+        if (self->state.checkpoints) Apply(self, self->state.checkpoints->Expire(CheckpointKeeper::Clock::now()));
+        self->delayed_send(self, kCheckpointTick, caf::tick_atom_v);
+      },
+      [=](ckpt_atom) -> caf::result<int, std::string> {
+        if (!self->state.checkpoints) return {503, json{{"error", "the coordinator has no checkpoint catalog"}}.dump()};
+        auto all = self->state.checkpoints->catalog().List();
+        if (!all.ok()) return {500, json{{"error", all.status().message()}}.dump()};
+        json list = json::array();
+        for (const ckpt::Manifest& m : *all) list.push_back(CheckpointJson(m));
+        return {200, json{{"checkpoints", list}, {"saving", self->state.checkpoints->pending()}}.dump()};
       },
       [=](StepReport& m) {
         auto& st = self->state;

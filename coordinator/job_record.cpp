@@ -29,16 +29,17 @@ bool JobTracker::Finished() const {
   return rec_.state == JobState::kCompleted || rec_.state == JobState::kStopped || rec_.state == JobState::kFailed;
 }
 
-std::optional<WorkerSlot> JobTracker::Assign(const std::vector<WorkerSlot>& free_slots) {
+std::optional<WorkerSlot> JobTracker::Assign(const std::vector<WorkerSlot>& free_slots, int resume_step) {
   if (!NeedsWorker() || free_slots.empty()) return std::nullopt;
   const WorkerSlot& s = free_slots.front();
   ++rec_.attempt;
   rec_.state = JobState::kRunning;
   rec_.node_id = s.node_id;
   rec_.worker = s.worker;
-  rec_.step = 0;
+  rec_.step = resume_step;
   rec_.val_loss = -1;
-  rec_.history.clear();
+  // The resumed run repeats the steps after its checkpoint: their old points go.
+  std::erase_if(rec_.history, [&](const LossPoint& p) { return p.step > resume_step; });
   rec_.message.clear();
   return s;
 }
@@ -72,7 +73,7 @@ bool JobTracker::OnNodeLost(const std::string& node_id, const std::string& why) 
   if (rec_.state != JobState::kRunning || rec_.node_id != node_id) return false;
   rec_.state = JobState::kInterrupted;
   rec_.message = "attempt " + std::to_string(rec_.attempt) + " on " + node_id + " lost at step " +
-                 std::to_string(rec_.step) + ": " + why + "; restarting from step 0 (no checkpoints yet)";
+                 std::to_string(rec_.step) + ": " + why + "; the next attempt resumes from the newest committed checkpoint (step 0 if none)";
   rec_.node_id.clear();
   rec_.worker = -1;
   ++rec_.interruptions;

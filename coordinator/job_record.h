@@ -76,8 +76,9 @@ class JobTracker {
   // True while the job wants a worker (pending or interrupted).
   bool NeedsWorker() const;
   // Starts a new attempt on the first slot; nullopt when not needed or
-  // no slot is given.
-  std::optional<WorkerSlot> Assign(const std::vector<WorkerSlot>& free_slots);
+  // no slot is given. `resume_step`: the step of the checkpoint the attempt
+  // resumes from (0: from scratch); the loss history up to it is kept.
+  std::optional<WorkerSlot> Assign(const std::vector<WorkerSlot>& free_slots, int resume_step = 0);
   // Applies a report. False (ignored) when it belongs to another attempt
   // or the job is not running: the sender should be told to stop.
   bool OnReport(const std::string& node_id, const StepUpdate& u);

@@ -85,6 +85,30 @@ json NodeJson(const NodeRecord& n, Clock::time_point now) {
           {"joined_epoch", n.joined_epoch}};
 }
 
+// A checkpoint message from a node goes to the job actor if its key is the
+// node's own.
+template <class T>
+void ToJob(Self self, T& msg, const PeerRef& p) {
+  if (!Sender(self, msg.node_id, p)) {
+    self->state.counters->bad_messages++;
+    return;
+  }
+  self->send(self->state.job, std::move(msg));
+}
+
+// Node-to-node messages pass through here: the sender must be `from_node`
+// (by key) and `to_node` a node this coordinator knows.
+template <class T>
+void Relay(Self self, T& msg, const PeerRef& p) {
+  auto& st = self->state;
+  auto to = st.proxies.find(msg.to_node);
+  if (!Sender(self, msg.from_node, p) || to == st.proxies.end() || msg.to_node == msg.from_node) {
+    st.counters->bad_messages++;
+    return;
+  }
+  self->send(to->second, std::move(msg));
+}
+
 }  // namespace
 
 membership_actor::behavior_type MembershipActor(Self self, Membership membership, std::shared_ptr<StateStore> store,
@@ -153,6 +177,12 @@ membership_actor::behavior_type MembershipActor(Self self, Membership membership
         }
         self->send(self->state.job, std::move(r));
       },
+      [=](CheckpointBegin& m, PeerRef& p) { ToJob(self, m, p); },
+      [=](CheckpointWritten& m, PeerRef& p) { ToJob(self, m, p); },
+      [=](ShardsDurable& m, PeerRef& p) { ToJob(self, m, p); },
+      [=](ShardCopy& m, PeerRef& p) { Relay(self, m, p); },
+      [=](ShardCopyEnd& m, PeerRef& p) { Relay(self, m, p); },
+      [=](ShardFetch& m, PeerRef& p) { Relay(self, m, p); },
       [=](caf::tick_atom) {
         auto& st = self->state;
         for (const std::string& id : st.membership->DetectFailures()) {

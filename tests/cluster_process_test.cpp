@@ -88,7 +88,7 @@ class ClusterTest : public ::testing::Test {
   }
 
   // Small random shards and a tiny model: thousands of steps per second.
-  std::string WriteConfig(int steps) {
+  std::string WriteConfig(int steps, const std::string& extra = "") {
     std::mt19937 rng(7);
     std::vector<int> train(20000), val(4000);
     for (int& t : train) t = rng() % 64;
@@ -105,7 +105,8 @@ class ClusterTest : public ::testing::Test {
            "num_nextn_predict_layers = 0\n"
         << "[train]\nseq_len = 16\nbatch_size = 4\nsteps = " << steps
         << "\nwarmup_steps = 2\neval_every = 50\neval_batches = 2\nlog_every = 50\nthreads = 1\ndevice = \"cpu\"\n"
-        << "[data]\ntrain_shards = [\"" << tr << "\"]\nval_shards = [\"" << va << "\"]\ntokenizer = \"\"\n";
+        << "[data]\ntrain_shards = [\"" << tr << "\"]\nval_shards = [\"" << va << "\"]\ntokenizer = \"\"\n"
+        << extra;
     return path;
   }
 
@@ -135,14 +136,25 @@ class ClusterTest : public ::testing::Test {
     return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
   }
 
-  void StartCoordinator(const std::string& config) {
-    Start("coordinator", {"coordinator", "--keys", keys_, "--data", (dir_ / "data").string(), "--listen", endpoint_,
+  void StartCoordinator(const std::string& config, const std::string& data = "data") {
+    Start("coordinator", {"coordinator", "--keys", keys_, "--data", (dir_ / data).string(), "--listen", endpoint_,
                           "--http", "127.0.0.1:" + std::to_string(http_port_), "--config", config});
     ASSERT_TRUE(WaitFor([&] { return Get("/api/cluster").is_object(); }, 10s)) << Log("coordinator");
   }
 
-  void StartNode(const std::string& key_name) {
-    Start(key_name, {"node", "--join", endpoint_, "--keys", keys_, "--key-name", key_name, "--cpu-slots", "1"});
+  void StartNode(const std::string& key_name, const std::string& data = "") {
+    std::vector<std::string> args{"node", "--join", endpoint_, "--keys", keys_, "--key-name", key_name, "--cpu-slots", "1"};
+    if (!data.empty()) args.insert(args.end(), {"--data", (dir_ / data).string()});
+    Start(key_name, args);
+  }
+
+  // The job's loss per step, from /api/job's history.
+  std::map<int, double> LossByStep() {
+    std::map<int, double> out;
+    json j = Get("/api/job");
+    if (j.is_object())
+      for (const json& p : j["history"]) out[p["step"].get<int>()] = p["loss"].get<double>();
+    return out;
   }
 
   // SIGKILL and reap.
@@ -331,6 +343,119 @@ TEST_F(ClusterTest, JobIsReassignedWhenItsNodeDies) {
   EXPECT_NE(job["node_id"], first);
   EXPECT_EQ(job["interruptions"], 1);
   EXPECT_TRUE(WaitFor([&] { return Get("/api/job")["step"] > 5; }, 10s));  // restarted from step 0
+}
+
+// Checkpoints in the cluster: every save is written on the job's node and
+// replicated to a second node before the coordinator commits it; killing the
+// job's node moves the job to the other node, which resumes from the newest
+// checkpoint (its own replica) and ends with the very losses of an
+// uninterrupted run.
+TEST_F(ClusterTest, CheckpointsReplicateAndTheReassignedJobResumesBitExactly) {
+  const std::string config = WriteConfig(6000, "[checkpoint]\nevery = 250\nkeep_last = 2\n");
+  // The reference: one node, no interruption.
+  StartCoordinator(config, "straight");
+  StartNode("node3", "straight-node3");
+  ASSERT_TRUE(WaitFor([&] { return Get("/api/job")["state"] == "completed"; }, 120s)) << Log("coordinator");
+  const std::map<int, double> straight = LossByStep();
+  const json straight_ckpts = Get("/api/checkpoints");
+  ASSERT_TRUE(straight_ckpts.is_object()) << Log("coordinator");
+  EXPECT_EQ(straight_ckpts["checkpoints"].size(), 2u) << straight_ckpts.dump();  // keep_last = 2
+  Kill("node3");
+  Kill("coordinator");
+
+  StartCoordinator(config);
+  StartNode("node1", "node1");
+  StartNode("node2", "node2");
+  // A committed checkpoint with a copy on both nodes.
+  json ckpt;
+  ASSERT_TRUE(WaitFor(
+      [&] {
+        json c = Get("/api/checkpoints");
+        if (!c.is_object() || c["checkpoints"].empty()) return false;
+        ckpt = c["checkpoints"].back();
+        return ckpt["step"].get<int>() >= 500;
+      },
+      60s))
+      << Log("coordinator");
+  EXPECT_EQ(ckpt["replication"], 2) << ckpt.dump();
+  EXPECT_EQ(ckpt["nodes"].size(), 2u) << ckpt.dump();
+  json job = Get("/api/job");
+  ASSERT_EQ(job["state"], "running") << job.dump();
+  const std::string first = job["node_id"];
+  std::string victim;
+  const json nodes = Get("/api/nodes");
+  for (const json& n : nodes["nodes"])
+    if (n["id"].get<std::string>() == first) victim = n["name"].get<std::string>();
+  ASSERT_FALSE(victim.empty());
+  Kill(victim);
+  ASSERT_TRUE(WaitFor([&] { return Get("/api/job")["attempt"] == 2; }, 10s)) << Get("/api/job").dump();
+  ASSERT_TRUE(WaitFor([&] { return Get("/api/job")["state"] == "completed"; }, 120s))
+      << Get("/api/job").dump() << Log("coordinator") << Log(victim == "node1" ? "node2" : "node1");
+  const std::string out = Log("coordinator");
+  EXPECT_NE(out.find("resuming from ckpt-"), std::string::npos) << out;
+  const std::map<int, double> resumed = LossByStep();
+  ASSERT_EQ(resumed.size(), straight.size());
+  int compared = 0;
+  for (const auto& [step, loss] : straight) {
+    auto it = resumed.find(step);
+    ASSERT_NE(it, resumed.end()) << "step " << step;
+    EXPECT_EQ(it->second, loss) << "step " << step;  // bitwise: the resumed run continues the same numbers
+    ++compared;
+  }
+  EXPECT_EQ(compared, 5000);  // the history keeps the last 5000 steps
+}
+
+// A damaged local copy is caught by its checksum at restore, and the shard
+// comes from another node's replica instead.
+TEST_F(ClusterTest, ADamagedCopyIsFetchedFromAnotherNodesReplica) {
+  StartCoordinator(WriteConfig(1000000, "[checkpoint]\nevery = 300\nreplication = 3\n"));
+  for (const char* n : {"node1", "node2", "node3"}) StartNode(n, n);
+  json ckpt;
+  ASSERT_TRUE(WaitFor(
+      [&] {
+        json c = Get("/api/checkpoints");
+        if (!c.is_object() || c["checkpoints"].empty()) return false;
+        ckpt = c["checkpoints"].back();
+        return ckpt["step"].get<int>() >= 600;
+      },
+      60s))
+      << Log("coordinator");
+  ASSERT_EQ(ckpt["replication"], 3) << ckpt.dump();
+  const std::string job_node = Get("/api/job")["node_id"];
+  std::map<std::string, std::string> name_of;
+  const json nodes = Get("/api/nodes");
+  for (const json& n : nodes["nodes"]) name_of[n["id"]] = n["name"];
+  const std::string victim = name_of[job_node];
+  Kill(victim);  // no save after this one: the next attempt resumes from the newest
+  std::this_thread::sleep_for(500ms);  // a save the victim had finished may still be committing
+  const std::string newest = Get("/api/checkpoints")["checkpoints"].back()["id"];
+  // Flip one byte of a different shard in each survivor's copy.
+  double where = 0.3;
+  std::vector<std::string> survivors;
+  for (const char* n : {"node1", "node2", "node3"}) {
+    if (victim == n) continue;
+    survivors.push_back(n);
+    const fs::path chunks = dir_ / n / "store" / "chunks" / (newest + ".chunks");
+    ASSERT_TRUE(fs::exists(chunks)) << chunks;
+    std::fstream f(chunks, std::ios::in | std::ios::out | std::ios::binary);
+    const auto size = static_cast<std::streamoff>(fs::file_size(chunks));
+    f.seekg(static_cast<std::streamoff>(size * where));
+    char c = 0;
+    f.read(&c, 1);
+    c = static_cast<char>(c ^ 0x5a);
+    f.seekp(static_cast<std::streamoff>(size * where));
+    f.write(&c, 1);
+    where += 0.4;
+  }
+  ASSERT_TRUE(WaitFor([&] { return Get("/api/job")["attempt"] == 2; }, 10s)) << Get("/api/job").dump();
+  const int resumed_at = ckpt["step"].get<int>();
+  ASSERT_TRUE(WaitFor([&] { return Get("/api/job")["step"].get<int>() > resumed_at + 10; }, 30s))
+      << Get("/api/job").dump() << Log("coordinator");
+  EXPECT_NE(Log("coordinator").find("resuming from " + newest), std::string::npos) << Log("coordinator");
+  const std::string runner = name_of[Get("/api/job")["node_id"]];
+  const std::string log = Log(runner);
+  EXPECT_NE(log.find("fetching 1 shards of " + newest), std::string::npos) << log;
+  EXPECT_NE(log.find("local copy of"), std::string::npos) << log;
 }
 
 TEST_F(ClusterTest, RestartedCoordinatorRecoversStateAndNodesReconnect) {

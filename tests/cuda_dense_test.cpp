@@ -460,6 +460,25 @@ TEST_F(CudaDenseTest, AbsurdAllocIsOutOfMemoryAndBackendStaysUsable) {
   EXPECT_TRUE(gpu_->Synchronize().ok());
 }
 
+// A checkpoint capture copies whole tensors to host memory: small, MiB-sized
+// and ragged sizes must all arrive byte for byte, at an unaligned destination,
+// without touching the byte before it.
+TEST_F(CudaDenseTest, LargeCopyToHostIsExactAtEveryChunkBoundary) {
+  const int64_t mib = (1 << 20) / 4;  // floats per MiB
+  for (int64_t n : {int64_t{1000}, 2 * mib - 1, 2 * mib, 4 * mib, 16 * mib - 3, 16 * mib, 16 * mib + 1, 45 * mib + 7}) {
+    std::vector<float> host(static_cast<size_t>(n));
+    for (int64_t i = 0; i < n; ++i) host[i] = static_cast<float>(i % 100003) * 0.5f - static_cast<float>(i % 7);
+    auto t = gpu_->Alloc({n}, DType::kF32, "copy_src");
+    ASSERT_TRUE(t.ok()) << t.status().message();
+    gpu_->CopyFromHost(*t, host.data());
+    std::vector<float> back(static_cast<size_t>(n) + 1, -1.0f);
+    gpu_->CopyToHost(back.data() + 1, *t);  // an odd destination offset (4 bytes)
+    ASSERT_TRUE(gpu_->Synchronize().ok());
+    EXPECT_EQ(back[0], -1.0f) << "wrote before the destination, n=" << n;
+    EXPECT_EQ(0, std::memcmp(back.data() + 1, host.data(), host.size() * sizeof(float))) << "n=" << n;
+  }
+}
+
 #else  // !TROUPE_HAVE_CUDA
 
 TEST(CudaDenseTest, NotBuilt) { GTEST_SKIP() << "no CUDA device: built without TROUPE_CUDA"; }

@@ -13,6 +13,12 @@ std::string StoreDir(const std::string& dir, int i) { return dir + "/store-" + s
 Expected<std::unique_ptr<AsyncCheckpointer>> AsyncCheckpointer::Open(const std::string& dir,
                                                                      const CheckpointConfig& config) {
   TROUPE_RETURN_IF_ERROR(ValidateCheckpointConfig(config));
+  // Here the stores are this process's folders: a replication they cannot
+  // hold is a mistake, not something to round down silently.
+  if (config.replication > config.stores)
+    return Status::InvalidArgument("checkpoint.replication = " + std::to_string(config.replication) +
+                                   " needs at least as many stores (checkpoint.stores = " +
+                                   std::to_string(config.stores) + ")");
   std::unique_ptr<AsyncCheckpointer> c(new AsyncCheckpointer());
   c->config_ = config;
   TROUPE_ASSIGN_OR_RETURN(c->catalog_, ckpt::Catalog::Open(dir));
@@ -79,7 +85,7 @@ void AsyncCheckpointer::Run() {
     }
     SaveResult result;
     const auto start = std::chrono::steady_clock::now();
-    ckpt::SaveOptions opts{config_.replication, config_.shards_per_tensor};
+    ckpt::SaveOptions opts{EffectiveReplication(config_, config_.stores), config_.shards_per_tensor};
     auto m = ckpt::SaveCheckpoint(snap, store_set_, *catalog_, opts);
     ckpt::StagingPool::Shared().Recycle(std::move(snap));  // the next capture copies into these buffers
     if (m.ok()) {

@@ -78,6 +78,11 @@ void ToWorker(Self self, int32_t worker, const auto& msg) {
   self->send(st.workers[worker], msg);
 }
 
+template <class T>
+void ToStorage(Self self, T&& msg) {
+  if (self->state.storage) self->send(self->state.storage, std::forward<T>(msg));
+}
+
 void Report(Self self, StepReport& r) {
   r.node_id = self->state.node_id;
   if (!r.node_id.empty()) self->send(self->state.coordinator, std::move(r));
@@ -93,6 +98,7 @@ agent_actor::behavior_type Joining(Self self) {
         st.last_contact = SteadyClock::now();
         st.last_heartbeat = SteadyClock::time_point{};
         spdlog::info("agent: joined as {} (epoch {})", a.node_id, a.epoch);
+        if (st.storage) self->send(st.storage, joined_atom_v, a.node_id);
         std::printf("node %s: joined as %s, epoch %llu\n", st.config.name.c_str(), a.node_id.c_str(),
                     static_cast<unsigned long long>(a.epoch));
         std::fflush(stdout);
@@ -106,6 +112,11 @@ agent_actor::behavior_type Joining(Self self) {
       [=](const Drain&) { LeaveAndQuit(self, "drained", 0); },
       [=](const JobAssign& j) { ToWorker(self, j.worker, j); },
       [=](const StopJob& s) { ToWorker(self, s.worker, s); },
+      [=](const CheckpointPlan& m) { ToStorage(self, m); },
+      [=](ShardCopy& m) { ToStorage(self, std::move(m)); },
+      [=](const ShardCopyEnd& m) { ToStorage(self, m); },
+      [=](const ShardFetch& m) { ToStorage(self, m); },
+      [=](const DropCheckpoint& m) { ToStorage(self, m); },
       [=](caf::tick_atom) {
         auto& st = self->state;
         if (st.leaving) return;
@@ -142,6 +153,11 @@ agent_actor::behavior_type Running(Self self) {
         ToWorker(self, j.worker, j);
       },
       [=](const StopJob& s) { ToWorker(self, s.worker, s); },
+      [=](const CheckpointPlan& m) { ToStorage(self, m); },
+      [=](ShardCopy& m) { ToStorage(self, std::move(m)); },
+      [=](const ShardCopyEnd& m) { ToStorage(self, m); },
+      [=](const ShardFetch& m) { ToStorage(self, m); },
+      [=](const DropCheckpoint& m) { ToStorage(self, m); },
       [=](caf::tick_atom) {
         auto& st = self->state;
         if (st.leaving) return;
@@ -170,9 +186,10 @@ agent_actor::behavior_type Agent(Self self, AgentConfig config, std::shared_ptr<
   st.bridge = self->spawn<caf::detached>(ClientBridge, st.config.endpoint, st.config.server_public_key,
                                          st.config.keys, agent_actor(self));
   st.coordinator = self->spawn(CoordinatorProxy, st.bridge);
+  if (!st.config.data_dir.empty()) st.storage = SpawnStorage(self, st.config.data_dir, st.coordinator);
   for (size_t i = 0; i < st.config.devices.size(); ++i)
     st.workers.push_back(self->spawn<caf::linked>(Worker, static_cast<int>(i), st.config.devices[i],
-                                                  agent_actor(self), st.config.cpu_threads));
+                                                  agent_actor(self), st.storage, st.config.cpu_threads));
   st.next_join = SteadyClock::now();
   self->delayed_send(self, std::chrono::milliseconds(0), caf::tick_atom_v);
   return Joining(self);

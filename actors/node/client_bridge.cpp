@@ -82,6 +82,11 @@ void ClientBridge(caf::blocking_actor* self, std::string endpoint, std::string s
           case MsgType::kDrain: Forward<Drain>(self, agent, f); break;
           case MsgType::kJobAssign: Forward<JobAssign>(self, agent, f); break;
           case MsgType::kStopJob: Forward<StopJob>(self, agent, f); break;
+          case MsgType::kCheckpointPlan: Forward<CheckpointPlan>(self, agent, f); break;
+          case MsgType::kShardCopy: Forward<ShardCopy>(self, agent, f); break;
+          case MsgType::kShardCopyEnd: Forward<ShardCopyEnd>(self, agent, f); break;
+          case MsgType::kShardFetch: Forward<ShardFetch>(self, agent, f); break;
+          case MsgType::kDropCheckpoint: Forward<DropCheckpoint>(self, agent, f); break;
           default: spdlog::warn("bridge: dropped a frame of unexpected type {}", f.type);
         }
       }
@@ -117,6 +122,12 @@ coordinator_actor::behavior_type CoordinatorProxy(coordinator_actor::pointer sel
       [=](const Heartbeat& m) { forward(m); },
       [=](const Leave& m) { forward(m); },
       [=](const StepReport& m) { forward(m); },
+      [=](const CheckpointBegin& m) { forward(m); },
+      [=](const CheckpointWritten& m) { forward(m); },
+      [=](const ShardCopy& m) { forward(m); },
+      [=](const ShardCopyEnd& m) { forward(m); },
+      [=](const ShardsDurable& m) { forward(m); },
+      [=](const ShardFetch& m) { forward(m); },
   };
 }
 

@@ -16,7 +16,7 @@ struct NodeOptions {
   int cpu_slots = -1;     // CPU workers; -1: 1 when there is no GPU, else 0
   int cpu_threads = 0;    // threads per CPU worker (0: the job config's)
   bool use_gpus = false;  // with --cpu-slots given, also run one worker per GPU
-  std::string data_dir;   // where the node may keep files (logs); optional
+  std::string data_dir;   // checkpoint shards go to <data_dir>/store; empty: this node keeps none
 };
 
 // Runs until `wait_for_stop(ms)` returns true (then leaves cleanly), the

@@ -10,6 +10,11 @@
 //                          │ spawns, detached, one per attempt
 //                          ▼
 //                       trainer runner (Trainer::Step off the actor threads)
+//                          │ save (snapshot) / restore (manifest)
+//                          ▼
+//                       storage actor (detached: disk I/O on its own thread;
+//                       the node's ShardStore under <data>/store; writes,
+//                       replicates, serves and fetches checkpoint shards)
 #pragma once
 
 #include <atomic>
@@ -47,6 +52,23 @@ struct WorkerDevice {
   int64_t memory_bytes = 0;
 };
 
+// The node's checkpoint shards (docs/checkpoints.md, "In a cluster").
+// Replies to the runner that asked: (save_atom, id, error) once its own copy
+// is written and the replicas' copies are on their way; (restore_atom,
+// SnapshotPtr, error) when every shard is here and verified.
+using storage_actor = caf::typed_actor<
+    caf::reacts_to<protocol::joined_atom, std::string>,                      // the node id, after a join
+    caf::reacts_to<protocol::save_atom, uint64_t, protocol::SnapshotPtr, caf::actor>,  // attempt, state, runner
+    caf::reacts_to<protocol::restore_atom, protocol::JobAssign, caf::actor>,  // its resume_manifest, runner
+    caf::reacts_to<protocol::CheckpointPlan>, caf::reacts_to<protocol::ShardCopy>,
+    caf::reacts_to<protocol::ShardCopyEnd>, caf::reacts_to<protocol::ShardFetch>,
+    caf::reacts_to<protocol::DropCheckpoint>, caf::reacts_to<protocol::timeout_atom, std::string>>;
+
+// Spawns (detached, linked to `parent`) the storage actor of <dir>/store (a
+// ShardStore); it fails every request with a clear error if the store
+// cannot be opened.
+storage_actor SpawnStorage(caf::local_actor* parent, std::string dir, protocol::coordinator_actor coordinator);
+
 using worker_actor = caf::typed_actor<caf::reacts_to<protocol::JobAssign>, caf::reacts_to<protocol::StopJob>,
                                       caf::reacts_to<protocol::StepReport>,  // from its trainer runner
                                       caf::reacts_to<protocol::stop_atom>>;
@@ -63,6 +85,7 @@ struct AgentConfig {
   std::vector<WorkerDevice> devices;
   int64_t memory_bytes = 0;
   int cpu_threads = 0;            // per CPU worker (0 = the config's)
+  std::string data_dir;           // checkpoint shards go to <data_dir>/store (empty: this node keeps none)
 };
 
 struct AgentState {
@@ -73,6 +96,7 @@ struct AgentState {
   caf::actor bridge;
   protocol::coordinator_actor coordinator;  // the proxy
   std::vector<worker_actor> workers;
+  storage_actor storage;  // null without a data dir
   std::chrono::milliseconds heartbeat{500};
   std::chrono::milliseconds timeout{3000};
   std::chrono::steady_clock::time_point last_contact{}, last_heartbeat{}, next_join{};
@@ -89,18 +113,21 @@ struct WorkerState {
   int index = 0;
   WorkerDevice device;
   agent_actor agent;
+  storage_actor storage;
   int cpu_threads = 0;
   uint64_t attempt = 0;                    // running attempt (0: idle)
   std::shared_ptr<std::atomic<bool>> stop; // the runner's stop flag
   static inline const char* name = "worker";
 };
 worker_actor::behavior_type Worker(worker_actor::stateful_pointer<WorkerState> self, int index, WorkerDevice device,
-                                   agent_actor agent, int cpu_threads);
+                                   agent_actor agent, storage_actor storage, int cpu_threads);
 
-// Runs one attempt: parses the config, builds the Trainer, steps until the
-// end or `stop`, reporting each step to `worker`. Spawned detached.
+// Runs one attempt: parses the config, builds the Trainer, restores the
+// job's checkpoint if it names one, steps until the end or `stop`,
+// reporting each step to `worker` and saving every checkpoint.every steps
+// through `storage`. Spawned detached.
 void TrainerRunner(caf::blocking_actor* self, protocol::JobAssign job, WorkerDevice device, worker_actor worker,
-                   std::shared_ptr<std::atomic<bool>> stop, int cpu_threads);
+                   storage_actor storage, std::shared_ptr<std::atomic<bool>> stop, int cpu_threads);
 
 // Owns the SecureClient. Frames in -> messages to `agent`; (send_atom, type,
 // payload) out; (reconnect_atom) recreates the socket; (stop_atom) ends.

@@ -15,13 +15,19 @@
 
 #include <caf/all.hpp>
 
+#include <memory>
 #include <cstdint>
 #include <string>
 #include <vector>
 
 #include "actors/protocol/messages.h"
+#include "storage/checkpoint/checkpoint_io.h"
 
 namespace troupe::protocol {
+
+// A captured training state on its way from a trainer runner to the node's
+// storage actor (and back from a restore): shared, never copied.
+using SnapshotPtr = std::shared_ptr<ckpt::Snapshot>;
 
 // Who sent a frame to the coordinator: the transport's routing id (to reply)
 // and the CURVE public key it authenticated with (its identity).
@@ -56,6 +62,20 @@ CAF_BEGIN_TYPE_ID_BLOCK(troupe_cluster, caf::first_custom_type_id)
   CAF_ADD_TYPE_ID(troupe_cluster, (troupe::protocol::JobAssign))
   CAF_ADD_TYPE_ID(troupe_cluster, (troupe::protocol::StepReport))
   CAF_ADD_TYPE_ID(troupe_cluster, (troupe::protocol::StopJob))
+  CAF_ADD_TYPE_ID(troupe_cluster, (troupe::protocol::CheckpointBegin))
+  CAF_ADD_TYPE_ID(troupe_cluster, (troupe::protocol::CheckpointPlan))
+  CAF_ADD_TYPE_ID(troupe_cluster, (troupe::protocol::CheckpointWritten))
+  CAF_ADD_TYPE_ID(troupe_cluster, (troupe::protocol::ShardCopy))
+  CAF_ADD_TYPE_ID(troupe_cluster, (troupe::protocol::ShardCopyEnd))
+  CAF_ADD_TYPE_ID(troupe_cluster, (troupe::protocol::ShardsDurable))
+  CAF_ADD_TYPE_ID(troupe_cluster, (troupe::protocol::ShardFetch))
+  CAF_ADD_TYPE_ID(troupe_cluster, (troupe::protocol::DropCheckpoint))
+  CAF_ADD_TYPE_ID(troupe_cluster, (troupe::protocol::SnapshotPtr))
+  CAF_ADD_ATOM(troupe_cluster, troupe::protocol, save_atom, "save")
+  CAF_ADD_ATOM(troupe_cluster, troupe::protocol, restore_atom, "restore")
+  CAF_ADD_ATOM(troupe_cluster, troupe::protocol, joined_atom, "joined")
+  CAF_ADD_ATOM(troupe_cluster, troupe::protocol, timeout_atom, "timeout")
+  CAF_ADD_ATOM(troupe_cluster, troupe::protocol, ckpt_atom, "ckpt")
 CAF_END_TYPE_ID_BLOCK(troupe_cluster)
 
 CAF_ALLOW_UNSAFE_MESSAGE_TYPE(troupe::protocol::PeerRef)
@@ -69,6 +89,15 @@ CAF_ALLOW_UNSAFE_MESSAGE_TYPE(troupe::protocol::Drain)
 CAF_ALLOW_UNSAFE_MESSAGE_TYPE(troupe::protocol::JobAssign)
 CAF_ALLOW_UNSAFE_MESSAGE_TYPE(troupe::protocol::StepReport)
 CAF_ALLOW_UNSAFE_MESSAGE_TYPE(troupe::protocol::StopJob)
+CAF_ALLOW_UNSAFE_MESSAGE_TYPE(troupe::protocol::CheckpointBegin)
+CAF_ALLOW_UNSAFE_MESSAGE_TYPE(troupe::protocol::CheckpointPlan)
+CAF_ALLOW_UNSAFE_MESSAGE_TYPE(troupe::protocol::CheckpointWritten)
+CAF_ALLOW_UNSAFE_MESSAGE_TYPE(troupe::protocol::ShardCopy)
+CAF_ALLOW_UNSAFE_MESSAGE_TYPE(troupe::protocol::ShardCopyEnd)
+CAF_ALLOW_UNSAFE_MESSAGE_TYPE(troupe::protocol::ShardsDurable)
+CAF_ALLOW_UNSAFE_MESSAGE_TYPE(troupe::protocol::ShardFetch)
+CAF_ALLOW_UNSAFE_MESSAGE_TYPE(troupe::protocol::DropCheckpoint)
+CAF_ALLOW_UNSAFE_MESSAGE_TYPE(troupe::protocol::SnapshotPtr)
 
 namespace troupe::protocol {
 
@@ -76,12 +105,17 @@ namespace troupe::protocol {
 // coordinator process, a node proxy forwarding over the transport.
 using node_actor = caf::typed_actor<caf::reacts_to<JoinAck>, caf::reacts_to<JoinRefused>,
                                     caf::reacts_to<HeartbeatAck>, caf::reacts_to<Drain>, caf::reacts_to<JobAssign>,
-                                    caf::reacts_to<StopJob>>;
+                                    caf::reacts_to<StopJob>, caf::reacts_to<CheckpointPlan>,
+                                    caf::reacts_to<ShardCopy>, caf::reacts_to<ShardCopyEnd>,
+                                    caf::reacts_to<ShardFetch>, caf::reacts_to<DropCheckpoint>>;
 
 // The coordinator as a node sees it: in the node process, a coordinator
 // proxy forwarding over the transport.
 using coordinator_actor = caf::typed_actor<caf::reacts_to<Join>, caf::reacts_to<Heartbeat>, caf::reacts_to<Leave>,
-                                           caf::reacts_to<StepReport>>;
+                                           caf::reacts_to<StepReport>, caf::reacts_to<CheckpointBegin>,
+                                           caf::reacts_to<CheckpointWritten>, caf::reacts_to<ShardCopy>,
+                                           caf::reacts_to<ShardCopyEnd>, caf::reacts_to<ShardsDurable>,
+                                           caf::reacts_to<ShardFetch>>;
 
 // Outgoing frames for a transport bridge: (send_atom, peer, type, payload)
 // on the coordinator, (send_atom, type, payload) on a node.

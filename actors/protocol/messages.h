@@ -15,6 +15,20 @@
 //                                  ◀──────  Drain{}
 //   Leave{node_id, reason}         ──────▶
 //
+// Checkpoints (docs/checkpoints.md, "In a cluster"): the writer's node asks
+// for an id and replicas, writes its own copy, pushes copies to the replicas
+// through the coordinator (which relays ShardCopy/ShardCopyEnd/ShardFetch by
+// `to_node`, after checking that the frame's key is `from_node`'s), and the
+// coordinator commits once every replica has synced:
+//   CheckpointBegin{attempt, step}  ──────▶
+//                                  ◀──────  CheckpointPlan{id, replicas}
+//   CheckpointWritten{manifest}     ──────▶
+//   ShardCopy.. ShardCopyEnd        ──────▶  relayed to each replica
+//   (replica) ShardsDurable{id}     ──────▶  all durable: manifest committed
+//                                  ◀──────  DropCheckpoint{id} (retention, abandoned saves)
+//   (restore) ShardFetch{keys}      ──────▶  relayed to a holder, which answers
+//                                            with ShardCopy.. ShardCopyEnd
+//
 // Compatibility: a struct's field list is append-only within one wire
 // version; a change in meaning takes a new type number.
 #pragma once
@@ -39,6 +53,14 @@ enum class MsgType : uint16_t {
   kJobAssign = 263,
   kStepReport = 264,
   kStopJob = 265,
+  kCheckpointBegin = 266,
+  kCheckpointPlan = 267,
+  kCheckpointWritten = 268,
+  kShardCopy = 269,
+  kShardCopyEnd = 270,
+  kShardsDurable = 271,
+  kShardFetch = 272,
+  kDropCheckpoint = 273,
 };
 
 struct DeviceDesc {
@@ -127,8 +149,10 @@ struct JobAssign {
   int32_t worker = 0;
   std::string config_name;
   std::string toml_text;     // the whole config; shard paths as written
+  std::string resume_manifest;          // JSON of the checkpoint to resume from (empty: step 0)
+  std::vector<std::string> live_nodes;  // nodes a restore may fetch shards from
   template <class Archive>
-  void serialize(Archive& ar) { ar(attempt, worker, config_name, toml_text); }
+  void serialize(Archive& ar) { ar(attempt, worker, config_name, toml_text, resume_manifest, live_nodes); }
 };
 
 // node -> coordinator: after every optimizer step (and on failure).
@@ -159,6 +183,109 @@ struct StopJob {
   std::string reason;
   template <class Archive>
   void serialize(Archive& ar) { ar(attempt, worker, reason); }
+};
+
+// node -> coordinator: attempt `attempt` captured the state after `step`;
+// give the save an id and replicas.
+struct CheckpointBegin {
+  static constexpr MsgType kType = MsgType::kCheckpointBegin;
+  std::string node_id;
+  uint64_t attempt = 0;
+  int64_t step = 0;
+  template <class Archive>
+  void serialize(Archive& ar) { ar(node_id, attempt, step); }
+};
+
+// coordinator -> node: write `id` here and copy it to `replicas` (other
+// nodes). An empty id refuses the save (`reason` says why).
+struct CheckpointPlan {
+  static constexpr MsgType kType = MsgType::kCheckpointPlan;
+  uint64_t attempt = 0;
+  int64_t step = 0;
+  std::string id;
+  std::vector<std::string> replicas;
+  int32_t shards_per_tensor = 1;
+  std::string reason;
+  template <class Archive>
+  void serialize(Archive& ar) { ar(attempt, step, id, replicas, shards_per_tensor, reason); }
+};
+
+// node -> coordinator: this node's copy is durable; `manifest` (JSON) names
+// only this node as a store so far. Non-empty `error`: the save failed.
+struct CheckpointWritten {
+  static constexpr MsgType kType = MsgType::kCheckpointWritten;
+  std::string node_id;
+  uint64_t attempt = 0;
+  std::string id;
+  std::string manifest;
+  std::string error;
+  template <class Archive>
+  void serialize(Archive& ar) { ar(node_id, attempt, id, manifest, error); }
+};
+
+// node -> (coordinator) -> node: one shard's bytes.
+struct ShardCopy {
+  static constexpr MsgType kType = MsgType::kShardCopy;
+  std::string from_node, to_node;
+  std::string id;
+  std::string tensor;
+  int64_t row_begin = 0, row_end = 0;
+  uint32_t crc32c = 0;
+  std::vector<uint8_t> bytes;
+  template <class Archive>
+  void serialize(Archive& ar) { ar(from_node, to_node, id, tensor, row_begin, row_end, crc32c, bytes); }
+};
+
+// node -> (coordinator) -> node: the last ShardCopy of a batch. `fetch`:
+// the batch answers a ShardFetch (a restore), else it is a replication.
+// `errors`: shards the sender could not read, one line each.
+struct ShardCopyEnd {
+  static constexpr MsgType kType = MsgType::kShardCopyEnd;
+  std::string from_node, to_node;
+  std::string id;
+  int64_t shards = 0;  // ShardCopy messages sent in this batch
+  bool fetch = false;
+  std::vector<std::string> errors;
+  template <class Archive>
+  void serialize(Archive& ar) { ar(from_node, to_node, id, shards, fetch, errors); }
+};
+
+// replica node -> coordinator: every shard of `id` it was sent is synced
+// (or, with `error`, is not).
+struct ShardsDurable {
+  static constexpr MsgType kType = MsgType::kShardsDurable;
+  std::string node_id;
+  std::string id;
+  int64_t shards = 0;
+  std::string error;
+  template <class Archive>
+  void serialize(Archive& ar) { ar(node_id, id, shards, error); }
+};
+
+struct ShardWant {
+  std::string tensor;
+  int64_t row_begin = 0, row_end = 0;
+  template <class Archive>
+  void serialize(Archive& ar) { ar(tensor, row_begin, row_end); }
+};
+
+// node -> (coordinator) -> node: send me these shards of `id`
+// (from_node asks, to_node holds them).
+struct ShardFetch {
+  static constexpr MsgType kType = MsgType::kShardFetch;
+  std::string from_node, to_node;
+  std::string id;
+  std::vector<ShardWant> shards;
+  template <class Archive>
+  void serialize(Archive& ar) { ar(from_node, to_node, id, shards); }
+};
+
+// coordinator -> node: delete every shard of `id` (expired or abandoned).
+struct DropCheckpoint {
+  static constexpr MsgType kType = MsgType::kDropCheckpoint;
+  std::string id;
+  template <class Archive>
+  void serialize(Archive& ar) { ar(id); }
 };
 
 }  // namespace troupe::protocol

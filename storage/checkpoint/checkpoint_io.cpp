@@ -28,6 +28,16 @@ Expected<std::vector<uint8_t>> ReadCopy(const ShardStore& store, const std::stri
   return bytes;
 }
 
+Status CheckSaveOptions(const StoreSet& stores, const SaveOptions& options) {
+  if (stores.empty()) return Status::InvalidArgument("checkpoint save: no shard store");
+  if (options.replication < 1 || options.replication > static_cast<int>(stores.size()))
+    return Status::InvalidArgument("checkpoint save: replication " + std::to_string(options.replication) +
+                                   " needs that many stores, there are " + std::to_string(stores.size()));
+  if (options.shards_per_tensor < 1) return Status::InvalidArgument("checkpoint save: shards_per_tensor < 1");
+  if (options.threads < 1) return Status::InvalidArgument("checkpoint save: threads < 1");
+  return Status::Ok();
+}
+
 }  // namespace
 
 int64_t HostTensor::rows() const { return RowsOf(shape); }
@@ -38,14 +48,9 @@ uint64_t Snapshot::TotalBytes() const {
   return b;
 }
 
-Expected<Manifest> SaveCheckpoint(const Snapshot& snap, const StoreSet& stores, Catalog& catalog,
-                                  const SaveOptions& options) {
-  if (stores.empty()) return Status::InvalidArgument("checkpoint save: no shard store");
-  if (options.replication < 1 || options.replication > static_cast<int>(stores.size()))
-    return Status::InvalidArgument("checkpoint save: replication " + std::to_string(options.replication) +
-                                   " needs that many stores, there are " + std::to_string(stores.size()));
-  if (options.shards_per_tensor < 1) return Status::InvalidArgument("checkpoint save: shards_per_tensor < 1");
-  if (options.threads < 1) return Status::InvalidArgument("checkpoint save: threads < 1");
+Expected<Manifest> WriteShards(const Snapshot& snap, const std::string& id, const StoreSet& stores,
+                               const SaveOptions& options) {
+  TROUPE_RETURN_IF_ERROR(CheckSaveOptions(stores, options));
   std::vector<ShardStore*> ring;
   for (const auto& [id, s] : stores) {
     if (s == nullptr) return Status::InvalidArgument("checkpoint save: store " + id + " is null");
@@ -70,7 +75,8 @@ Expected<Manifest> SaveCheckpoint(const Snapshot& snap, const StoreSet& stores, 
                                      " bytes for its shape");
   }
 
-  TROUPE_ASSIGN_OR_RETURN(std::string id, catalog.ReserveId());
+  if (id.empty() || id.find('/') != std::string::npos)
+    return Status::InvalidArgument("checkpoint save: bad checkpoint id '" + id + "'");
   Manifest m;
   static_cast<RunState&>(m) = snap;
   m.id = id;
@@ -170,6 +176,14 @@ Expected<Manifest> SaveCheckpoint(const Snapshot& snap, const StoreSet& stores, 
     Status s = st->Sync();
     if (!s.ok()) return fail(s.WithContext("checkpoint save " + id));
   }
+  return m;
+}
+
+Expected<Manifest> SaveCheckpoint(const Snapshot& snap, const StoreSet& stores, Catalog& catalog,
+                                  const SaveOptions& options) {
+  TROUPE_RETURN_IF_ERROR(CheckSaveOptions(stores, options));  // before an id is spent
+  TROUPE_ASSIGN_OR_RETURN(std::string id, catalog.ReserveId());
+  TROUPE_ASSIGN_OR_RETURN(Manifest m, WriteShards(snap, id, stores, options));
   // A failed commit may still have reached the disk (e.g. the write landed,
   // the sync reported an error): dropping the shards then could leave a
   // committed manifest without its shards. Leave them; CollectGarbage() drops

@@ -56,7 +56,15 @@ struct SaveOptions {
 // The stores a checkpoint may use, by id.
 using StoreSet = std::map<std::string, ShardStore*>;
 
-// InvalidArgument (before anything is written) on bad options, a tensor
+// Writes every shard of `snap` under the reserved id `id` and syncs the
+// stores; returns the manifest to commit (its `id`, shards, stores and
+// checksums filled in). Nothing is committed: a caller that replicates
+// elsewhere first (the cluster: docs/checkpoints.md) commits later. On
+// failure the shards written so far are dropped.
+Expected<Manifest> WriteShards(const Snapshot& snap, const std::string& id, const StoreSet& stores,
+                               const SaveOptions& options);
+
+// ReserveId + WriteShards + Commit. InvalidArgument (before anything is written) on bad options, a tensor
 // whose bytes do not fit its shape, a bad or repeated tensor name. Every
 // byte of `snap` is read once (hashed, then written by a store).
 Expected<Manifest> SaveCheckpoint(const Snapshot& snap, const StoreSet& stores, Catalog& catalog,
