@@ -38,24 +38,7 @@ Status CheckSaveOptions(const StoreSet& stores, const SaveOptions& options) {
   return Status::Ok();
 }
 
-}  // namespace
-
-int64_t HostTensor::rows() const { return RowsOf(shape); }
-
-uint64_t Snapshot::TotalBytes() const {
-  uint64_t b = 0;
-  for (const HostTensor& t : tensors) b += t.bytes.size();
-  return b;
-}
-
-Expected<Manifest> WriteShards(const Snapshot& snap, const std::string& id, const StoreSet& stores,
-                               const SaveOptions& options) {
-  TROUPE_RETURN_IF_ERROR(CheckSaveOptions(stores, options));
-  std::vector<ShardStore*> ring;
-  for (const auto& [id, s] : stores) {
-    if (s == nullptr) return Status::InvalidArgument("checkpoint save: store " + id + " is null");
-    ring.push_back(s);
-  }
+Status CheckSnapshot(const Snapshot& snap) {
   // Check every tensor before anything is written: two tensors of one name
   // would overwrite each other's shards and commit a checkpoint that can
   // never load; a bad name or size would fail half-way through the save.
@@ -74,7 +57,28 @@ Expected<Manifest> WriteShards(const Snapshot& snap, const std::string& id, cons
       return Status::InvalidArgument("checkpoint save: tensor " + t.name + " has " + std::to_string(t.bytes.size()) +
                                      " bytes for its shape");
   }
+  return Status::Ok();
+}
 
+}  // namespace
+
+int64_t HostTensor::rows() const { return RowsOf(shape); }
+
+uint64_t Snapshot::TotalBytes() const {
+  uint64_t b = 0;
+  for (const HostTensor& t : tensors) b += t.bytes.size();
+  return b;
+}
+
+Expected<Manifest> WriteShards(const Snapshot& snap, const std::string& id, const StoreSet& stores,
+                               const SaveOptions& options) {
+  TROUPE_RETURN_IF_ERROR(CheckSaveOptions(stores, options));
+  std::vector<ShardStore*> ring;
+  for (const auto& [id, s] : stores) {
+    if (s == nullptr) return Status::InvalidArgument("checkpoint save: store " + id + " is null");
+    ring.push_back(s);
+  }
+  TROUPE_RETURN_IF_ERROR(CheckSnapshot(snap));
   if (id.empty() || id.find('/') != std::string::npos)
     return Status::InvalidArgument("checkpoint save: bad checkpoint id '" + id + "'");
   Manifest m;
@@ -181,7 +185,9 @@ Expected<Manifest> WriteShards(const Snapshot& snap, const std::string& id, cons
 
 Expected<Manifest> SaveCheckpoint(const Snapshot& snap, const StoreSet& stores, Catalog& catalog,
                                   const SaveOptions& options) {
-  TROUPE_RETURN_IF_ERROR(CheckSaveOptions(stores, options));  // before an id is spent
+  // Bad requests are refused before an id is spent.
+  TROUPE_RETURN_IF_ERROR(CheckSaveOptions(stores, options));
+  TROUPE_RETURN_IF_ERROR(CheckSnapshot(snap));
   TROUPE_ASSIGN_OR_RETURN(std::string id, catalog.ReserveId());
   TROUPE_ASSIGN_OR_RETURN(Manifest m, WriteShards(snap, id, stores, options));
   // A failed commit may still have reached the disk (e.g. the write landed,
