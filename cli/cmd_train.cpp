@@ -32,22 +32,6 @@ struct TrainFlags {
   int timeout_s = 60;
 };
 
-void PrintSave(const SaveResult& r) {
-  if (!r.status.ok()) {
-    std::printf("checkpoint: save FAILED: %s\n", r.status.message().c_str());
-    return;
-  }
-  const double mb = r.manifest.TotalBytes() / 1048576.0;
-  std::printf("checkpoint %s committed: step %lld, %zu tensors, %.1f MiB x %d replica(s) in %.2f s (%.0f MiB/s)",
-              r.manifest.id.c_str(), static_cast<long long>(r.manifest.step), r.manifest.tensors.size(), mb,
-              r.manifest.replication, r.write_seconds, mb * r.manifest.replication / std::max(r.write_seconds, 1e-9));
-  if (!r.dropped.empty()) {
-    std::printf("; retention dropped");
-    for (const std::string& id : r.dropped) std::printf(" %s", id.c_str());
-  }
-  std::printf("\n");
-}
-
 int RunTrain(const TrainFlags& f) {
   auto job = LoadJob(f.config);
   if (!job.ok()) return Fail(job.status());
@@ -60,10 +44,9 @@ int RunTrain(const TrainFlags& f) {
   if (!par.ok()) return Fail(par);
   if (job->parallel.dp == 0) job->parallel.dp = 1;  // "as many as fit": one machine's launcher makes one replica
   if (job->parallel.pp * job->parallel.ep * job->parallel.dp > 1) {
-    if (!f.weights.empty() || !f.resume.empty() || f.ckpt_every > 0 || job->checkpoint.every > 0 || f.profile)
+    if (!f.weights.empty() || f.profile)
       return Fail(Status::Unimplemented(
-          "a distributed run (more than one rank in [parallel]) does not take --weights, --resume, --profile or "
-          "checkpoints yet"));
+          "a distributed run (more than one rank in [parallel]) does not take --weights or --profile yet"));
     DistFlags d;
     d.config = f.config;
     d.device = f.device;
@@ -72,6 +55,9 @@ int RunTrain(const TrainFlags& f) {
     d.threads = f.threads;
     d.timeout_s = f.timeout_s;
     d.parallel = job->parallel;
+    d.ckpt_dir = f.ckpt_dir;
+    d.ckpt_every = f.ckpt_every;
+    d.resume = f.resume;
     return LaunchDistributedTrain(d, *job);
   }
   auto backend = MakeBackend(tc.device, tc.threads, f.precision);
@@ -107,7 +93,9 @@ int RunTrain(const TrainFlags& f) {
     auto m = f.resume == "latest" ? ckpt->catalog().Latest() : ckpt->catalog().Get(f.resume);
     if (!m.ok()) return Fail(m.status().WithContext("--resume " + f.resume + " (checkpoints in " + ckpt_dir + ")"));
     ckpt::ReadStats stats;
-    auto snap = ckpt::LoadCheckpoint(*m, ckpt->stores(), &stats);
+    // A checkpoint a distributed run saved has shards in stores this run does not write.
+    ReadableStores readable = OpenStoresFor(ckpt_dir, *m, ckpt->stores(), &stats);
+    auto snap = ckpt::LoadCheckpoint(*m, readable.stores, &stats);
     if (!snap.ok()) return Fail(snap.status());
     Status st = trainer.Restore(*snap);
     if (!st.ok()) return Fail(st.WithContext("--resume " + m->id));
@@ -196,6 +184,22 @@ int RunTrain(const TrainFlags& f) {
 }
 
 }  // namespace
+
+void PrintSave(const SaveResult& r) {
+  if (!r.status.ok()) {
+    std::printf("checkpoint: save FAILED: %s\n", r.status.message().c_str());
+    return;
+  }
+  const double mb = r.manifest.TotalBytes() / 1048576.0;
+  std::printf("checkpoint %s committed: step %lld, %zu tensors, %.1f MiB x %d replica(s) in %.2f s (%.0f MiB/s)",
+              r.manifest.id.c_str(), static_cast<long long>(r.manifest.step), r.manifest.tensors.size(), mb,
+              r.manifest.replication, r.write_seconds, mb * r.manifest.replication / std::max(r.write_seconds, 1e-9));
+  if (!r.dropped.empty()) {
+    std::printf("; retention dropped");
+    for (const std::string& id : r.dropped) std::printf(" %s", id.c_str());
+  }
+  std::printf("\n");
+}
 
 void AddTrainCommand(CLI::App& app, RunFn& run) {
   auto flags = std::make_shared<TrainFlags>();

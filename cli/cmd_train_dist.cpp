@@ -22,6 +22,7 @@
 #include "cli/train_dist.h"
 #include "coordinator/process_util.h"
 #include "storage/model_weights.h"
+#include "train/parallel/dist_checkpoint.h"
 #include "train/parallel/dist_trainer.h"
 #include "train/parallel/process_group.h"
 
@@ -65,6 +66,9 @@ std::vector<std::string> PassOn(const DistFlags& f) {
   if (!f.device.empty()) a.insert(a.end(), {"--device", f.device});
   if (f.steps > 0) a.insert(a.end(), {"--steps", std::to_string(f.steps)});
   if (f.threads >= 0) a.insert(a.end(), {"--threads", std::to_string(f.threads)});
+  a.insert(a.end(), {"--checkpoint-dir", f.ckpt_dir});
+  if (f.ckpt_every >= 0) a.insert(a.end(), {"--checkpoint-every", std::to_string(f.ckpt_every)});
+  if (!f.resume.empty()) a.insert(a.end(), {"--resume", f.resume});
   return a;
 }
 
@@ -149,6 +153,29 @@ int RunRank(const RankFlags& f) {
     std::printf("%s", layout->Explain().c_str());
     std::fflush(stdout);
   }
+  if (f.dist.ckpt_every >= 0) job->checkpoint.every = f.dist.ckpt_every;
+  std::unique_ptr<parallel::DistCheckpointer> ckpt;
+  if (job->checkpoint.every > 0 || !f.dist.resume.empty()) {
+    auto c = parallel::DistCheckpointer::Open(f.dist.ckpt_dir, job->checkpoint, **group, 1000 * f.dist.timeout_s);
+    if (!c.ok()) return Fail(c.status().WithContext("rank " + std::to_string(f.rank)));
+    ckpt = std::move(c).value();
+  }
+  if (!f.dist.resume.empty()) {
+    ckpt::ReadStats stats;
+    auto m = ckpt->Resume(f.dist.resume, t, &stats);
+    if (!m.ok())
+      return Fail(m.status().WithContext("--resume " + f.dist.resume + " (checkpoints in " + f.dist.ckpt_dir + ")"));
+    std::printf(
+        "resumed from %s (saved at pp=%d ep=%d dp=%d): step %lld; rank %d read %d shards, %d from a replica after a "
+        "failure\n",
+        m->id.c_str(), m->layout.pp, m->layout.ep, m->layout.dp, static_cast<long long>(m->step), f.rank,
+        stats.shards_read, stats.replica_fallbacks);
+    for (const std::string& why : stats.failures) std::printf("  replica failure: %s\n", why.c_str());
+  }
+  auto report_saves = [&](std::optional<SaveResult> done) {
+    if (done && (lead || !done->status.ok())) PrintSave(*done);
+  };
+  double stall_seconds = 0;
   std::vector<parallel::StepTiming> timings;
   double tokens = 0, seconds = 0, last_val = 0;
   while (t.step() < tc.steps) {
@@ -175,7 +202,34 @@ int RunRank(const RankFlags& f) {
       if (lead)
         std::printf("step %5d/%d | val_loss %.4f | %.0f tok/s average\n", r->step, tc.steps, *val, tokens / seconds);
     }
-    if (lead) std::fflush(stdout);
+    if (ckpt) {
+      report_saves(ckpt->Poll());
+      if (job->checkpoint.every > 0 && r->step % job->checkpoint.every == 0) {
+        // The stall: this rank's previous save, the moments' gather and the device-to-host copies.
+        const auto t0 = std::chrono::steady_clock::now();
+        report_saves(ckpt->WaitIdle());
+        std::map<std::string, double> metrics = {
+            {"loss", r->loss.total}, {"main_loss", r->loss.main}, {"lr", r->lr}, {"grad_norm", r->grad_norm},
+            {"tokens_per_s", r->tokens / r->seconds}};
+        if (last_val > 0) metrics["val_loss"] = last_val;
+        std::string skipped;
+        Status st = ckpt->Save(t, metrics, &skipped);
+        if (!st.ok()) return Fail(st.WithContext("rank " + std::to_string(f.rank) + " checkpoint"));
+        const double stall = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+        stall_seconds += stall;
+        if (lead && skipped.empty())
+          std::printf("checkpoint: step %d captured in %.1f ms (training stall); writing in the background\n",
+                      r->step, stall * 1e3);
+        if (lead && !skipped.empty()) std::printf("checkpoint: step %d NOT saved: %s\n", r->step, skipped.c_str());
+      }
+    }
+    std::fflush(stdout);
+  }
+  if (ckpt) {
+    report_saves(ckpt->WaitIdle());
+    if (lead && stall_seconds > 0)
+      std::printf("checkpoint stall: %.3f s in all, %.2f%% of training step time\n", stall_seconds,
+                  100.0 * stall_seconds / std::max(seconds, 1e-9));
   }
   if (lead) {
     PrintTimingSummary(t, timings);
@@ -227,6 +281,8 @@ int LaunchDistributedTrain(const DistFlags& flags, const JobConfig& job) {
   if (!layout.ok()) return Fail(layout.status());
   const std::string out = flags.out_dir.empty() ? "runs/" + fs::path(flags.config).stem().string() : flags.out_dir;
   const std::string dir = out + "/dist";
+  DistFlags pass = flags;
+  if (pass.ckpt_dir.empty()) pass.ckpt_dir = out + "/checkpoints";
   std::error_code ec;
   fs::remove_all(dir + "/rendezvous", ec);  // addresses of an earlier run must not be taken for this one's
   fs::create_directories(dir + "/rendezvous", ec);
@@ -244,7 +300,7 @@ int LaunchDistributedTrain(const DistFlags& flags, const JobConfig& job) {
   for (int r = 0; r < world; ++r) {
     std::vector<std::string> args = {"troupe",    "rank", "--rank", std::to_string(r), "--world", std::to_string(world),
                                      "--run-dir", dir};
-    for (std::string& a : PassOn(flags)) args.push_back(std::move(a));
+    for (std::string& a : PassOn(pass)) args.push_back(std::move(a));
     logs.push_back(dir + "/rank-" + std::to_string(r) + ".log");
     fs::remove(logs.back(), ec);
     auto pid = Spawn(args, logs.back(), /*inherit_stdout=*/r == 0);
@@ -302,6 +358,9 @@ void AddRankCommand(CLI::App& app, RunFn& run) {
   cmd->add_option("--steps", flags->dist.steps, "optimizer steps")->check(IntAtLeast(1));
   cmd->add_option("--threads", flags->dist.threads, "CPU threads of this rank")->check(IntAtLeast(0));
   cmd->add_option("--timeout", flags->dist.timeout_s, "seconds to wait for a peer")->check(IntAtLeast(1));
+  cmd->add_option("--checkpoint-dir", flags->dist.ckpt_dir, "checkpoint catalog and shard stores")->required();
+  cmd->add_option("--checkpoint-every", flags->dist.ckpt_every, "steps between checkpoints")->check(IntAtLeast(0));
+  cmd->add_option("--resume", flags->dist.resume, "continue from this checkpoint id, or 'latest'");
   AddParallelOptions(*cmd, flags->parallel);
   cmd->callback([flags, &run] {
     run = [flags] {

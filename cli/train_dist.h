@@ -10,6 +10,10 @@
 #include "cli/commands.h"
 #include "configs/config.h"
 
+namespace troupe {
+struct SaveResult;
+}
+
 namespace troupe::cli {
 
 // --pp --ep --dp --schedule --micro-batches: each overrides its [parallel] key.
@@ -29,7 +33,13 @@ struct DistFlags {
   int threads = -1;  // per rank; default: the cores split over the ranks
   int timeout_s = 60;
   ParallelConfig parallel;
+  std::string ckpt_dir;  // default <out>/checkpoints
+  int ckpt_every = -1;   // default: the config's checkpoint.every
+  std::string resume;    // a checkpoint id, or "latest"
 };
+
+// One line on a finished checkpoint save (committed, or why not).
+void PrintSave(const SaveResult& r);
 
 // Starts job.parallel's world of ranks as processes of this binary over
 // CURVE ZeroMQ on loopback, prints rank 0's output, waits; a failing rank

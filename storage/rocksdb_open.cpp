@@ -24,4 +24,17 @@ Expected<std::unique_ptr<rocksdb::DB>> OpenRocksDb(const std::string& dir, const
   return std::unique_ptr<rocksdb::DB>(db);
 }
 
+Expected<std::unique_ptr<rocksdb::DB>> OpenRocksDbReadOnly(const std::string& dir, const std::string& name,
+                                                           const std::string& what) {
+  const std::string path = dir + "/" + name;
+  std::error_code ec;
+  if (!std::filesystem::is_directory(path, ec)) return Status::NotFound(what + ": no database at " + path);
+  rocksdb::Options options = DefaultRocksDbOptions();
+  options.create_if_missing = false;
+  rocksdb::DB* db = nullptr;
+  rocksdb::Status s = rocksdb::DB::OpenForReadOnly(options, path, &db);
+  if (!s.ok()) return Status::IOError(what + ": cannot open " + path + " for reading: " + s.ToString());
+  return std::unique_ptr<rocksdb::DB>(db);
+}
+
 }  // namespace troupe

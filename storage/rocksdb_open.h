@@ -22,4 +22,10 @@ Expected<std::unique_ptr<rocksdb::DB>> OpenRocksDb(const std::string& dir, const
                                                    const std::string& what,
                                                    const rocksdb::Options& options = DefaultRocksDbOptions());
 
+// <dir>/<name> for reading only: creates nothing and takes no lock, so other
+// processes may read the same database at once (a writer must not be
+// changing it meanwhile). NotFound naming the path when there is none.
+Expected<std::unique_ptr<rocksdb::DB>> OpenRocksDbReadOnly(const std::string& dir, const std::string& name,
+                                                           const std::string& what);
+
 }  // namespace troupe

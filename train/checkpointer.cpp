@@ -2,13 +2,33 @@
 
 #include <chrono>
 #include <filesystem>
+#include <set>
 
 namespace troupe {
-namespace {
+std::string LocalStoreDir(const std::string& dir, int i) { return dir + "/store-" + std::to_string(i); }
+std::string LocalStoreId(int i) { return "local-" + std::to_string(i); }
 
-std::string StoreDir(const std::string& dir, int i) { return dir + "/store-" + std::to_string(i); }
-
-}  // namespace
+ReadableStores OpenStoresFor(const std::string& dir, const ckpt::Manifest& m, const ckpt::StoreSet& open,
+                             ckpt::ReadStats* stats) {
+  ReadableStores out;
+  out.stores = open;
+  std::set<std::string> named;
+  for (const ckpt::TensorRecord& t : m.tensors)
+    for (const ckpt::ShardRef& s : t.shards) named.insert(s.stores.begin(), s.stores.end());
+  std::error_code ec;
+  for (int i = 0; std::filesystem::is_directory(LocalStoreDir(dir, i), ec); ++i) {
+    const std::string id = LocalStoreId(i);
+    if (!named.count(id) || out.stores.count(id)) continue;
+    auto store = ckpt::ShardStore::OpenReadOnly(LocalStoreDir(dir, i), id);
+    if (!store.ok()) {
+      if (stats) stats->failures.push_back(store.status().message());
+      continue;
+    }
+    out.stores[id] = store->get();
+    out.opened.push_back(std::move(store).value());
+  }
+  return out;
+}
 
 Expected<std::unique_ptr<AsyncCheckpointer>> AsyncCheckpointer::Open(const std::string& dir,
                                                                      const CheckpointConfig& config) {
@@ -23,7 +43,7 @@ Expected<std::unique_ptr<AsyncCheckpointer>> AsyncCheckpointer::Open(const std::
   c->config_ = config;
   TROUPE_ASSIGN_OR_RETURN(c->catalog_, ckpt::Catalog::Open(dir));
   for (int i = 0; i < config.stores; ++i) {
-    TROUPE_ASSIGN_OR_RETURN(auto store, ckpt::ShardStore::Open(StoreDir(dir, i), "local-" + std::to_string(i)));
+    TROUPE_ASSIGN_OR_RETURN(auto store, ckpt::ShardStore::Open(LocalStoreDir(dir, i), LocalStoreId(i)));
     c->store_set_[store->id()] = store.get();
     c->stores_.push_back(std::move(store));
   }
@@ -116,8 +136,8 @@ Expected<CheckpointFolder> OpenCheckpointFolder(const std::string& dir) {
     return Status::NotFound("no checkpoint catalog under " + dir + " (expected " + dir + "/catalog)");
   CheckpointFolder f;
   TROUPE_ASSIGN_OR_RETURN(f.catalog, ckpt::Catalog::Open(dir));
-  for (int i = 0; std::filesystem::is_directory(StoreDir(dir, i), ec); ++i) {
-    TROUPE_ASSIGN_OR_RETURN(auto store, ckpt::ShardStore::Open(StoreDir(dir, i), "local-" + std::to_string(i)));
+  for (int i = 0; std::filesystem::is_directory(LocalStoreDir(dir, i), ec); ++i) {
+    TROUPE_ASSIGN_OR_RETURN(auto store, ckpt::ShardStore::Open(LocalStoreDir(dir, i), LocalStoreId(i)));
     f.store_set[store->id()] = store.get();
     f.stores.push_back(std::move(store));
   }

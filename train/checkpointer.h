@@ -72,6 +72,23 @@ class AsyncCheckpointer {
   std::thread writer_;
 };
 
+// Store i of a checkpoint folder: <dir>/store-<i>, named "local-<i>" in
+// manifests (troupe train's stores, and rank i's in a distributed run).
+std::string LocalStoreDir(const std::string& dir, int i);
+std::string LocalStoreId(int i);
+
+// The stores a restore of `m` reads: `open` (already open by this process)
+// and, opened for reading only, every other store of the folder that `m`
+// names (a checkpoint another layout wrote: other processes may read them
+// too). A store that cannot be opened is left out and its error added to
+// `stats` (its shards' other copies may still serve).
+struct ReadableStores {
+  std::vector<std::unique_ptr<ckpt::ShardStore>> opened;
+  ckpt::StoreSet stores;
+};
+ReadableStores OpenStoresFor(const std::string& dir, const ckpt::Manifest& m, const ckpt::StoreSet& open,
+                             ckpt::ReadStats* stats);
+
 // Opens the checkpoint folder read-only-ish for tools (no GC, no thread):
 // the catalog and every store-<i> found under `dir`.
 struct CheckpointFolder {

@@ -3,7 +3,9 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <map>
 #include <set>
+#include <tuple>
 #include <thread>
 
 #include "common/crc32c.h"
@@ -60,6 +62,47 @@ Status CheckSnapshot(const Snapshot& snap) {
   return Status::Ok();
 }
 
+// One shard copy to write: the `shard`-th shard of tensor `tensor`.
+struct Write {
+  size_t tensor, shard;
+  ShardStore* store;
+  std::span<const uint8_t> bytes;
+  uint32_t crc32c = 0;
+};
+
+// `threads` workers take the next write until none is left or one fails;
+// each write's CRC32C lands in it.
+template <typename PutFn>
+Status RunWrites(std::vector<Write>& writes, int threads, const PutFn& put) {
+  std::atomic<size_t> next{0};
+  std::atomic<bool> failed{false};
+  std::mutex error_mu;
+  Status error;
+  auto work = [&] {
+    for (size_t i; !failed.load() && (i = next.fetch_add(1)) < writes.size();) {
+      Expected<uint32_t> crc = put(writes[i]);
+      if (crc.ok()) {
+        writes[i].crc32c = *crc;
+        continue;
+      }
+      std::lock_guard<std::mutex> lock(error_mu);
+      if (!failed.exchange(true)) error = crc.status();
+    }
+  };
+  std::vector<std::thread> helpers;
+  const size_t n = std::min<size_t>(std::max(threads, 1), std::max<size_t>(writes.size(), 1));
+  for (size_t k = 1; k < n; ++k) helpers.emplace_back(work);
+  work();
+  for (std::thread& h : helpers) h.join();
+  return failed ? error : Status::Ok();
+}
+
+Status CheckName(const std::string& what, const std::string& name) {
+  if (name.empty() || name.find('/') != std::string::npos)
+    return Status::InvalidArgument("checkpoint save: bad " + what + " '" + name + "'");
+  return Status::Ok();
+}
+
 }  // namespace
 
 int64_t HostTensor::rows() const { return RowsOf(shape); }
@@ -79,8 +122,7 @@ Expected<Manifest> WriteShards(const Snapshot& snap, const std::string& id, cons
     ring.push_back(s);
   }
   TROUPE_RETURN_IF_ERROR(CheckSnapshot(snap));
-  if (id.empty() || id.find('/') != std::string::npos)
-    return Status::InvalidArgument("checkpoint save: bad checkpoint id '" + id + "'");
+  TROUPE_RETURN_IF_ERROR(CheckName("checkpoint id", id));
   Manifest m;
   static_cast<RunState&>(m) = snap;
   m.id = id;
@@ -92,12 +134,6 @@ Expected<Manifest> WriteShards(const Snapshot& snap, const std::string& id, cons
 
   // Plan: every shard's row range and stores (round-robin start, so shards
   // spread over the stores), and one write per shard copy.
-  struct Write {
-    size_t tensor, shard;
-    ShardStore* store;
-    std::span<const uint8_t> bytes;
-    uint32_t crc32c = 0;
-  };
   std::vector<Write> writes;
   std::set<ShardStore*> used;
   size_t placement = 0;
@@ -133,30 +169,11 @@ Expected<Manifest> WriteShards(const Snapshot& snap, const std::string& id, cons
     for (ShardStore* st : used) (void)st->Drop(id);  // best effort: GC would get them anyway
     return s;
   };
-  // Write: `threads` workers take the next write until none is left or one fails.
-  std::atomic<size_t> next{0};
-  std::atomic<bool> failed{false};
-  std::mutex error_mu;
-  Status error;
-  auto work = [&] {
-    for (size_t i; !failed.load() && (i = next.fetch_add(1)) < writes.size();) {
-      Write& w = writes[i];
-      auto crc = w.store->Put({id, snap.tensors[w.tensor].name, m.tensors[w.tensor].shards[w.shard].row_begin},
-                              m.tensors[w.tensor].shards[w.shard].row_end, w.bytes);
-      if (crc.ok()) {
-        w.crc32c = *crc;
-        continue;
-      }
-      std::lock_guard<std::mutex> lock(error_mu);
-      if (!failed.exchange(true)) error = crc.status();
-    }
-  };
-  std::vector<std::thread> helpers;
-  const size_t threads = std::min<size_t>(options.threads, std::max<size_t>(writes.size(), 1));
-  for (size_t k = 1; k < threads; ++k) helpers.emplace_back(work);
-  work();
-  for (std::thread& h : helpers) h.join();
-  if (failed) return fail(error.WithContext("checkpoint save " + id));
+  Status written = RunWrites(writes, options.threads, [&](const Write& w) {
+    const ShardRef& ref = m.tensors[w.tensor].shards[w.shard];
+    return w.store->Put({id, snap.tensors[w.tensor].name, ref.row_begin}, ref.row_end, w.bytes);
+  });
+  if (!written.ok()) return fail(written.WithContext("checkpoint save " + id));
 
   // Checksums: each shard's from its writes (every copy must agree), each
   // tensor's from its shards', which cover its bytes in row order.
@@ -196,6 +213,106 @@ Expected<Manifest> SaveCheckpoint(const Snapshot& snap, const StoreSet& stores, 
   // them if the manifest really is not there.
   TROUPE_RETURN_IF_ERROR(catalog.Commit(m).WithContext("checkpoint save " + id));
   return m;
+}
+
+Expected<std::vector<PieceRecord>> WritePieces(const std::vector<HostPiece>& pieces, const std::string& id,
+                                               ShardStore& store, int threads) {
+  TROUPE_RETURN_IF_ERROR(CheckName("checkpoint id", id));
+  std::vector<PieceRecord> out;
+  std::vector<Write> writes;
+  std::set<std::pair<std::string, int64_t>> keys;
+  for (size_t i = 0; i < pieces.size(); ++i) {
+    const HostPiece& p = pieces[i];
+    TROUPE_RETURN_IF_ERROR(CheckName("tensor name", p.name));
+    int64_t elems = 1;
+    for (int64_t d : p.shape) {
+      if (d < 0) return Status::InvalidArgument("checkpoint save: tensor " + p.name + " has a negative dimension");
+      elems *= d;
+    }
+    const int64_t rows = RowsOf(p.shape), piece_rows = p.row_end - p.row_begin;
+    const int64_t row_elems = rows > 0 ? elems / rows : 0;
+    const int64_t row_bytes = piece_rows > 0 ? static_cast<int64_t>(p.bytes.size()) / piece_rows : 0;
+    if (p.row_begin < 0 || piece_rows <= 0 || p.row_end > rows ||
+        row_bytes * piece_rows != static_cast<int64_t>(p.bytes.size()) || row_elems == 0 || row_bytes % row_elems)
+      return Status::InvalidArgument("checkpoint save: a piece of " + p.name + " (" + std::to_string(p.bytes.size()) +
+                                     " bytes for rows [" + std::to_string(p.row_begin) + ", " +
+                                     std::to_string(p.row_end) + ")) is not whole rows inside its " +
+                                     std::to_string(rows) + " rows");
+    if (!keys.insert({p.name, p.row_begin}).second)
+      return Status::InvalidArgument("checkpoint save: two pieces of " + p.name + " at row " +
+                                     std::to_string(p.row_begin));
+    PieceRecord r{p.name, p.dtype, p.shape, row_bytes, {}};
+    r.shard.row_begin = p.row_begin;
+    r.shard.row_end = p.row_end;
+    r.shard.stores = {store.id()};
+    out.push_back(std::move(r));
+    writes.push_back({i, 0, &store, p.bytes});
+  }
+  Status written = RunWrites(writes, threads, [&](const Write& w) {
+    const PieceRecord& r = out[w.tensor];
+    return store.Put({id, r.name, r.shard.row_begin}, r.shard.row_end, w.bytes);
+  });
+  if (written.ok()) written = store.Sync();
+  if (!written.ok()) {
+    (void)store.Drop(id);  // best effort: a later garbage collection drops them too
+    return written.WithContext("checkpoint save " + id);
+  }
+  for (const Write& w : writes) out[w.tensor].shard.crc32c = w.crc32c;
+  return out;
+}
+
+Expected<std::vector<TensorRecord>> AssembleTensors(std::vector<PieceRecord> pieces,
+                                                    const std::vector<std::string>& order) {
+  std::map<std::string, std::vector<PieceRecord>> by_name;
+  for (PieceRecord& p : pieces) by_name[p.name].push_back(std::move(p));
+  std::vector<TensorRecord> out;
+  for (const std::string& name : order) {
+    auto it = by_name.find(name);
+    if (it == by_name.end()) return Status::Corruption("checkpoint assembly: no writer reported tensor " + name);
+    std::vector<PieceRecord> parts;
+    std::sort(it->second.begin(), it->second.end(), [](const PieceRecord& a, const PieceRecord& b) {
+      return std::tie(a.shard.row_begin, a.shard.row_end) < std::tie(b.shard.row_begin, b.shard.row_end);
+    });
+    // Pieces of the same rows are copies of one shard on other stores.
+    for (PieceRecord& p : it->second) {
+      if (!parts.empty() && parts.back().shard.row_begin == p.shard.row_begin &&
+          parts.back().shard.row_end == p.shard.row_end) {
+        if (parts.back().shard.crc32c != p.shard.crc32c || parts.back().row_bytes != p.row_bytes)
+          return Status::Corruption("checkpoint assembly: two copies of " + name + " rows@" +
+                                    std::to_string(p.shard.row_begin) + " differ");
+        for (std::string& st : p.shard.stores) parts.back().shard.stores.push_back(std::move(st));
+        continue;
+      }
+      parts.push_back(std::move(p));
+    }
+    TensorRecord t;
+    t.name = name;
+    t.dtype = parts.front().dtype;
+    t.shape = parts.front().shape;
+    const int64_t row_bytes = parts.front().row_bytes;
+    t.bytes = static_cast<uint64_t>(t.rows() * row_bytes);
+    int64_t next_row = 0;
+    for (PieceRecord& p : parts) {
+      if (p.dtype != t.dtype || p.shape != t.shape || p.row_bytes != row_bytes)
+        return Status::Corruption("checkpoint assembly: the pieces of " + name + " disagree on its dtype or shape");
+      if (p.shard.row_begin != next_row)
+        return Status::Corruption("checkpoint assembly: tensor " + name + " has " +
+                                  (p.shard.row_begin < next_row ? "overlapping pieces" : "no piece") + " at row " +
+                                  std::to_string(std::min(p.shard.row_begin, next_row)));
+      next_row = p.shard.row_end;
+      t.crc32c = Crc32cCombine(t.crc32c, p.shard.crc32c,
+                               static_cast<uint64_t>((p.shard.row_end - p.shard.row_begin) * row_bytes));
+      t.shards.push_back(std::move(p.shard));
+    }
+    if (next_row != t.rows())
+      return Status::Corruption("checkpoint assembly: tensor " + name + " has no piece at row " +
+                                std::to_string(next_row));
+    out.push_back(std::move(t));
+    by_name.erase(it);
+  }
+  if (!by_name.empty())
+    return Status::Corruption("checkpoint assembly: tensor " + by_name.begin()->first + " is not in the model");
+  return out;
 }
 
 Expected<std::vector<uint8_t>> ReadRows(const TensorRecord& tensor, const std::string& checkpoint, int64_t row_begin,
@@ -322,17 +439,24 @@ std::vector<uint8_t> StagingPool::Take(size_t bytes) {
 }
 
 void StagingPool::Recycle(Snapshot&& snap) {
+  std::vector<std::vector<uint8_t>> buffers;
+  for (HostTensor& t : snap.tensors) buffers.push_back(std::move(t.bytes));
+  snap = {};
+  Recycle(std::move(buffers));
+}
+
+void StagingPool::Recycle(std::vector<std::vector<uint8_t>>&& buffers) {
   std::multimap<size_t, std::vector<uint8_t>> old;
   {
     std::lock_guard<std::mutex> lock(mu_);
     old.swap(free_);
     kept_ = 0;
-    for (HostTensor& t : snap.tensors) {
-      kept_ += t.bytes.size();
-      free_.emplace(t.bytes.size(), std::move(t.bytes));
+    for (std::vector<uint8_t>& b : buffers) {
+      kept_ += b.size();
+      free_.emplace(b.size(), std::move(b));
     }
   }
-  snap = {};
+  buffers.clear();
 }  // `old` is freed here, outside the lock
 
 void StagingPool::Clear() {

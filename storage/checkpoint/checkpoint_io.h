@@ -70,6 +70,49 @@ Expected<Manifest> WriteShards(const Snapshot& snap, const std::string& id, cons
 Expected<Manifest> SaveCheckpoint(const Snapshot& snap, const StoreSet& stores, Catalog& catalog,
                                   const SaveOptions& options);
 
+// Checkpoints written by many processes (the ranks of a distributed run:
+// train/parallel/dist_checkpoint.h). Each writer owns some row ranges of
+// some tensors, writes them into its own store, and reports what it wrote;
+// one committer assembles the reports into the manifest's tensors.
+
+// Rows [row_begin, row_end) of a tensor whose whole shape is `shape`.
+struct HostPiece {
+  std::string name;
+  std::string dtype;
+  std::vector<int64_t> shape;  // the whole tensor's
+  int64_t row_begin = 0, row_end = 0;
+  std::vector<uint8_t> bytes;
+};
+
+// A written piece, as its writer reports it: the tensor it belongs to and
+// the shard (rows, CRC32C, the store that keeps it).
+struct PieceRecord {
+  std::string name;
+  std::string dtype;
+  std::vector<int64_t> shape;
+  int64_t row_bytes = 0;
+  ShardRef shard;
+  bool operator==(const PieceRecord&) const = default;
+};
+
+// Writes every piece under the checkpoint id `id` into `store` and syncs it
+// (on `threads` threads). InvalidArgument before anything is written for a
+// bad id or name, a piece whose bytes are not whole rows of its shape or
+// that runs past its tensor's rows. On failure the pieces written so far
+// are dropped.
+Expected<std::vector<PieceRecord>> WritePieces(const std::vector<HostPiece>& pieces, const std::string& id,
+                                               ShardStore& store, int threads = 2);
+
+// The manifest's tensors from every writer's reports, in `order` (which
+// must name every tensor reported, once). Pieces of the same rows are
+// copies (replicas on other stores): their stores are merged, their CRC32Cs
+// must agree. Corruption naming the tensor when
+// the pieces of a tensor disagree on dtype or shape, overlap, or leave rows
+// uncovered, or a tensor of `order` has no piece. The tensor's CRC32C is
+// combined from its shards' (no byte is read again).
+Expected<std::vector<TensorRecord>> AssembleTensors(std::vector<PieceRecord> pieces,
+                                                    const std::vector<std::string>& order);
+
 struct ReadStats {
   int shards_read = 0;
   int replica_fallbacks = 0;          // shards served by a later store after a failure
@@ -110,6 +153,8 @@ class StagingPool {
   std::vector<uint8_t> Take(size_t bytes);
   // Keeps the buffers of `snap`'s tensors (and frees what was kept before).
   void Recycle(Snapshot&& snap);
+  // The same for loose buffers (a distributed run's pieces).
+  void Recycle(std::vector<std::vector<uint8_t>>&& buffers);
   // Frees every kept buffer.
   void Clear();
   uint64_t bytes_kept() const;

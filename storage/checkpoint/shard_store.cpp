@@ -228,6 +228,18 @@ Expected<std::unique_ptr<ShardStore>> ShardStore::Open(const std::string& dir, s
   return std::unique_ptr<ShardStore>(new ShardStore(db.release(), std::move(id), dir));
 }
 
+Expected<std::unique_ptr<ShardStore>> ShardStore::OpenReadOnly(const std::string& dir, std::string id) {
+  TROUPE_ASSIGN_OR_RETURN(std::unique_ptr<rocksdb::DB> db, OpenRocksDbReadOnly(dir, "shards", "shard store"));
+  std::unique_ptr<ShardStore> store(new ShardStore(db.release(), std::move(id), dir));
+  store->read_only_ = true;
+  return store;
+}
+
+Status ShardStore::RefuseIfReadOnly(const char* what) const {
+  if (!read_only_) return Status::Ok();
+  return Status::InvalidArgument("shard store " + id_ + " is open for reading only: " + what + " refused");
+}
+
 ShardStore::~ShardStore() {
   CloseChunkFiles();
   delete db_;
@@ -270,6 +282,7 @@ void ShardStore::CloseChunkFiles() {
 }
 
 Expected<uint32_t> ShardStore::Put(const ShardKey& key, int64_t row_end, std::span<const uint8_t> bytes) {
+  TROUPE_RETURN_IF_ERROR(RefuseIfReadOnly("a write"));
   if (!ValidName(key.checkpoint) || !ValidName(key.tensor))
     return Status::InvalidArgument("shard store: bad shard name '" + key.checkpoint + "/" + key.tensor + "'");
   if (key.row_begin < 0 || row_end < key.row_begin)
@@ -314,6 +327,7 @@ Expected<uint32_t> ShardStore::Put(const ShardKey& key, int64_t row_end, std::sp
 }
 
 Status ShardStore::Sync() {
+  TROUPE_RETURN_IF_ERROR(RefuseIfReadOnly("a sync"));
   {
     std::lock_guard<std::mutex> lock(mu_);
     bool created = false;
@@ -443,6 +457,7 @@ std::vector<std::string> ShardStore::Checkpoints() const {
 }
 
 Status ShardStore::Drop(const std::string& checkpoint) {
+  TROUPE_RETURN_IF_ERROR(RefuseIfReadOnly("a drop"));
   if (!ValidName(checkpoint)) return Status::InvalidArgument("shard store: bad checkpoint id '" + checkpoint + "'");
   {
     std::lock_guard<std::mutex> lock(mu_);

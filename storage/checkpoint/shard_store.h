@@ -93,6 +93,11 @@ class ShardStore {
   // the store in manifests (e.g. the node id). IOError naming the path if
   // RocksDB or the file system refuses.
   static Expected<std::unique_ptr<ShardStore>> Open(const std::string& dir, std::string id);
+  // An existing store, for reading only (Get, Verify, List, Checkpoints):
+  // several processes may read one store at once, e.g. the ranks of a
+  // distributed run restoring a checkpoint whose shards another rank wrote.
+  // Put, Sync and Drop are refused. NotFound when `dir` holds no store.
+  static Expected<std::unique_ptr<ShardStore>> OpenReadOnly(const std::string& dir, std::string id);
   ~ShardStore();
 
   const std::string& id() const { return id_; }
@@ -138,6 +143,7 @@ class ShardStore {
     bool created = false;  // new since the last Sync(): its folder entry needs a sync too
   };
   ShardStore(rocksdb::DB* db, std::string id, std::string dir);
+  Status RefuseIfReadOnly(const char* what) const;
   std::string ChunkFilePath(const std::string& checkpoint) const;
   // The open chunk file of `checkpoint`, opened or created on first use. Call with mu_ held.
   Expected<ChunkFile*> OpenChunkFile(const std::string& checkpoint);
@@ -147,6 +153,7 @@ class ShardStore {
   std::string id_;
   std::string path_;
   std::string chunks_dir_;
+  bool read_only_ = false;
   std::mutex mu_;  // guards files_
   std::map<std::string, ChunkFile> files_;
 };

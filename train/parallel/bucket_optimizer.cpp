@@ -1,6 +1,7 @@
 #include "train/parallel/bucket_optimizer.h"
 
 #include <algorithm>
+#include <cstring>
 
 #include "gpu/host_io.h"
 #include "train/lr_schedule.h"
@@ -101,7 +102,8 @@ Status BucketOptimizer::Init(std::vector<ModelParams*> params, std::vector<Model
     for (size_t i = 0; i < bucket.names.size(); ++i) {
       const int64_t n = l.params[i][0]->numel();
       const int64_t lo = std::max(l.chunk_begin, at), hi = std::min(l.chunk_end, at + n);
-      if (lo < hi) l.pieces.push_back({l.params[i], l.grads[i], lo - at, hi - at, lo - l.chunk_begin, decay[i]});
+      if (lo < hi)
+        l.pieces.push_back({bucket.names[i], l.params[i], l.grads[i], lo - at, hi - at, lo - l.chunk_begin, decay[i]});
       at += n;
     }
     const int64_t chunk = l.chunk_end - l.chunk_begin;
@@ -161,6 +163,71 @@ Status BucketOptimizer::Step(const TrainConfig& tc, double lr, double clip_scale
       TROUPE_RETURN_IF_ERROR(AllGather(group_, l.bucket->holders, flat, Tag(TagKind::kWeights, l.index), timeout_ms_)
                                  .WithContext("weight all-gather"));
     Scatter(be_, l.params, flat, 0, l.length);
+  }
+  return Status::Ok();
+}
+
+Expected<std::vector<BucketOptimizer::TensorState>> BucketOptimizer::GatherStateToLeads() {
+  std::vector<TensorState> out;
+  for (Local& l : mine_) {
+    const std::vector<int>& holders = l.bucket->holders;
+    const bool lead = holders.front() == group_.rank();
+    const int64_t chunk = l.chunk_end - l.chunk_begin;
+    std::vector<float> m = chunk > 0 ? ToHostFloats(be_, l.m) : std::vector<float>();
+    std::vector<float> v = chunk > 0 ? ToHostFloats(be_, l.v) : std::vector<float>();
+    const uint64_t tag = Tag(TagKind::kOptState, l.index);
+    if (!lead) {
+      if (!zero1_) continue;  // the lead has the whole state already
+      std::vector<uint8_t> bytes((m.size() + v.size()) * sizeof(float));
+      std::memcpy(bytes.data(), m.data(), m.size() * sizeof(float));
+      std::memcpy(bytes.data() + m.size() * sizeof(float), v.data(), v.size() * sizeof(float));
+      TROUPE_RETURN_IF_ERROR(group_.Send(holders.front(), tag, std::move(bytes)).WithContext("optimizer state gather"));
+      continue;
+    }
+    std::vector<float> flat_m(static_cast<size_t>(l.length)), flat_v(static_cast<size_t>(l.length));
+    std::copy(m.begin(), m.end(), flat_m.begin() + l.chunk_begin);
+    std::copy(v.begin(), v.end(), flat_v.begin() + l.chunk_begin);
+    for (size_t i = 1; zero1_ && i < holders.size(); ++i) {
+      const Chunk c = ChunkOf(static_cast<size_t>(l.length), holders.size(), i);
+      TROUPE_ASSIGN_OR_RETURN(std::vector<uint8_t> bytes, group_.Recv(holders[i], tag, timeout_ms_));
+      if (bytes.size() != 2 * c.count * sizeof(float))
+        return Status::Corruption("optimizer state gather: rank " + std::to_string(holders[i]) + " sent " +
+                                  std::to_string(bytes.size()) + " bytes for bucket " + std::to_string(l.index) +
+                                  "; expected " + std::to_string(2 * c.count * sizeof(float)));
+      std::memcpy(flat_m.data() + c.offset, bytes.data(), c.count * sizeof(float));
+      std::memcpy(flat_v.data() + c.offset, bytes.data() + c.count * sizeof(float), c.count * sizeof(float));
+    }
+    int64_t at = 0;
+    for (size_t i = 0; i < l.bucket->names.size(); ++i) {
+      const int64_t n = l.params[i][0]->numel();
+      out.push_back({l.bucket->names[i], std::vector<float>(flat_m.begin() + at, flat_m.begin() + at + n),
+                     std::vector<float>(flat_v.begin() + at, flat_v.begin() + at + n)});
+      at += n;
+    }
+  }
+  return out;
+}
+
+Status BucketOptimizer::LoadState(const StateReader& read) {
+  std::vector<std::pair<std::vector<float>, std::vector<float>>> chunks;  // [mine_] host m and v
+  for (const Local& l : mine_) {
+    const int64_t chunk = l.chunk_end - l.chunk_begin;
+    std::vector<float> m(static_cast<size_t>(chunk)), v(static_cast<size_t>(chunk));
+    for (const Piece& p : l.pieces) {
+      TROUPE_ASSIGN_OR_RETURN(auto mv, read(p.name, p.begin, p.end));
+      const size_t n = static_cast<size_t>(p.end - p.begin);
+      if (mv.first.size() != n || mv.second.size() != n)
+        return Status::Internal("optimizer state of " + p.name + ": read " + std::to_string(mv.first.size()) +
+                                " elements; expected " + std::to_string(n));
+      std::copy(mv.first.begin(), mv.first.end(), m.begin() + p.state_offset);
+      std::copy(mv.second.begin(), mv.second.end(), v.begin() + p.state_offset);
+    }
+    chunks.emplace_back(std::move(m), std::move(v));
+  }
+  for (size_t i = 0; i < mine_.size(); ++i) {
+    if (chunks[i].first.empty()) continue;
+    FromHostFloats(be_, mine_[i].m, chunks[i].first);
+    FromHostFloats(be_, mine_[i].v, chunks[i].second);
   }
   return Status::Ok();
 }

@@ -16,7 +16,9 @@
 // each other in opposite orders.
 #pragma once
 
+#include <functional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "configs/config.h"
@@ -52,8 +54,27 @@ class BucketOptimizer {
   // Bytes of AdamW state (m and v) on this rank.
   size_t state_bytes() const { return state_bytes_; }
 
+  // One tensor's AdamW moments, flat, in the shape this rank holds the tensor.
+  struct TensorState {
+    std::string name;
+    std::vector<float> exp_avg, exp_avg_sq;
+  };
+  // Collective over every bucket's holders (every rank calls it between
+  // steps): each bucket's lowest holder receives the bucket's whole AdamW
+  // state (under ZeRO-1 the other holders send it their chunks) and returns
+  // it by tensor; the other holders return nothing for that bucket.
+  Expected<std::vector<TensorState>> GatherStateToLeads();
+  // Elements [begin, end) of a tensor's exp_avg and exp_avg_sq.
+  using StateReader = std::function<Expected<std::pair<std::vector<float>, std::vector<float>>>(
+      const std::string& name, int64_t begin, int64_t end)>;
+  // Sets this rank's part of the AdamW state from `read` (element ranges in
+  // the shape this rank holds each tensor). Everything is read before
+  // anything changes, so a failed read leaves the state as it was.
+  Status LoadState(const StateReader& read);
+
  private:
   struct Piece {                         // the part of one tensor inside this rank's chunk
+    std::string name;
     std::vector<Tensor*> params, grads;  // the local copies
     int64_t begin = 0, end = 0;          // element range in the tensor
     int64_t state_offset = 0;            // where its m and v start in the bucket's state

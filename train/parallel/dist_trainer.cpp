@@ -3,6 +3,9 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstring>
+#include <limits>
+#include <set>
 
 #include "gpu/host_io.h"
 #include "gpu/model/bias_update.h"
@@ -21,6 +24,51 @@ int64_t CountValid(const std::vector<int32_t>& tokens, int batch, int seq_len, i
     for (int i = 0; i < seq_len; ++i) valid += (row[k + i] >= 0 && row[k + i + 1] >= 0);
   }
   return valid;
+}
+
+constexpr const char* kExpAvg = "optimizer.exp_avg.";
+constexpr const char* kExpAvgSq = "optimizer.exp_avg_sq.";
+
+// Where a tensor this rank holds sits in the whole model's: its whole shape
+// and its first row. Routed-expert tensors are rows [ep_rank * E/ep, ...) of
+// their [E, ...] whole (dim 0 is the expert); everything else is whole.
+struct WholePlace {
+  std::vector<int64_t> shape;
+  int64_t row_begin = 0;
+};
+WholePlace PlaceInWhole(const std::string& name, const Tensor& local, const Layout& layout, int ep_rank) {
+  WholePlace p{local.shape(), 0};
+  if (layout.ep > 1 && name.find(".mlp.experts.") != std::string::npos) {
+    p.shape[0] *= layout.ep;
+    p.row_begin = ep_rank * ckpt::RowsOf(local.shape());
+  }
+  return p;
+}
+
+std::string ShapeText(const std::vector<int64_t>& shape) {
+  std::string s = "[";
+  for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+  return s + "]";
+}
+
+std::vector<uint8_t> FloatBytes(const std::vector<float>& v) {
+  std::vector<uint8_t> b(v.size() * sizeof(float));
+  std::memcpy(b.data(), v.data(), b.size());
+  return b;
+}
+
+// Elements [begin, end) of a whole F32 tensor, read as the rows covering them.
+Expected<std::vector<float>> ReadElements(const DistributedTrainer::RowReader& read, const ckpt::TensorRecord& t,
+                                          int64_t begin, int64_t end) {
+  const int64_t row_elems = t.row_bytes() / static_cast<int64_t>(sizeof(float));
+  if (row_elems <= 0 || begin < 0 || end < begin || end > t.rows() * row_elems)
+    return Status::InvalidArgument("checkpoint tensor " + t.name + ": elements [" + std::to_string(begin) + ", " +
+                                   std::to_string(end) + ") are outside it");
+  const int64_t first_row = begin / row_elems, end_row = (end + row_elems - 1) / row_elems;
+  TROUPE_ASSIGN_OR_RETURN(std::vector<uint8_t> bytes, read(t, first_row, end_row));
+  std::vector<float> out(static_cast<size_t>(end - begin));
+  std::memcpy(out.data(), bytes.data() + (begin - first_row * row_elems) * sizeof(float), out.size() * sizeof(float));
+  return out;
 }
 
 }  // namespace
@@ -213,6 +261,140 @@ Status DistributedTrainer::GatherWeights(ModelParams* whole) {
   }
   TROUPE_RETURN_IF_ERROR(be_.Synchronize().WithContext("weight gather"));
   return done();
+}
+
+std::vector<std::string> DistributedTrainer::CheckpointTensorNames(const ModelConfig& mc) {
+  const std::vector<std::string> params = ParamNames(mc, ParamSelection{});
+  std::vector<std::string> out = params;
+  for (const std::string& n : params) out.push_back(kExpAvg + n);
+  for (const std::string& n : params) out.push_back(kExpAvgSq + n);
+  return out;
+}
+
+ckpt::RunState DistributedTrainer::CaptureRunState(const std::map<std::string, double>& metrics) const {
+  ckpt::RunState st;
+  st.step = step_;
+  st.seed = job_.train.seed;
+  st.metrics = metrics;
+  st.config_text = job_.toml_text;
+  st.layout = {layout_.pp, layout_.ep, layout_.dp};
+  const data::LoaderState tr = train_loader_->GetState(), va = val_loader_->GetState();
+  st.loaders["train"] = {tr.epoch, tr.cursor};
+  st.loaders["val"] = {va.epoch, va.cursor};
+  return st;
+}
+
+Expected<std::vector<ckpt::HostPiece>> DistributedTrainer::CapturePieces() {
+  // The moments first: the gather is the collective part, and every rank
+  // must enter it whatever it holds.
+  TROUPE_ASSIGN_OR_RETURN(std::vector<BucketOptimizer::TensorState> states, optimizer_->GatherStateToLeads());
+  std::map<std::string, BucketOptimizer::TensorState*> state_of;
+  for (auto& st : states) state_of[st.name] = &st;
+  std::map<std::string, Tensor*> mine;
+  for (auto& m : modules_)
+    for (ParamRef& r : ListParams(m->params())) mine.emplace(r.name, r.tensor);
+  const int ep_rank = layout_.CoordOf(rank_).ep_rank;
+  std::vector<ckpt::HostPiece> params, moments;
+  for (const std::string& name : gather_senders_[rank_]) {
+    const Tensor& t = *mine.at(name);
+    const WholePlace at = PlaceInWhole(name, t, layout_, ep_rank);
+    const int64_t rows = ckpt::RowsOf(t.shape());
+    ckpt::HostPiece p{name, DTypeName(t.dtype()), at.shape, at.row_begin, at.row_begin + rows, {}};
+    p.bytes = ckpt::StagingPool::Shared().Take(t.bytes());
+    be_.CopyToHost(p.bytes.data(), t);
+    params.push_back(std::move(p));
+    // The routing biases take no AdamW step: their moments stay zero, saved
+    // as Trainer::Capture saves them.
+    auto st = state_of.find(name);
+    std::vector<float> zeros;
+    if (st == state_of.end()) {
+      if (IsTrainableParam(name))
+        return Status::Internal("checkpoint capture: rank " + std::to_string(rank_) + " lacks the moments of " + name);
+      zeros.assign(static_cast<size_t>(t.numel()), 0.0f);
+    }
+    for (int k = 0; k < 2; ++k) {
+      const std::vector<float>& v = st == state_of.end() ? zeros : k == 0 ? st->second->exp_avg : st->second->exp_avg_sq;
+      if (static_cast<int64_t>(v.size()) != t.numel())
+        return Status::Internal("checkpoint capture: the moments of " + name + " have " + std::to_string(v.size()) +
+                                " elements; the tensor has " + std::to_string(t.numel()));
+      moments.push_back({std::string(k == 0 ? kExpAvg : kExpAvgSq) + name, "F32", at.shape, at.row_begin,
+                         at.row_begin + rows, FloatBytes(v)});
+    }
+  }
+  TROUPE_RETURN_IF_ERROR(be_.Synchronize().WithContext("checkpoint capture"));
+  for (ckpt::HostPiece& p : moments) params.push_back(std::move(p));
+  return params;
+}
+
+Status DistributedTrainer::Restore(const ckpt::Manifest& m, const RowReader& read) {
+  // The same architecture: exactly the tensors a checkpoint of this model has.
+  const std::vector<std::string> names = CheckpointTensorNames(job_.model);
+  if (m.tensors.size() != names.size())
+    return Status::InvalidArgument("checkpoint " + m.id + " holds " + std::to_string(m.tensors.size()) +
+                                   " tensors; this model's checkpoints hold " + std::to_string(names.size()) +
+                                   " (a different architecture?)");
+  for (const std::string& n : names)
+    if (m.Find(n) == nullptr) return Status::InvalidArgument("checkpoint " + m.id + " has no tensor " + n);
+  if (m.seed != job_.train.seed)
+    return Status::InvalidArgument("checkpoint was saved with train.seed = " + std::to_string(m.seed) +
+                                   ", this run has " + std::to_string(job_.train.seed));
+  if (m.step < 0 || m.step > std::numeric_limits<int>::max())
+    return Status::InvalidArgument("checkpoint step " + std::to_string(m.step) + " is out of range");
+  auto train_pos = m.loaders.find("train"), val_pos = m.loaders.find("val");
+  if (train_pos == m.loaders.end() || val_pos == m.loaders.end())
+    return Status::InvalidArgument("checkpoint lacks a data loader position");
+
+  // Every held tensor: its whole shape and dtype must be the checkpoint's.
+  const int ep_rank = layout_.CoordOf(rank_).ep_rank;
+  std::map<std::string, std::vector<Tensor*>> copies;
+  for (auto& mod : modules_)
+    for (ParamRef& r : ListParams(mod->params())) copies[r.name].push_back(r.tensor);
+  std::map<std::string, WholePlace> placed;
+  for (auto& [name, ts] : copies) {
+    const Tensor& t = *ts.front();
+    const WholePlace at = PlaceInWhole(name, t, layout_, ep_rank);
+    for (const std::string& full : {name, kExpAvg + name, kExpAvgSq + name}) {
+      const ckpt::TensorRecord& rec = *m.Find(full);
+      if (rec.shape != at.shape || rec.dtype != "F32" || rec.row_bytes() != t.numel() / ckpt::RowsOf(t.shape()) * 4)
+        return Status::InvalidArgument("checkpoint tensor " + full + " is " + rec.dtype + " " +
+                                       ShapeText(rec.shape) + "; this model wants F32 " +
+                                       ShapeText(at.shape));
+    }
+    placed[name] = at;
+  }
+  // Read everything first: a failed read changes nothing.
+  std::map<std::string, std::vector<uint8_t>> values;
+  for (auto& [name, ts] : copies) {
+    const WholePlace& at = placed[name];
+    TROUPE_ASSIGN_OR_RETURN(values[name],
+                            read(*m.Find(name), at.row_begin, at.row_begin + ckpt::RowsOf(ts.front()->shape())));
+  }
+  // The moments of this rank's optimizer chunks, as element ranges of the
+  // tensors it holds, i.e. of their rows in the whole tensor.
+  auto read_state = [&](const std::string& name, int64_t begin,
+                        int64_t end) -> Expected<std::pair<std::vector<float>, std::vector<float>>> {
+    auto it = placed.find(name);
+    if (it == placed.end()) return Status::Internal("checkpoint restore: no tensor " + name + " on this rank");
+    const Tensor& t = *copies.at(name).front();
+    const int64_t offset = it->second.row_begin * (t.numel() / ckpt::RowsOf(t.shape()));
+    TROUPE_ASSIGN_OR_RETURN(std::vector<float> mv, ReadElements(read, *m.Find(kExpAvg + name), offset + begin, offset + end));
+    TROUPE_ASSIGN_OR_RETURN(std::vector<float> vv,
+                            ReadElements(read, *m.Find(kExpAvgSq + name), offset + begin, offset + end));
+    return std::make_pair(std::move(mv), std::move(vv));
+  };
+  const data::LoaderState old_train = train_loader_->GetState(), old_val = val_loader_->GetState();
+  Status s = train_loader_->SetState({train_pos->second.epoch, train_pos->second.cursor});
+  if (s.ok()) s = val_loader_->SetState({val_pos->second.epoch, val_pos->second.cursor});
+  if (s.ok()) s = optimizer_->LoadState(read_state);  // reads it all, then sets it
+  if (!s.ok()) {
+    (void)train_loader_->SetState(old_train);
+    (void)val_loader_->SetState(old_val);
+    return s.WithContext("checkpoint " + m.id);
+  }
+  for (auto& [name, ts] : copies)
+    for (Tensor* t : ts) be_.CopyFromHost(*t, values[name].data());
+  step_ = static_cast<int>(m.step);
+  return be_.Synchronize().WithContext("checkpoint restore");
 }
 
 Expected<StepReport> DistributedTrainer::Step() {

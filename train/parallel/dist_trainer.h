@@ -18,7 +18,10 @@
 // batch (tests/dist_trainer_test.cpp).
 #pragma once
 
+#include <functional>
+#include <map>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "configs/config.h"
@@ -69,7 +72,31 @@ class DistributedTrainer {
   // sends it, expert shards land in their rows. Other ranks pass nullptr.
   Status GatherWeights(ModelParams* whole);
 
+  // Checkpoints (train/parallel/dist_checkpoint.h). A distributed run's
+  // checkpoint holds the same tensors as a single-process Trainer::Capture,
+  // under the same names and whole-model shapes, so a checkpoint saved in
+  // one layout loads into any other (or into `troupe train` on one rank).
+  //
+  // Collective (every rank, between steps): the pieces this rank writes:
+  // each tensor it is the lowest holder of (a routed-expert tensor as its
+  // rows of the whole tensor) and that tensor's AdamW moments, gathered from
+  // the ZeRO-1 chunks of the tensor's other holders.
+  Expected<std::vector<ckpt::HostPiece>> CapturePieces();
+  // Where the run stands (the step, the loaders, the seed, the config).
+  ckpt::RunState CaptureRunState(const std::map<std::string, double>& metrics) const;
+  // Reads rows [row_begin, row_end) of a checkpoint tensor, verified.
+  using RowReader = std::function<Expected<std::vector<uint8_t>>(const ckpt::TensorRecord& tensor, int64_t row_begin,
+                                                                 int64_t row_end)>;
+  // Loads this rank's part of checkpoint `m` (any layout it was saved in)
+  // through `read`. Checks the whole-model tensor list, every held tensor's
+  // shape and dtype, the seed and the loader positions, and reads everything
+  // before it changes anything. Not collective.
+  Status Restore(const ckpt::Manifest& m, const RowReader& read);
+  // The names of a checkpoint's tensors, in the order Trainer::Capture saves them.
+  static std::vector<std::string> CheckpointTensorNames(const ModelConfig& mc);
+
   int step() const { return step_; }
+  const JobConfig& job() const { return job_; }
   const Layout& layout() const { return layout_; }
   const Schedule& schedule() const { return schedule_; }
   // This rank's stage copies, by module.

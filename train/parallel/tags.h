@@ -18,6 +18,8 @@ enum class TagKind : uint64_t {
   kWeights = 12,    // BucketOptimizer (ZeRO-1): weight all-gather, index = bucket
   kExperts = 13,    // expert all-to-alls, index = phase
   kGather = 14,     // the final weight gather to rank 0
+  kOptState = 15,   // checkpoints: AdamW state gathered to each bucket's lowest holder, index = bucket
+  kCheckpoint = 16, // checkpoints: ids, manifests and written pieces between the ranks and rank 0 (dist_checkpoint)
 };
 
 inline uint64_t Tag(TagKind kind, uint64_t index = 0) { return (static_cast<uint64_t>(kind) << 48) | index; }
