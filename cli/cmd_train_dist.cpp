@@ -154,9 +154,12 @@ int RunRank(const RankFlags& f) {
     std::fflush(stdout);
   }
   if (f.dist.ckpt_every >= 0) job->checkpoint.every = f.dist.ckpt_every;
+  const std::string ckpt_dir = f.dist.ckpt_dir.empty()
+                                   ? (fs::path(f.run_dir).parent_path() / "checkpoints").string()
+                                   : f.dist.ckpt_dir;
   std::unique_ptr<parallel::DistCheckpointer> ckpt;
   if (job->checkpoint.every > 0 || !f.dist.resume.empty()) {
-    auto c = parallel::DistCheckpointer::Open(f.dist.ckpt_dir, job->checkpoint, **group, 1000 * f.dist.timeout_s);
+    auto c = parallel::DistCheckpointer::Open(ckpt_dir, job->checkpoint, **group, 1000 * f.dist.timeout_s);
     if (!c.ok()) return Fail(c.status().WithContext("rank " + std::to_string(f.rank)));
     ckpt = std::move(c).value();
   }
@@ -164,7 +167,7 @@ int RunRank(const RankFlags& f) {
     ckpt::ReadStats stats;
     auto m = ckpt->Resume(f.dist.resume, t, &stats);
     if (!m.ok())
-      return Fail(m.status().WithContext("--resume " + f.dist.resume + " (checkpoints in " + f.dist.ckpt_dir + ")"));
+      return Fail(m.status().WithContext("--resume " + f.dist.resume + " (checkpoints in " + ckpt_dir + ")"));
     std::printf(
         "resumed from %s (saved at pp=%d ep=%d dp=%d): step %lld; rank %d read %d shards, %d from a replica after a "
         "failure\n",
@@ -208,9 +211,11 @@ int RunRank(const RankFlags& f) {
         // The stall: this rank's previous save, the moments' gather and the device-to-host copies.
         const auto t0 = std::chrono::steady_clock::now();
         report_saves(ckpt->WaitIdle());
-        std::map<std::string, double> metrics = {
-            {"loss", r->loss.total}, {"main_loss", r->loss.main}, {"lr", r->lr}, {"grad_norm", r->grad_norm},
-            {"tokens_per_s", r->tokens / r->seconds}};
+        std::map<std::string, double> metrics = {{"loss", r->loss.total},
+                                                 {"main_loss", r->loss.main},
+                                                 {"lr", r->lr},
+                                                 {"grad_norm", r->grad_norm},
+                                                 {"tokens_per_s", r->tokens / r->seconds}};
         if (last_val > 0) metrics["val_loss"] = last_val;
         std::string skipped;
         Status st = ckpt->Save(t, metrics, &skipped);
@@ -218,8 +223,8 @@ int RunRank(const RankFlags& f) {
         const double stall = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
         stall_seconds += stall;
         if (lead && skipped.empty())
-          std::printf("checkpoint: step %d captured in %.1f ms (training stall); writing in the background\n",
-                      r->step, stall * 1e3);
+          std::printf("checkpoint: step %d captured in %.1f ms (training stall); writing in the background\n", r->step,
+                      stall * 1e3);
         if (lead && !skipped.empty()) std::printf("checkpoint: step %d NOT saved: %s\n", r->step, skipped.c_str());
       }
     }
@@ -254,6 +259,14 @@ int RunRank(const RankFlags& f) {
   return 0;
 }
 
+// OK when `dir` holds a committed checkpoint `which` ("latest" or an id).
+Status FindCheckpoint(const std::string& dir, const std::string& which) {
+  std::error_code ec;
+  if (!fs::is_directory(dir + "/catalog", ec)) return Status::NotFound("no checkpoint catalog under " + dir);
+  TROUPE_ASSIGN_OR_RETURN(auto catalog, ckpt::Catalog::Open(dir));
+  return (which == "latest" ? catalog->Latest() : catalog->Get(which)).status();
+}
+
 }  // namespace
 
 void ParallelFlags::ApplyTo(ParallelConfig& p) const {
@@ -283,6 +296,13 @@ int LaunchDistributedTrain(const DistFlags& flags, const JobConfig& job) {
   const std::string dir = out + "/dist";
   DistFlags pass = flags;
   if (pass.ckpt_dir.empty()) pass.ckpt_dir = out + "/checkpoints";
+  // A checkpoint that is not there is refused here, once, before any folder
+  // is made or any rank starts.
+  if (!pass.resume.empty()) {
+    Status found = FindCheckpoint(pass.ckpt_dir, pass.resume);
+    if (!found.ok())
+      return Fail(found.WithContext("--resume " + pass.resume + " (checkpoints in " + pass.ckpt_dir + ")"));
+  }
   std::error_code ec;
   fs::remove_all(dir + "/rendezvous", ec);  // addresses of an earlier run must not be taken for this one's
   fs::create_directories(dir + "/rendezvous", ec);
@@ -358,7 +378,8 @@ void AddRankCommand(CLI::App& app, RunFn& run) {
   cmd->add_option("--steps", flags->dist.steps, "optimizer steps")->check(IntAtLeast(1));
   cmd->add_option("--threads", flags->dist.threads, "CPU threads of this rank")->check(IntAtLeast(0));
   cmd->add_option("--timeout", flags->dist.timeout_s, "seconds to wait for a peer")->check(IntAtLeast(1));
-  cmd->add_option("--checkpoint-dir", flags->dist.ckpt_dir, "checkpoint catalog and shard stores")->required();
+  cmd->add_option("--checkpoint-dir", flags->dist.ckpt_dir,
+                  "checkpoint catalog and shard stores (default: checkpoints/ beside --run-dir)");
   cmd->add_option("--checkpoint-every", flags->dist.ckpt_every, "steps between checkpoints")->check(IntAtLeast(0));
   cmd->add_option("--resume", flags->dist.resume, "continue from this checkpoint id, or 'latest'");
   AddParallelOptions(*cmd, flags->parallel);

@@ -193,6 +193,41 @@ TEST_F(DistProcessTest, ExpertParallelPipelineMatchesOneProcess) {
   ExpectMatches({"--pp", "2", "--ep", "2", "--schedule", "dualpipe"});
 }
 
+// A checkpoint the 4 processes of a pp2 x ep2 DualPipe run save at step 2
+// resumes in 4 processes of a pp4 1F1B run, and in one process, and step 3
+// is the single-process run's step 3; a bad --resume is one clear error.
+TEST_F(DistProcessTest, CheckpointResumesInAnotherLayoutAndInOneProcess) {
+  const std::string ckpt = (dir_.path() / "ckpt").string();
+  auto run = [&](std::vector<std::string> extra, const std::string& out) {
+    std::vector<std::string> args = {
+        "train", "--config",         config_, "--out", (dir_.path() / out).string(), "--timeout",
+        "20",    "--checkpoint-dir", ckpt};
+    args.insert(args.end(), extra.begin(), extra.end());
+    Proc p = Start(dir_.path(), args);
+    const int code = Wait(p, std::chrono::seconds(120));
+    return std::make_pair(code, ReadFile(p.out) + ReadFile(p.err));
+  };
+  auto [saved, save_log] =
+      run({"--pp", "2", "--ep", "2", "--schedule", "dualpipe", "--steps", "2", "--checkpoint-every", "2"}, "a");
+  ASSERT_EQ(saved, 0) << save_log;
+  EXPECT_NE(save_log.find("checkpoint ckpt-000001 committed: step 2"), std::string::npos) << save_log;
+  for (const auto& [layout, out] : std::vector<std::pair<std::vector<std::string>, std::string>>{
+           {{"--pp", "4", "--schedule", "1f1b"}, "b"}, {{}, "c"}}) {
+    std::vector<std::string> extra = layout;
+    extra.insert(extra.end(), {"--steps", "3", "--resume", "latest", "--checkpoint-every", "0"});
+    auto [code, log] = run(extra, out);
+    ASSERT_EQ(code, 0) << log;
+    EXPECT_NE(log.find("resumed from ckpt-000001"), std::string::npos) << log;
+    const std::vector<double> got = Losses(log);
+    ASSERT_EQ(got.size(), 1u) << log;
+    EXPECT_NEAR(got[0], reference_[2], 1e-5 * reference_[2]) << log;
+    ExpectSameWeights((dir_.path() / out / "model.safetensors").string());
+  }
+  auto [bad, bad_log] = run({"--pp", "2", "--resume", "ckpt-000099"}, "d");
+  EXPECT_NE(bad, 0);
+  EXPECT_NE(bad_log.find("ckpt-000099"), std::string::npos) << bad_log;
+}
+
 TEST_F(DistProcessTest, ImpossibleLayoutsAreRefusedBeforeAnyRankStarts) {
   const std::vector<std::pair<std::vector<std::string>, std::string>> cases = {
       {{"--pp", "3", "--schedule", "dualpipe"}, "even"}, {{"--pp", "8"}, "only 4 layers"},

@@ -36,9 +36,9 @@ Expected<std::unique_ptr<AsyncCheckpointer>> AsyncCheckpointer::Open(const std::
   // Here the stores are this process's folders: a replication they cannot
   // hold is a mistake, not something to round down silently.
   if (config.replication > config.stores)
-    return Status::InvalidArgument("checkpoint.replication = " + std::to_string(config.replication) +
-                                   " needs at least as many stores (checkpoint.stores = " +
-                                   std::to_string(config.stores) + ")");
+    return Status::InvalidArgument(
+        "checkpoint.replication = " + std::to_string(config.replication) +
+        " needs at least as many stores (checkpoint.stores = " + std::to_string(config.stores) + ")");
   std::unique_ptr<AsyncCheckpointer> c(new AsyncCheckpointer());
   c->config_ = config;
   TROUPE_ASSIGN_OR_RETURN(c->catalog_, ckpt::Catalog::Open(dir));

@@ -5,8 +5,8 @@
 #include <chrono>
 #include <map>
 #include <set>
-#include <tuple>
 #include <thread>
+#include <tuple>
 
 #include "common/crc32c.h"
 

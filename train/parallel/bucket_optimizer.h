@@ -73,7 +73,7 @@ class BucketOptimizer {
   Status LoadState(const StateReader& read);
 
  private:
-  struct Piece {                         // the part of one tensor inside this rank's chunk
+  struct Piece {  // the part of one tensor inside this rank's chunk
     std::string name;
     std::vector<Tensor*> params, grads;  // the local copies
     int64_t begin = 0, end = 0;          // element range in the tensor

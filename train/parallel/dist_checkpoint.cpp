@@ -101,8 +101,8 @@ DistCheckpointer::DistCheckpointer(const std::string& dir, const CheckpointConfi
     : dir_(dir), config_(config), group_(group), timeout_ms_(timeout_ms) {}
 
 Expected<std::unique_ptr<DistCheckpointer>> DistCheckpointer::Open(const std::string& dir,
-                                                                   const CheckpointConfig& config,
-                                                                   ProcessGroup& group, int timeout_ms) {
+                                                                   const CheckpointConfig& config, ProcessGroup& group,
+                                                                   int timeout_ms) {
   TROUPE_RETURN_IF_ERROR(ValidateCheckpointConfig(config));
   std::unique_ptr<DistCheckpointer> c(new DistCheckpointer(dir, config, group, timeout_ms));
   if (group.rank() == 0) {
@@ -257,7 +257,8 @@ SaveResult DistCheckpointer::Write(Job& job) {
     Status sent = SendMessage(group_, to, kReplicaTag, ReplicaHeader{job.id, s.ok() ? job.pieces.size() : 0});
     for (const ckpt::HostPiece& p : job.pieces) {
       if (!s.ok() || !sent.ok()) break;
-      sent = SendMessage(group_, to, kReplicaTag, ReplicaPiece{p.name, p.dtype, p.shape, p.row_begin, p.row_end, p.bytes});
+      sent =
+          SendMessage(group_, to, kReplicaTag, ReplicaPiece{p.name, p.dtype, p.shape, p.row_begin, p.row_end, p.bytes});
     }
     if (s.ok()) s = sent;
   }
@@ -291,8 +292,8 @@ SaveResult DistCheckpointer::Write(Job& job) {
         if (s.ok()) s = piece.status();
         break;
       }
-      replicas.push_back({piece->name, piece->dtype, piece->shape, piece->row_begin, piece->row_end,
-                          std::move(piece->bytes)});
+      replicas.push_back(
+          {piece->name, piece->dtype, piece->shape, piece->row_begin, piece->row_end, std::move(piece->bytes)});
     }
     if (s.ok() && header->id != job.id)
       s = Status::Corruption("rank " + std::to_string(from) + " sent replicas of " + header->id + " during save " +
@@ -335,7 +336,8 @@ Status DistCheckpointer::Commit(const Job& job, std::vector<ckpt::PieceRecord> o
     for (ckpt::PieceRecord& p : report->pieces) all.push_back(std::move(p));
   }
   if (!failed.empty()) return Status::IOError("checkpoint save " + job.id + " not committed: " + failed);
-  TROUPE_ASSIGN_OR_RETURN(std::vector<ckpt::TensorRecord> tensors, ckpt::AssembleTensors(std::move(all), model_tensors_));
+  TROUPE_ASSIGN_OR_RETURN(std::vector<ckpt::TensorRecord> tensors,
+                          ckpt::AssembleTensors(std::move(all), model_tensors_));
   ckpt::Manifest m;
   static_cast<ckpt::RunState&>(m) = job.state;
   m.id = job.id;

@@ -83,16 +83,15 @@ class DistCheckpointer {
   void Run();
   SaveResult Write(Job& job);
   // Rank 0: every rank's records for `id`, then the commit and retention.
-  Status Commit(const Job& job, std::vector<ckpt::PieceRecord> own, const std::string& own_error,
-                SaveResult* result);
+  Status Commit(const Job& job, std::vector<ckpt::PieceRecord> own, const std::string& own_error, SaveResult* result);
 
   std::string dir_;
   CheckpointConfig config_;
   ProcessGroup& group_;
   int timeout_ms_;
-  std::unique_ptr<ckpt::Catalog> catalog_;    // rank 0
-  std::unique_ptr<ckpt::ShardStore> store_;   // this rank's, opened at the first save
-  std::vector<std::string> model_tensors_;    // rank 0: the manifest's tensor order
+  std::unique_ptr<ckpt::Catalog> catalog_;   // rank 0
+  std::unique_ptr<ckpt::ShardStore> store_;  // this rank's, opened at the first save
+  std::vector<std::string> model_tensors_;   // rank 0: the manifest's tensor order
   std::mutex mu_;
   std::condition_variable cv_;
   std::optional<Job> pending_;

@@ -313,7 +313,9 @@ Expected<std::vector<ckpt::HostPiece>> DistributedTrainer::CapturePieces() {
       zeros.assign(static_cast<size_t>(t.numel()), 0.0f);
     }
     for (int k = 0; k < 2; ++k) {
-      const std::vector<float>& v = st == state_of.end() ? zeros : k == 0 ? st->second->exp_avg : st->second->exp_avg_sq;
+      const std::vector<float>& v = st == state_of.end() ? zeros
+                                    : k == 0             ? st->second->exp_avg
+                                                         : st->second->exp_avg_sq;
       if (static_cast<int64_t>(v.size()) != t.numel())
         return Status::Internal("checkpoint capture: the moments of " + name + " have " + std::to_string(v.size()) +
                                 " elements; the tensor has " + std::to_string(t.numel()));
@@ -356,9 +358,8 @@ Status DistributedTrainer::Restore(const ckpt::Manifest& m, const RowReader& rea
     for (const std::string& full : {name, kExpAvg + name, kExpAvgSq + name}) {
       const ckpt::TensorRecord& rec = *m.Find(full);
       if (rec.shape != at.shape || rec.dtype != "F32" || rec.row_bytes() != t.numel() / ckpt::RowsOf(t.shape()) * 4)
-        return Status::InvalidArgument("checkpoint tensor " + full + " is " + rec.dtype + " " +
-                                       ShapeText(rec.shape) + "; this model wants F32 " +
-                                       ShapeText(at.shape));
+        return Status::InvalidArgument("checkpoint tensor " + full + " is " + rec.dtype + " " + ShapeText(rec.shape) +
+                                       "; this model wants F32 " + ShapeText(at.shape));
     }
     placed[name] = at;
   }
@@ -377,7 +378,8 @@ Status DistributedTrainer::Restore(const ckpt::Manifest& m, const RowReader& rea
     if (it == placed.end()) return Status::Internal("checkpoint restore: no tensor " + name + " on this rank");
     const Tensor& t = *copies.at(name).front();
     const int64_t offset = it->second.row_begin * (t.numel() / ckpt::RowsOf(t.shape()));
-    TROUPE_ASSIGN_OR_RETURN(std::vector<float> mv, ReadElements(read, *m.Find(kExpAvg + name), offset + begin, offset + end));
+    TROUPE_ASSIGN_OR_RETURN(std::vector<float> mv,
+                            ReadElements(read, *m.Find(kExpAvg + name), offset + begin, offset + end));
     TROUPE_ASSIGN_OR_RETURN(std::vector<float> vv,
                             ReadElements(read, *m.Find(kExpAvgSq + name), offset + begin, offset + end));
     return std::make_pair(std::move(mv), std::move(vv));

@@ -9,17 +9,17 @@
 namespace troupe::parallel {
 
 enum class TagKind : uint64_t {
-  kActivation = 1,  // pipeline: a stage's output, index = (micro << 20) | stage
-  kGradient = 2,    // pipeline: a stage's input gradient, same index
-  kWorld = 8,       // scalar reductions over the world (loss sums, norms, timings)
-  kGradBucket = 9,  // BucketOptimizer: gradient reduction, index = bucket
-  kLoads = 10,      // routing-bias loads, index = the bias's position
-  kBarrier = 11,    // step start, end of the weight gather
-  kWeights = 12,    // BucketOptimizer (ZeRO-1): weight all-gather, index = bucket
-  kExperts = 13,    // expert all-to-alls, index = phase
-  kGather = 14,     // the final weight gather to rank 0
-  kOptState = 15,   // checkpoints: AdamW state gathered to each bucket's lowest holder, index = bucket
-  kCheckpoint = 16, // checkpoints: ids, manifests and written pieces between the ranks and rank 0 (dist_checkpoint)
+  kActivation = 1,   // pipeline: a stage's output, index = (micro << 20) | stage
+  kGradient = 2,     // pipeline: a stage's input gradient, same index
+  kWorld = 8,        // scalar reductions over the world (loss sums, norms, timings)
+  kGradBucket = 9,   // BucketOptimizer: gradient reduction, index = bucket
+  kLoads = 10,       // routing-bias loads, index = the bias's position
+  kBarrier = 11,     // step start, end of the weight gather
+  kWeights = 12,     // BucketOptimizer (ZeRO-1): weight all-gather, index = bucket
+  kExperts = 13,     // expert all-to-alls, index = phase
+  kGather = 14,      // the final weight gather to rank 0
+  kOptState = 15,    // checkpoints: AdamW state gathered to each bucket's lowest holder, index = bucket
+  kCheckpoint = 16,  // checkpoints: ids, manifests and written pieces between the ranks and rank 0 (dist_checkpoint)
 };
 
 inline uint64_t Tag(TagKind kind, uint64_t index = 0) { return (static_cast<uint64_t>(kind) << 48) | index; }
