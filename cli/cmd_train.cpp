@@ -116,6 +116,7 @@ int RunTrain(const TrainFlags& f) {
   std::fflush(stdout);
   double tokens = 0, seconds = 0, last_val = 0, stall_seconds = 0;
   bool evaluated = false;
+  const int first_step = trainer.step();
   while (trainer.step() < tc.steps) {
     auto r = trainer.Step();
     if (!r.ok()) return Fail(r.status());
@@ -172,6 +173,8 @@ int RunTrain(const TrainFlags& f) {
       std::printf("checkpoint stall: %.3f s in all, %.2f%% of training step time\n", stall_seconds,
                   100.0 * stall_seconds / std::max(seconds, 1e-9));
   }
+  std::printf("time: %.3f s in %d training steps (%.2f ms per step; checkpoint captures not included)\n", seconds,
+              tc.steps - first_step, 1e3 * seconds / std::max(1, tc.steps - first_step));
   std::printf("done: val_loss %.4f vs unigram baseline %.4f (%+.4f nats); %.0f training tokens/s\n", last_val,
               trainer.unigram_baseline(), last_val - trainer.unigram_baseline(), tokens / seconds);
   const std::string path = out_dir + "/model.safetensors";

@@ -16,7 +16,10 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <memory>
+#include <new>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "common/status.h"
@@ -26,11 +29,11 @@ namespace troupe {
 
 // How the router picks experts (BRIEF §1, device/node-limited routing).
 struct RoutingSpec {
-  int top_k = 2;           // K: experts per token
-  int n_group = 1;         // G: groups the routed experts are split into, evenly
-  int topk_group = 1;      // M: groups a token may use
-  double scale = 1.0;      // routed_scaling_factor
-  bool normalize = true;   // g_i = scale * s_i / sum_{TopK} s_j (else scale * s_i)
+  int top_k = 2;          // K: experts per token
+  int n_group = 1;        // G: groups the routed experts are split into, evenly
+  int topk_group = 1;     // M: groups a token may use
+  double scale = 1.0;     // routed_scaling_factor
+  bool normalize = true;  // g_i = scale * s_i / sum_{TopK} s_j (else scale * s_i)
 };
 
 struct AdamWParams {
@@ -58,6 +61,40 @@ class Backend {
   virtual void CopyFromHost(Tensor& dst, const void* src) = 0;  // dst.bytes() bytes
   virtual void CopyToHost(void* dst, const Tensor& src) = 0;    // src.bytes() bytes
   virtual void Copy(Tensor& dst, const Tensor& src) = 0;        // same dtype, same numel
+
+  // ---- device -> host copies beside compute (checkpoint capture) --------
+  // Host memory to copy into with CopyToHostAsync: page-locked on CUDA (the
+  // copy engine fills it at full bus speed, asynchronously), plain memory
+  // elsewhere. Contents unspecified; null when it cannot be had.
+  virtual std::shared_ptr<uint8_t> AllocStagingHost(size_t bytes) {
+    // new[] without (): no zero fill, so no page is touched before the copy.
+    return std::shared_ptr<uint8_t>(new (std::nothrow) uint8_t[bytes], std::default_delete<uint8_t[]>());
+  }
+  // A queued batch of copies. Wait() blocks until every byte is in host
+  // memory and reports a failure of any of them. Thread-safe.
+  class HostCopies {
+   public:
+    virtual ~HostCopies() = default;
+    virtual Status Wait() = 0;
+  };
+  // Copies each tensor (as of now: after everything queued so far) into its
+  // destination (AllocStagingHost memory) and returns without waiting: on
+  // CUDA the copies run on a side stream while later kernels run. Kernels
+  // queued afterwards that overwrite a copied tensor must be preceded by
+  // FenceHostCopies() (the device, not the host, then waits for the copies).
+  // This base implementation copies synchronously.
+  virtual Expected<std::shared_ptr<HostCopies>> CopyToHostAsync(
+      const std::vector<std::pair<uint8_t*, const Tensor*>>& copies) {
+    for (const auto& [dst, src] : copies) CopyToHost(dst, *src);
+    struct Done final : HostCopies {
+      Status Wait() override { return Status::Ok(); }
+    };
+    TROUPE_RETURN_IF_ERROR(Synchronize());
+    return std::shared_ptr<HostCopies>(std::make_shared<Done>());
+  }
+  // Orders every operation queued after this call after the copies of every
+  // CopyToHostAsync so far. Cheap when there are none.
+  virtual void FenceHostCopies() {}
   // Waits for queued work; returns the first asynchronous failure (a CUDA
   // kernel fault, say) since the last call. The CPU backend is synchronous.
   virtual Status Synchronize() { return Status::Ok(); }
@@ -83,8 +120,8 @@ class Backend {
 
   // ---- elementwise -------------------------------------------------------
   virtual void Add(Tensor& out, const Tensor& a, const Tensor& b) = 0;  // out may alias a or b
-  virtual void Axpy(Tensor& y, double alpha, const Tensor& x) = 0;     // y += alpha * x
-  virtual void Scale(Tensor& x, double alpha) = 0;                     // x *= alpha
+  virtual void Axpy(Tensor& y, double alpha, const Tensor& x) = 0;      // y += alpha * x
+  virtual void Scale(Tensor& x, double alpha) = 0;                      // x *= alpha
   // out [N, A+B] = [a | b];  backward: da += dout[:, :A], db += dout[:, A:].
   virtual void ConcatCols(Tensor& out, const Tensor& a, const Tensor& b) = 0;
   virtual void ConcatColsBackward(Tensor& da, Tensor& db, const Tensor& dout) = 0;

@@ -7,6 +7,7 @@
 #include <gtest/gtest.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstring>
 #include <filesystem>
@@ -15,9 +16,9 @@
 
 #include "data/shards.h"
 #include "gpu/cpu/cpu_backend.h"
+#include "small_job.h"
 #include "storage/checkpoint/checkpoint_io.h"
 #include "train/checkpointer.h"
-#include "small_job.h"
 #include "train/trainer.h"
 
 namespace troupe {
@@ -29,8 +30,8 @@ namespace fs = std::filesystem;
   if (a.size() != b.size()) return ::testing::AssertionFailure() << a.size() << " vs " << b.size() << " losses";
   for (size_t i = 0; i < a.size(); ++i) {
     if (std::memcmp(&a[i], &b[i], sizeof(double)) != 0)
-      return ::testing::AssertionFailure() << "step " << i + 1 << ": " << a[i] << " vs " << b[i] << " (diff "
-                                           << a[i] - b[i] << ")";
+      return ::testing::AssertionFailure()
+             << "step " << i + 1 << ": " << a[i] << " vs " << b[i] << " (diff " << a[i] - b[i] << ")";
   }
   return ::testing::AssertionSuccess();
 }
@@ -42,7 +43,7 @@ namespace fs = std::filesystem;
   if (a.tensors.size() != b.tensors.size()) return ::testing::AssertionFailure() << "tensor counts differ";
   for (size_t i = 0; i < a.tensors.size(); ++i) {
     if (a.tensors[i].name != b.tensors[i].name || a.tensors[i].shape != b.tensors[i].shape ||
-        a.tensors[i].bytes != b.tensors[i].bytes)
+        !std::ranges::equal(a.tensors[i].data(), b.tensors[i].data()))
       return ::testing::AssertionFailure() << "tensor " << a.tensors[i].name << " differs";
   }
   return ::testing::AssertionSuccess();

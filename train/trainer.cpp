@@ -12,6 +12,9 @@
 namespace troupe {
 namespace {
 
+// Staging arena slots start on 64-byte boundaries.
+size_t AlignedBytes(size_t n) { return (n + 63) / 64 * 64; }
+
 Expected<std::vector<uint16_t>> ReadAll(const std::vector<std::string>& paths, int vocab) {
   std::vector<uint16_t> all;
   for (const std::string& p : paths) {
@@ -61,6 +64,8 @@ Status Trainer::Init(DType dtype) {
 }
 
 void Trainer::OptimizerStep(double lr, double clip_scale) {
+  // A checkpoint capture may still be copying the weights and moments out.
+  be_.FenceHostCopies();
   const TrainConfig& tc = job_.train;
   std::vector<ParamRef> params = ListParams(model_->params());
   std::vector<ParamRef> grads = ListParams(model_->grads());
@@ -129,21 +134,39 @@ Expected<ckpt::Snapshot> Trainer::Capture(const std::map<std::string, double>& m
   const data::LoaderState tr = train_loader_->GetState(), va = val_loader_->GetState();
   snap.loaders["train"] = {tr.epoch, tr.cursor};
   snap.loaders["val"] = {va.epoch, va.cursor};
-  for (const auto& [name, t] : StateTensors()) {
+  // One staging arena for the whole state, reused by every capture whose
+  // previous snapshot is gone (page-locked on a GPU, so the copies run on
+  // the copy engine while the next step computes).
+  const auto state = StateTensors();
+  size_t total = 0;
+  for (const auto& [name, t] : state) total += AlignedBytes(t->bytes());
+  if (!staging_ || staging_bytes_ != total || staging_.use_count() > 1) {
+    staging_.reset();
+    staging_ = be_.AllocStagingHost(total);
+    if (!staging_)
+      return Status::OutOfMemory("checkpoint capture: no host memory for " + std::to_string(total) + " bytes");
+    staging_bytes_ = total;
+  }
+  std::vector<std::pair<uint8_t*, const Tensor*>> copies;
+  size_t at = 0;
+  for (const auto& [name, t] : state) {
     ckpt::HostTensor h;
     h.name = name;
     h.dtype = DTypeName(t->dtype());
     h.shape = t->shape();
-    // Into the previous save's buffers when it left them (no page faults, no zero fill).
-    h.bytes = ckpt::StagingPool::Shared().Take(t->bytes());
-    be_.CopyToHost(h.bytes.data(), *t);
+    h.view = std::span<const uint8_t>(staging_.get() + at, t->bytes());
+    copies.emplace_back(staging_.get() + at, t);
+    at += AlignedBytes(t->bytes());
     snap.tensors.push_back(std::move(h));
   }
-  TROUPE_RETURN_IF_ERROR(be_.Synchronize().WithContext("checkpoint capture"));
+  TROUPE_ASSIGN_OR_RETURN(std::shared_ptr<Backend::HostCopies> pending, be_.CopyToHostAsync(copies));
+  snap.ready = [pending] { return pending->Wait(); };
+  snap.keepalive = staging_;
   return snap;
 }
 
 Status Trainer::Restore(const ckpt::Snapshot& snap) {
+  TROUPE_RETURN_IF_ERROR(snap.WaitReady().WithContext("checkpoint restore"));
   const auto targets = StateTensors();
   std::map<std::string, const ckpt::HostTensor*> by_name;
   for (const ckpt::HostTensor& h : snap.tensors) by_name[h.name] = &h;
@@ -152,9 +175,9 @@ Status Trainer::Restore(const ckpt::Snapshot& snap) {
     auto it = by_name.find(name);
     if (it == by_name.end()) return Status::InvalidArgument("checkpoint has no tensor " + name);
     const ckpt::HostTensor& h = *it->second;
-    if (h.shape != t->shape() || h.dtype != DTypeName(t->dtype()) || h.bytes.size() != t->bytes())
+    if (h.shape != t->shape() || h.dtype != DTypeName(t->dtype()) || h.data().size() != t->bytes())
       return Status::InvalidArgument("checkpoint tensor " + name + " is " + h.dtype + " with " +
-                                     std::to_string(h.bytes.size()) + " bytes; this model wants " + t->ShapeString() +
+                                     std::to_string(h.data().size()) + " bytes; this model wants " + t->ShapeString() +
                                      " " + DTypeName(t->dtype()));
   }
   if (by_name.size() != targets.size())
@@ -178,7 +201,8 @@ Status Trainer::Restore(const ckpt::Snapshot& snap) {
     (void)val_loader_->SetState(old_val);
     return s.WithContext("checkpoint loader position (saved against other data shards?)");
   }
-  for (const auto& [name, t] : targets) be_.CopyFromHost(*t, by_name[name]->bytes.data());
+  be_.FenceHostCopies();  // a capture still copying these tensors reads them first
+  for (const auto& [name, t] : targets) be_.CopyFromHost(*t, by_name[name]->data().data());
   step_ = static_cast<int>(snap.step);
   return be_.Synchronize().WithContext("checkpoint restore");
 }

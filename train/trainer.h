@@ -48,7 +48,11 @@ class Trainer {
   // Everything a resume needs, copied to host memory: parameters (routing
   // biases included), AdamW moments ("optimizer.exp_avg." / "optimizer.exp_avg_sq."
   // + the parameter's name), the step, both loaders' positions, the seed and
-  // the config text. The copy is the only staging memory a save uses.
+  // the config text. The tensors are views into one staging arena, the only
+  // staging memory a save uses (kept for the next capture once the snapshot
+  // is gone). On a GPU the copies run in the background, beside the next
+  // step's forward and backward (the snapshot's WaitReady() waits for them;
+  // the next optimizer step's kernels wait for them on the device).
   Expected<ckpt::Snapshot> Capture(const std::map<std::string, double>& metrics) const;
   // Puts a snapshot back. Every tensor must match by name, shape and dtype
   // (an error names the first that does not), and the seed must be this
@@ -77,6 +81,8 @@ class Trainer {
   ModelParams adam_m_, adam_v_;
   std::unique_ptr<data::TokenLoader> train_loader_, val_loader_;
   int step_ = 0;
+  mutable std::shared_ptr<uint8_t> staging_;  // Capture's arena (page-locked on a GPU)
+  mutable size_t staging_bytes_ = 0;
   double unigram_baseline_ = 0;
   int64_t train_tokens_ = 0;
 };

@@ -26,12 +26,10 @@ namespace {
 
 using namespace protocol;
 
-constexpr std::chrono::seconds kPlanTimeout{30};     // the coordinator answers a CheckpointBegin
+constexpr std::chrono::seconds kPlanTimeout{30};      // the coordinator answers a CheckpointBegin
 constexpr std::chrono::seconds kRestoreTimeout{120};  // every missing shard has arrived
 
-std::string ShardName(const std::string& tensor, int64_t row_begin) {
-  return tensor + "@" + std::to_string(row_begin);
-}
+std::string ShardName(const std::string& tensor, int64_t row_begin) { return tensor + "@" + std::to_string(row_begin); }
 
 struct PendingSave {
   uint64_t attempt = 0;
@@ -231,7 +229,8 @@ void Save(Self self, const CheckpointPlan& plan, PendingSave save) {
       const int64_t row_bytes = rec.row_bytes();
       for (const ckpt::ShardRef& s : rec.shards) {
         ShardCopy c{st.node_id, to, plan.id, t.name, s.row_begin, s.row_end, s.crc32c, {}};
-        c.bytes.assign(t.bytes.begin() + s.row_begin * row_bytes, t.bytes.begin() + s.row_end * row_bytes);
+        const auto rows = t.data().subspan(s.row_begin * row_bytes, (s.row_end - s.row_begin) * row_bytes);
+        c.bytes.assign(rows.begin(), rows.end());
         self->send(st.coordinator, std::move(c));
         ++sent;
       }
@@ -349,8 +348,8 @@ storage_actor::behavior_type Storage(Self self, std::string dir, coordinator_act
             end.errors.push_back(bytes.status().message());
             continue;
           }
-          self->send(st.coordinator,
-                     ShardCopy{st.node_id, f.from_node, f.id, w.tensor, w.row_begin, w.row_end, crc, std::move(*bytes)});
+          self->send(st.coordinator, ShardCopy{st.node_id, f.from_node, f.id, w.tensor, w.row_begin, w.row_end, crc,
+                                               std::move(*bytes)});
           ++end.shards;
         }
         self->send(st.coordinator, std::move(end));

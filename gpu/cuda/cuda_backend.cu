@@ -4,6 +4,7 @@
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <mutex>
 
@@ -66,6 +67,11 @@ CudaBackend::~CudaBackend() {
   for (void* e : timer_events_) cudaEventDestroy(static_cast<cudaEvent_t>(e));
   if (cublaslt_) cublasLtDestroy(cublaslt_);
   if (cublas_) cublasDestroy(cublas_);
+  unfenced_.reset();
+  if (copy_stream_) {
+    cudaStreamSynchronize(copy_stream_);
+    cudaStreamDestroy(copy_stream_);
+  }
   if (stream_) cudaStreamDestroy(stream_);
 }
 
@@ -145,6 +151,73 @@ void CudaBackend::CopyToHost(void* dst, const Tensor& src) {
   cudaError_t err = cudaMemcpyAsync(dst, src.raw(), src.bytes(), cudaMemcpyDeviceToHost, stream_);
   if (err == cudaSuccess) err = cudaStreamSynchronize(stream_);
   if (err != cudaSuccess) Fail("CopyToHost", cudaGetErrorString(err));
+}
+
+namespace {
+
+// One batch of background copies: done when `done` (recorded on the copy
+// stream after the last copy) has fired.
+class CudaHostCopies final : public Backend::HostCopies {
+ public:
+  explicit CudaHostCopies(cudaEvent_t done) : done_(done) {}
+  ~CudaHostCopies() override { cudaEventDestroy(done_); }
+  Status Wait() override {
+    const cudaError_t err = cudaEventSynchronize(done_);
+    if (err != cudaSuccess)
+      return Status::Internal(std::string("background device->host copy: ") + cudaGetErrorString(err));
+    return Status::Ok();
+  }
+  cudaEvent_t event() const { return done_; }
+
+ private:
+  cudaEvent_t done_;
+};
+
+}  // namespace
+
+std::shared_ptr<uint8_t> CudaBackend::AllocStagingHost(size_t bytes) {
+  void* p = nullptr;
+  if (cudaHostAlloc(&p, std::max<size_t>(bytes, 1), cudaHostAllocDefault) != cudaSuccess) {
+    cudaGetLastError();  // not sticky: the caller falls back to pageable memory
+    return nullptr;
+  }
+  return std::shared_ptr<uint8_t>(static_cast<uint8_t*>(p), [](uint8_t* q) { cudaFreeHost(q); });
+}
+
+Expected<std::shared_ptr<Backend::HostCopies>> CudaBackend::CopyToHostAsync(
+    const std::vector<std::pair<uint8_t*, const Tensor*>>& copies) {
+  if (failed()) return Synchronize();
+  auto check = [](cudaError_t err, const char* what) -> Status {
+    if (err == cudaSuccess) return Status::Ok();
+    return Status::Internal(std::string("background device->host copy: ") + what + ": " + cudaGetErrorString(err));
+  };
+  if (copy_stream_ == nullptr)
+    TROUPE_RETURN_IF_ERROR(check(cudaStreamCreateWithFlags(&copy_stream_, cudaStreamNonBlocking), "stream"));
+  cudaEvent_t queued = nullptr, done = nullptr;
+  TROUPE_RETURN_IF_ERROR(check(cudaEventCreateWithFlags(&queued, cudaEventDisableTiming), "event"));
+  Status s = check(cudaEventCreateWithFlags(&done, cudaEventDisableTiming), "event");
+  if (s.ok()) s = check(cudaEventRecord(queued, stream_), "record");
+  if (s.ok()) s = check(cudaStreamWaitEvent(copy_stream_, queued, 0), "wait");
+  for (size_t i = 0; s.ok() && i < copies.size(); ++i)
+    s = check(cudaMemcpyAsync(copies[i].first, copies[i].second->raw(), copies[i].second->bytes(),
+                              cudaMemcpyDeviceToHost, copy_stream_),
+              "copy");
+  if (s.ok()) s = check(cudaEventRecord(done, copy_stream_), "record");
+  cudaEventDestroy(queued);  // released once the copy stream has passed it
+  if (!s.ok()) {
+    if (done) cudaEventDestroy(done);
+    return s;
+  }
+  auto batch = std::make_shared<CudaHostCopies>(done);
+  unfenced_ = batch;
+  return std::shared_ptr<HostCopies>(batch);
+}
+
+void CudaBackend::FenceHostCopies() {
+  if (!unfenced_ || failed()) return;
+  const cudaError_t err = cudaStreamWaitEvent(stream_, static_cast<CudaHostCopies*>(unfenced_.get())->event(), 0);
+  if (err != cudaSuccess) Fail("FenceHostCopies", cudaGetErrorString(err));
+  unfenced_.reset();
 }
 
 void CudaBackend::Copy(Tensor& dst, const Tensor& src) {

@@ -45,6 +45,12 @@ class CudaBackend final : public Backend {
   void CopyFromHost(Tensor& dst, const void* src) override;
   void CopyToHost(void* dst, const Tensor& src) override;
   void Copy(Tensor& dst, const Tensor& src) override;
+  // Page-locked (cudaHostAlloc) memory; the copies run on copy_stream_,
+  // which first waits for everything queued on stream_ so far.
+  std::shared_ptr<uint8_t> AllocStagingHost(size_t bytes) override;
+  Expected<std::shared_ptr<HostCopies>> CopyToHostAsync(
+      const std::vector<std::pair<uint8_t*, const Tensor*>>& copies) override;
+  void FenceHostCopies() override;
   Status Synchronize() override;
   int RecordTimer() override;
   double TimerMs(int start, int end) override;
@@ -93,10 +99,9 @@ class CudaBackend final : public Backend {
   void MoeCombine(Tensor& y, const Tensor& y_sorted, const Tensor& gate, const Tensor& slot) override;
   void MoeCombineBackward(Tensor& dy_sorted, Tensor& dgate, const Tensor& dy, const Tensor& y_sorted,
                           const Tensor& gate, const Tensor& slot) override;
-  void MoeBalanceLoss(Tensor& loss, const Tensor& scores, const Tensor& topk_idx, int seq_len,
-                      double alpha) override;
-  void MoeBalanceLossBackward(Tensor& dscores, const Tensor& scores, const Tensor& topk_idx, int seq_len,
-                              double alpha, double dloss) override;
+  void MoeBalanceLoss(Tensor& loss, const Tensor& scores, const Tensor& topk_idx, int seq_len, double alpha) override;
+  void MoeBalanceLossBackward(Tensor& dscores, const Tensor& scores, const Tensor& topk_idx, int seq_len, double alpha,
+                              double dloss) override;
   void MoeExpertLoad(Tensor& counts, const Tensor& topk_idx, int n_experts) override;
 
   double Sum(const Tensor& x) override;
@@ -121,6 +126,8 @@ class CudaBackend final : public Backend {
   int device_;
   MatmulPrecision precision_;
   CUstream_st* stream_ = nullptr;
+  CUstream_st* copy_stream_ = nullptr;    // background device->host copies, created on first use
+  std::shared_ptr<HostCopies> unfenced_;  // the latest copies stream_ has not been ordered after
   cublasContext* cublas_ = nullptr;
   cublasLtContext* cublaslt_ = nullptr;
   void* workspace_ = nullptr;

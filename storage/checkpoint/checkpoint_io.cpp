@@ -55,8 +55,9 @@ Status CheckSnapshot(const Snapshot& snap) {
       negative |= d < 0;
       elems *= d;
     }
-    if (negative || (elems > 0 && t.bytes.size() % static_cast<size_t>(elems) != 0) || (elems == 0 && !t.bytes.empty()))
-      return Status::InvalidArgument("checkpoint save: tensor " + t.name + " has " + std::to_string(t.bytes.size()) +
+    const size_t size = t.data().size();
+    if (negative || (elems > 0 && size % static_cast<size_t>(elems) != 0) || (elems == 0 && size != 0))
+      return Status::InvalidArgument("checkpoint save: tensor " + t.name + " has " + std::to_string(size) +
                                      " bytes for its shape");
   }
   return Status::Ok();
@@ -109,7 +110,7 @@ int64_t HostTensor::rows() const { return RowsOf(shape); }
 
 uint64_t Snapshot::TotalBytes() const {
   uint64_t b = 0;
-  for (const HostTensor& t : tensors) b += t.bytes.size();
+  for (const HostTensor& t : tensors) b += t.data().size();
   return b;
 }
 
@@ -123,6 +124,7 @@ Expected<Manifest> WriteShards(const Snapshot& snap, const std::string& id, cons
   }
   TROUPE_RETURN_IF_ERROR(CheckSnapshot(snap));
   TROUPE_RETURN_IF_ERROR(CheckName("checkpoint id", id));
+  TROUPE_RETURN_IF_ERROR(snap.WaitReady().WithContext("checkpoint save " + id + ": capture"));
   Manifest m;
   static_cast<RunState&>(m) = snap;
   m.id = id;
@@ -143,16 +145,15 @@ Expected<Manifest> WriteShards(const Snapshot& snap, const std::string& id, cons
     rec.name = t.name;
     rec.dtype = t.dtype;
     rec.shape = t.shape;
-    rec.bytes = t.bytes.size();
+    rec.bytes = t.data().size();
     const int64_t rows = t.rows();
-    const int64_t row_bytes = rows == 0 ? 0 : static_cast<int64_t>(t.bytes.size()) / rows;
+    const int64_t row_bytes = rows == 0 ? 0 : static_cast<int64_t>(t.data().size()) / rows;
     const int64_t pieces = std::max<int64_t>(1, std::min<int64_t>(options.shards_per_tensor, rows));
     for (int64_t p = 0; p < pieces && rows > 0; ++p) {
       ShardRef ref;
       ref.row_begin = rows * p / pieces;
       ref.row_end = rows * (p + 1) / pieces;
-      const auto bytes = std::span<const uint8_t>(t.bytes).subspan(ref.row_begin * row_bytes,
-                                                                   (ref.row_end - ref.row_begin) * row_bytes);
+      const auto bytes = t.data().subspan(ref.row_begin * row_bytes, (ref.row_end - ref.row_begin) * row_bytes);
       for (int r = 0; r < options.replication; ++r) {
         ShardStore* st = ring[(placement + r) % ring.size()];
         writes.push_back({ti, rec.shards.size(), st, bytes});
@@ -440,7 +441,8 @@ std::vector<uint8_t> StagingPool::Take(size_t bytes) {
 
 void StagingPool::Recycle(Snapshot&& snap) {
   std::vector<std::vector<uint8_t>> buffers;
-  for (HostTensor& t : snap.tensors) buffers.push_back(std::move(t.bytes));
+  for (HostTensor& t : snap.tensors)
+    if (!t.bytes.empty()) buffers.push_back(std::move(t.bytes));
   snap = {};
   Recycle(std::move(buffers));
 }

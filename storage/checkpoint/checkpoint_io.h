@@ -13,7 +13,9 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <span>
 #include <string>
@@ -26,19 +28,30 @@
 
 namespace troupe::ckpt {
 
-// One tensor, copied to host memory.
+// One tensor, copied to host memory: its own `bytes`, or (a capture into a
+// staging arena) `view` into memory the snapshot keeps alive.
 struct HostTensor {
   std::string name;
   std::string dtype;  // "F32", ...
   std::vector<int64_t> shape;
   std::vector<uint8_t> bytes;
+  std::span<const uint8_t> view;
   int64_t rows() const;
+  // The tensor's bytes: `view` when set, else `bytes`.
+  std::span<const uint8_t> data() const { return view.data() ? view : std::span<const uint8_t>(bytes); }
 };
 
 // Everything a checkpoint holds, in host memory. The tensors' order is kept.
 struct Snapshot : RunState {
   std::vector<HostTensor> tensors;
+  // A capture that copies in the background (Backend::CopyToHostAsync):
+  // `ready` blocks until the bytes are there and says whether the copy
+  // worked; `keepalive` owns the memory the views point into.
+  std::function<Status()> ready;
+  std::shared_ptr<const void> keepalive;
   uint64_t TotalBytes() const;
+  // Waits for a background copy (no-op without one).
+  Status WaitReady() const { return ready ? ready() : Status::Ok(); }
 };
 
 struct SaveOptions {
@@ -56,11 +69,10 @@ struct SaveOptions {
 // The stores a checkpoint may use, by id.
 using StoreSet = std::map<std::string, ShardStore*>;
 
-// Writes every shard of `snap` under the reserved id `id` and syncs the
-// stores; returns the manifest to commit (its `id`, shards, stores and
-// checksums filled in). Nothing is committed: a caller that replicates
-// elsewhere first (the cluster: docs/checkpoints.md) commits later. On
-// failure the shards written so far are dropped.
+// Waits for `snap` to be ready (Snapshot::WaitReady), then writes every
+// shard of `snap` under the reserved id `id` and syncs the stores; returns the manifest to commit (its `id`, shards,
+// stores and checksums filled in). Nothing is committed: a caller that replicates elsewhere first (the cluster:
+// docs/checkpoints.md) commits later. On failure the shards written so far are dropped.
 Expected<Manifest> WriteShards(const Snapshot& snap, const std::string& id, const StoreSet& stores,
                                const SaveOptions& options);
 
