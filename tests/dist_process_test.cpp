@@ -13,6 +13,7 @@
 #include <chrono>
 #include <cmath>
 #include <fstream>
+#include <random>
 #include <regex>
 #include <sstream>
 #include <thread>
@@ -22,6 +23,7 @@
 #include "storage/model_weights.h"
 #include "storage/safetensors.h"
 #include "test_util.h"
+#include "train/checkpointer.h"
 #include "train/trainer.h"
 
 namespace troupe {
@@ -226,6 +228,61 @@ TEST_F(DistProcessTest, CheckpointResumesInAnotherLayoutAndInOneProcess) {
   auto [bad, bad_log] = run({"--pp", "2", "--resume", "ckpt-000099"}, "d");
   EXPECT_NE(bad, 0);
   EXPECT_NE(bad_log.find("ckpt-000099"), std::string::npos) << bad_log;
+}
+
+// Crash safety of distributed saves: a rank SIGKILLed at a random moment of
+// a run that saves every step (so mostly mid-save: capturing, writing,
+// replicating or committing) never leaves a checkpoint listed that does not
+// verify and load; ids keep growing across trials; the newest resumes.
+TEST_F(DistProcessTest, KilledRankDuringSavesNeverLeavesAPartialCheckpoint) {
+  const std::string ckpt = (dir_.path() / "ckpt").string();
+  std::mt19937 rng(20261206);
+  std::string last_id;
+  int trials_with_commits = 0;
+  for (int trial = 0; trial < 5; ++trial) {
+    const std::string run = (dir_.path() / ("crash" + std::to_string(trial))).string();
+    Proc p = Start(dir_.path(), {"train", "--config", config_, "--out", run, "--pp", "2", "--dp", "2", "--steps",
+                                 "100000", "--checkpoint-every", "1", "--checkpoint-dir", ckpt, "--timeout", "5"});
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+    while (ReadFile(p.out).find(" committed") == std::string::npos && std::chrono::steady_clock::now() < deadline)
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    std::this_thread::sleep_for(std::chrono::milliseconds(rng() % 400));
+    const std::string victim = std::to_string(rng() % 4);
+    const std::vector<pid_t> pids = FindRanks(run, victim);
+    ASSERT_EQ(pids.size(), 1u) << "rank " << victim << "\n" << ReadFile(p.out) << ReadFile(p.err);
+    kill(pids[0], SIGKILL);
+    EXPECT_NE(Wait(p, std::chrono::seconds(60)), 0) << "the job went on without rank " << victim;
+
+    auto folder = OpenCheckpointFolder(ckpt);
+    ASSERT_TRUE(folder.ok()) << folder.status().message();
+    auto listed = folder->catalog->List();
+    ASSERT_TRUE(listed.ok()) << listed.status().message();
+    if (!listed->empty()) ++trials_with_commits;
+    for (const ckpt::Manifest& m : *listed) {
+      std::vector<std::string> problems;
+      EXPECT_TRUE(ckpt::VerifyCheckpoint(m, folder->store_set, &problems).ok())
+          << "trial " << trial << ": " << m.id << " is listed but " << (problems.empty() ? "" : problems[0]);
+    }
+    if (!listed->empty()) {
+      const ckpt::Manifest& newest = listed->back();
+      EXPECT_TRUE(ckpt::LoadCheckpoint(newest, folder->store_set).ok()) << newest.id;
+      EXPECT_GT(newest.id, last_id) << "ids must never be reused";
+      last_id = newest.id;
+    }
+  }
+  ASSERT_GT(trials_with_commits, 0);
+  // The newest checkpoint resumes (another layout, to be sure).
+  auto folder = OpenCheckpointFolder(ckpt);
+  ASSERT_TRUE(folder.ok());
+  auto newest = folder->catalog->Latest();
+  ASSERT_TRUE(newest.ok());
+  const int64_t step = newest->step;
+  folder = Status::Ok();  // close the stores before the run opens them
+  Proc p = Start(dir_.path(), {"train", "--config", config_, "--out", (dir_.path() / "after").string(), "--pp", "4",
+                               "--steps", std::to_string(step + 1), "--resume", "latest", "--checkpoint-dir", ckpt,
+                               "--checkpoint-every", "0"});
+  ASSERT_EQ(Wait(p, std::chrono::seconds(120)), 0) << ReadFile(p.out) << ReadFile(p.err);
+  EXPECT_NE(ReadFile(p.out).find("resumed from " + newest->id), std::string::npos) << ReadFile(p.out);
 }
 
 TEST_F(DistProcessTest, ImpossibleLayoutsAreRefusedBeforeAnyRankStarts) {
