@@ -3,13 +3,19 @@
 //
 //   troupe ckpt --dir D ls | show ID | tensors ID | stats ID TENSOR | diff A B |
 //                       verify ID | export ID --out F.safetensors | pin ID | unpin ID | rm ID
+//   [--store ID=DIR ...]   more stores to read (a cluster: --dir is the
+//                          coordinator's data folder, DIR each node's)
+// Reading actions open everything read-only (no lock: they work while the
+// run or the cluster that writes the folder is up).
 #include <cinttypes>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <ctime>
+#include <filesystem>
 #include <limits>
 #include <nlohmann/json.hpp>
+#include <set>
 
 #include "cli/cli_util.h"
 #include "cli/commands.h"
@@ -26,7 +32,29 @@ struct CkptFlags {
   std::vector<std::string> args;
   std::string format = "safetensors";
   std::string out;
+  std::vector<std::string> stores;  // ID=DIR: more shard stores (a cluster node's)
 };
+
+// --store ID=DIR: DIR is a shard store (holding shards/) or a node's data
+// folder (holding store/shards/), opened for reading only.
+Status AddStores(const std::vector<std::string>& specs, CheckpointFolder& f) {
+  namespace fs = std::filesystem;
+  for (const std::string& spec : specs) {
+    const size_t eq = spec.find('=');
+    if (eq == std::string::npos || eq == 0 || eq + 1 == spec.size())
+      return Status::InvalidArgument("--store " + spec + ": expected ID=DIR (the store id manifests name, e.g. n1)");
+    const std::string id = spec.substr(0, eq);
+    std::string dir = spec.substr(eq + 1);
+    std::error_code ec;
+    if (!fs::is_directory(dir + "/shards", ec) && fs::is_directory(dir + "/store/shards", ec)) dir += "/store";
+    if (f.store_set.count(id)) return Status::InvalidArgument("--store " + spec + ": store " + id + " is open already");
+    auto store = ckpt::ShardStore::OpenReadOnly(dir, id);
+    if (!store.ok()) return store.status().WithContext("--store " + spec);
+    f.store_set[id] = store->get();
+    f.stores.push_back(std::move(store).value());
+  }
+  return Status::Ok();
+}
 
 std::string Shape(const std::vector<int64_t>& s) {
   std::string o = "[";
@@ -72,7 +100,9 @@ Expected<std::vector<double>> Values(const ckpt::TensorRecord& t, const std::vec
 Expected<std::vector<double>> ReadValues(const ckpt::Manifest& m, const std::string& name,
                                          const ckpt::StoreSet& stores) {
   const ckpt::TensorRecord* t = m.Find(name);
-  if (!t) return Status::NotFound("checkpoint " + m.id + " has no tensor '" + name + "' (see: troupe ckpt tensors " + m.id + ")");
+  if (!t)
+    return Status::NotFound("checkpoint " + m.id + " has no tensor '" + name + "' (see: troupe ckpt tensors " + m.id +
+                            ")");
   TROUPE_ASSIGN_OR_RETURN(std::vector<uint8_t> bytes, ckpt::ReadRows(*t, m.id, 0, t->rows(), stores));
   return Values(*t, bytes);
 }
@@ -80,8 +110,8 @@ Expected<std::vector<double>> ReadValues(const ckpt::Manifest& m, const std::str
 int Ls(CheckpointFolder& f) {
   auto all = f.catalog->List();
   if (!all.ok()) return Fail(all.status());
-  std::printf("%-12s %8s %-9s %-21s %10s %4s %6s %10s %10s\n", "id", "step", "phase", "created (UTC)", "MiB",
-              "r", "pinned", "loss", "val_loss");
+  std::printf("%-12s %8s %-9s %-21s %10s %4s %6s %10s %10s\n", "id", "step", "phase", "created (UTC)", "MiB", "r",
+              "pinned", "loss", "val_loss");
   for (const ckpt::Manifest& m : *all) {
     auto metric = [&](const char* k) {
       auto it = m.metrics.find(k);
@@ -110,8 +140,8 @@ int Show(const ckpt::Manifest& m) {
 int Tensors(const ckpt::Manifest& m) {
   std::printf("%-64s %-5s %-20s %12s %-8s %s\n", "name", "dtype", "shape", "bytes", "crc32c", "shards (rows: stores)");
   for (const ckpt::TensorRecord& t : m.tensors) {
-    std::printf("%-64s %-5s %-20s %12" PRIu64 " %08x", t.name.c_str(), t.dtype.c_str(), Shape(t.shape).c_str(),
-                t.bytes, t.crc32c);
+    std::printf("%-64s %-5s %-20s %12" PRIu64 " %08x", t.name.c_str(), t.dtype.c_str(), Shape(t.shape).c_str(), t.bytes,
+                t.crc32c);
     for (const ckpt::ShardRef& s : t.shards) {
       std::printf(" [%" PRId64 ",%" PRId64 "):", s.row_begin, s.row_end);
       for (size_t i = 0; i < s.stores.size(); ++i) std::printf("%s%s", i ? "," : "", s.stores[i].c_str());
@@ -140,10 +170,11 @@ int Stats(const ckpt::Manifest& m, const std::string& name, const ckpt::StoreSet
   }
   const double n = static_cast<double>(v->size() - nonfinite);
   const double mean = n ? sum / n : 0, var = n ? std::max(0.0, sq / n - mean * mean) : 0;
-  std::printf("%s %s: %zu values\n  mean %.6g  std %.6g  rms %.6g\n  min %.6g  max %.6g  absmax %.6g\n"
-              "  zeros %" PRId64 "  nan/inf %" PRId64 "\n",
-              m.id.c_str(), name.c_str(), v->size(), mean, std::sqrt(var), n ? std::sqrt(sq / n) : 0, lo, hi, amax,
-              zeros, nonfinite);
+  std::printf(
+      "%s %s: %zu values\n  mean %.6g  std %.6g  rms %.6g\n  min %.6g  max %.6g  absmax %.6g\n"
+      "  zeros %" PRId64 "  nan/inf %" PRId64 "\n",
+      m.id.c_str(), name.c_str(), v->size(), mean, std::sqrt(var), n ? std::sqrt(sq / n) : 0, lo, hi, amax, zeros,
+      nonfinite);
   return 0;
 }
 
@@ -191,7 +222,21 @@ int Diff(const ckpt::Manifest& a, const ckpt::Manifest& b, const ckpt::StoreSet&
 int Verify(const ckpt::Manifest& m, const ckpt::StoreSet& stores) {
   std::vector<std::string> problems;
   Status s = ckpt::VerifyCheckpoint(m, stores, &problems);
-  for (const std::string& p : problems) std::printf("  bad copy: %s\n", p.c_str());
+  // Stores this folder does not have (a cluster node's) are one line each, not one per shard.
+  std::set<std::string> absent;
+  for (const auto& t : m.tensors)
+    for (const auto& ref : t.shards)
+      for (const std::string& id : ref.stores)
+        if (!stores.count(id)) absent.insert(id);
+  size_t shown = 0;
+  for (const std::string& p : problems) {
+    if (p.find("is not available") != std::string::npos) continue;
+    if (++shown <= 20) std::printf("  bad copy: %s\n", p.c_str());
+  }
+  if (shown > 20) std::printf("  ... and %zu more bad copies\n", shown - 20);
+  for (const std::string& id : absent)
+    std::printf("  store %s is not open here: its copies were not checked (--store %s=DIR reads it)\n", id.c_str(),
+                id.c_str());
   if (!s.ok()) return Fail(s);
   size_t shards = 0;
   for (const auto& t : m.tensors) shards += t.shards.size();
@@ -226,9 +271,19 @@ int Export(const ckpt::Manifest& m, const ckpt::StoreSet& stores, const CkptFlag
 }
 
 int RunCkpt(const CkptFlags& f) {
-  auto folder = OpenCheckpointFolder(f.dir);
+  // Browsing takes no lock: it works beside the run or cluster that writes the folder.
+  const bool changes = f.action == "pin" || f.action == "unpin" || f.action == "rm";
+  if (changes && !f.stores.empty())
+    return Fail(
+        Status::InvalidArgument("--store is for reading; " + f.action + " changes only the folder's own stores"));
+  auto folder = OpenCheckpointFolder(f.dir, !changes);
+  if (!folder.ok() && changes)
+    return Fail(folder.status().WithContext(f.action + " needs the folder to itself (is the run or coordinator "
+                                                       "that writes it still up?)"));
   if (!folder.ok()) return Fail(folder.status());
   CheckpointFolder& cf = *folder;
+  Status added = AddStores(f.stores, cf);
+  if (!added.ok()) return Fail(added);
   const size_t want = f.action == "ls" ? 0 : (f.action == "stats" || f.action == "diff") ? 2 : 1;
   if (f.args.size() != want)
     return Fail(Status::InvalidArgument("ckpt " + f.action + " takes " + std::to_string(want) + " argument(s), got " +
@@ -278,6 +333,8 @@ void AddCkptCommand(CLI::App& app, RunFn& run) {
   cmd->add_option("args", flags->args, "checkpoint id(s), tensor name");
   cmd->add_option("--format", flags->format, "export format (safetensors)");
   cmd->add_option("--out", flags->out, "export: the file to write");
+  cmd->add_option("--store", flags->stores,
+                  "ID=DIR: also read shard store ID from DIR (a cluster node's --data folder, or a store folder)");
   cmd->callback([flags, &run] { run = [flags] { return RunCkpt(*flags); }; });
 }
 

@@ -23,6 +23,7 @@
 
 #include "data/shards.h"
 #include "storage/safetensors.h"
+#include "train/checkpointer.h"
 
 namespace troupe {
 namespace {
@@ -480,6 +481,39 @@ TEST_F(CliTest, CheckpointsSaveResumeAndBrowse) {
     EXPECT_EQ(e->bytes, t.bytes) << t.name;
   }
   EXPECT_EQ(exported->metadata().at("checkpoint"), "ckpt-000002");
+}
+
+// Browsing opens the folder read-only: it works while the run (or the
+// coordinator) that writes it holds it; changes do not, and say why. Stores
+// kept elsewhere (a cluster node's) are read with --store ID=DIR.
+TEST_F(CliTest, CkptBrowsesBesideTheWriterAndReadsStoresKeptElsewhere) {
+  RunResult r = Run({"train", "--config", "cfg.toml", "--steps", "2", "--checkpoint-every", "2", "--out", "run"});
+  ASSERT_TRUE(r.exited && r.code == 0) << r.err;
+  {
+    auto held = OpenCheckpointFolder(Path("run/checkpoints").string());  // as a live run holds it
+    ASSERT_TRUE(held.ok()) << held.status().message();
+    r = Run({"ckpt", "--dir", "run/checkpoints", "ls"});
+    ASSERT_TRUE(r.exited && r.code == 0) << r.err;
+    EXPECT_NE(r.out.find("ckpt-000001"), std::string::npos) << r.out;
+    r = Run({"ckpt", "--dir", "run/checkpoints", "verify", "ckpt-000001"});
+    ASSERT_TRUE(r.exited && r.code == 0) << r.err;
+    EXPECT_FAILS(Args({"ckpt", "--dir", "run/checkpoints", "pin", "ckpt-000001"}), "needs the folder to itself");
+  }
+  fs::create_directories(Path("node"));
+  fs::rename(Path("run/checkpoints/store-0"), Path("node/store"));
+  r = Run({"ckpt", "--dir", "run/checkpoints", "verify", "ckpt-000001"});
+  EXPECT_FALSE(r.exited && r.code == 0);
+  EXPECT_NE(r.out.find("--store local-0=DIR"), std::string::npos) << r.out;
+  r = Run({"ckpt", "--dir", "run/checkpoints", "verify", "ckpt-000001", "--store", "local-0=" + Path("node").string()});
+  ASSERT_TRUE(r.exited && r.code == 0) << r.err << r.out;
+  r = Run({"ckpt", "--dir", "run/checkpoints", "export", "ckpt-000001", "--out", "e.safetensors", "--store",
+           "local-0=" + Path("node/store").string()});
+  ASSERT_TRUE(r.exited && r.code == 0) << r.err;
+  EXPECT_TRUE(fs::exists(Path("e.safetensors")));
+  EXPECT_FAILS(Args({"ckpt", "--dir", "run/checkpoints", "ls", "--store", "local-0"}), "ID=DIR");
+  EXPECT_FAILS(Args({"ckpt", "--dir", "run/checkpoints", "ls", "--store", "n1=nowhere"}), "nowhere");
+  EXPECT_FAILS(Args({"ckpt", "--dir", "run/checkpoints", "rm", "ckpt-000001", "--store", "local-0=node"}),
+               "--store is for reading");
 }
 
 TEST_F(CliTest, BadCheckpointInputsAreOneError) {

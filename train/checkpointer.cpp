@@ -130,16 +130,22 @@ void AsyncCheckpointer::Run() {
   }
 }
 
-Expected<CheckpointFolder> OpenCheckpointFolder(const std::string& dir) {
+Expected<CheckpointFolder> OpenCheckpointFolder(const std::string& dir, bool read_only) {
   std::error_code ec;
   if (!std::filesystem::is_directory(dir + "/catalog", ec))
     return Status::NotFound("no checkpoint catalog under " + dir + " (expected " + dir + "/catalog)");
   CheckpointFolder f;
-  TROUPE_ASSIGN_OR_RETURN(f.catalog, ckpt::Catalog::Open(dir));
+  if (read_only) {
+    TROUPE_ASSIGN_OR_RETURN(f.catalog, ckpt::Catalog::OpenReadOnly(dir));
+  } else {
+    TROUPE_ASSIGN_OR_RETURN(f.catalog, ckpt::Catalog::Open(dir));
+  }
   for (int i = 0; std::filesystem::is_directory(LocalStoreDir(dir, i), ec); ++i) {
-    TROUPE_ASSIGN_OR_RETURN(auto store, ckpt::ShardStore::Open(LocalStoreDir(dir, i), LocalStoreId(i)));
-    f.store_set[store->id()] = store.get();
-    f.stores.push_back(std::move(store));
+    auto store = read_only ? ckpt::ShardStore::OpenReadOnly(LocalStoreDir(dir, i), LocalStoreId(i))
+                           : ckpt::ShardStore::Open(LocalStoreDir(dir, i), LocalStoreId(i));
+    if (!store.ok()) return store.status();
+    f.store_set[(*store)->id()] = store->get();
+    f.stores.push_back(std::move(store).value());
   }
   return f;
 }

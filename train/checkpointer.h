@@ -89,13 +89,14 @@ struct ReadableStores {
 ReadableStores OpenStoresFor(const std::string& dir, const ckpt::Manifest& m, const ckpt::StoreSet& open,
                              ckpt::ReadStats* stats);
 
-// Opens the checkpoint folder read-only-ish for tools (no GC, no thread):
-// the catalog and every store-<i> found under `dir`.
+// Opens the checkpoint folder for tools (no GC, no thread): the catalog and
+// every store-<i> found under `dir`. `read_only`: takes no lock, so it works
+// beside the run that writes the folder (and refuses every change).
 struct CheckpointFolder {
   std::unique_ptr<ckpt::Catalog> catalog;
   std::vector<std::unique_ptr<ckpt::ShardStore>> stores;
   ckpt::StoreSet store_set;
 };
-Expected<CheckpointFolder> OpenCheckpointFolder(const std::string& dir);
+Expected<CheckpointFolder> OpenCheckpointFolder(const std::string& dir, bool read_only = false);
 
 }  // namespace troupe

@@ -34,6 +34,11 @@ Expected<std::unique_ptr<Catalog>> Catalog::Open(const std::string& dir) {
   return std::unique_ptr<Catalog>(new Catalog(db.release()));
 }
 
+Expected<std::unique_ptr<Catalog>> Catalog::OpenReadOnly(const std::string& dir) {
+  TROUPE_ASSIGN_OR_RETURN(std::unique_ptr<rocksdb::DB> db, OpenRocksDbReadOnly(dir, "catalog", "checkpoint catalog"));
+  return std::unique_ptr<Catalog>(new Catalog(db.release()));
+}
+
 Catalog::~Catalog() { delete db_; }
 
 Expected<std::string> Catalog::ReserveId() {

@@ -34,6 +34,10 @@ struct RetentionPolicy {
 class Catalog {
  public:
   static Expected<std::unique_ptr<Catalog>> Open(const std::string& dir);
+  // For reading only (List, Get, Latest, Expired): takes no lock, so it
+  // works while the owner (a training run, the coordinator) has the
+  // catalog open; the view is the catalog as of the open. Writes fail.
+  static Expected<std::unique_ptr<Catalog>> OpenReadOnly(const std::string& dir);
   ~Catalog();
 
   // A fresh id for a save that is about to start (durable before it returns).
