@@ -28,11 +28,8 @@ using parallel::DistCheckpointer;
 using parallel::DistributedTrainer;
 
 JobConfig CheckpointJob(const fs::path& dir) {
-  JobConfig j = testing::SmallJob(dir, 20000);
-  j.model.num_hidden_layers = 4;
-  j.train.batch_size = 16;
+  JobConfig j = testing::SmallPipelineJob(dir);
   j.train.steps = 4;
-  j.train.warmup_steps = 1;
   return j;
 }
 

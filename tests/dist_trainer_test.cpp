@@ -34,14 +34,7 @@ struct RunResult {
   double ep_remote_share = 0;                         // and the share of token copies that travelled
 };
 
-JobConfig EquivalenceJob(const std::filesystem::path& dir) {
-  JobConfig j = testing::SmallJob(dir, 20000);
-  j.model.num_hidden_layers = 4;
-  j.train.batch_size = 16;
-  j.train.steps = 3;
-  j.train.warmup_steps = 1;
-  return j;
-}
+JobConfig EquivalenceJob(const std::filesystem::path& dir) { return testing::SmallPipelineJob(dir); }
 
 void Collect(ModelParams& p, std::map<std::string, std::vector<double>>& into, Backend& be) {
   for (ParamRef& r : ListParams(p)) into[r.name] = ToHostDoubles(be, *r.tensor);

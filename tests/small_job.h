@@ -58,4 +58,15 @@ inline JobConfig SmallJob(const std::filesystem::path& dir, int train_tokens = 4
   return j;
 }
 
+// SmallJob with 4 layers and 16 sequences per step: enough layers for 4
+// pipeline stages and a batch that splits over pp x ep x dp layouts.
+inline JobConfig SmallPipelineJob(const std::filesystem::path& dir) {
+  JobConfig j = SmallJob(dir, 20000);
+  j.model.num_hidden_layers = 4;
+  j.train.batch_size = 16;
+  j.train.steps = 3;
+  j.train.warmup_steps = 1;
+  return j;
+}
+
 }  // namespace troupe::testing

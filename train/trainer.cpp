@@ -183,28 +183,40 @@ Status Trainer::Restore(const ckpt::Snapshot& snap) {
   if (by_name.size() != targets.size())
     return Status::InvalidArgument("checkpoint holds " + std::to_string(by_name.size()) + " tensors; this model has " +
                                    std::to_string(targets.size()) + " (a different architecture?)");
-  // The seed orders the training data: under another seed the run could not
-  // continue as the saved one would have.
-  if (snap.seed != job_.train.seed)
-    return Status::InvalidArgument("checkpoint was saved with train.seed = " + std::to_string(snap.seed) +
-                                   ", this run has " + std::to_string(job_.train.seed));
-  if (snap.step < 0 || snap.step > std::numeric_limits<int>::max())
-    return Status::InvalidArgument("checkpoint step " + std::to_string(snap.step) + " is out of range");
-  auto train_pos = snap.loaders.find("train"), val_pos = snap.loaders.find("val");
-  if (train_pos == snap.loaders.end() || val_pos == snap.loaders.end())
-    return Status::InvalidArgument("checkpoint lacks a data loader position");
-  const data::LoaderState old_train = train_loader_->GetState(), old_val = val_loader_->GetState();
-  Status s = train_loader_->SetState({train_pos->second.epoch, train_pos->second.cursor});
-  if (s.ok()) s = val_loader_->SetState({val_pos->second.epoch, val_pos->second.cursor});
-  if (!s.ok()) {
-    (void)train_loader_->SetState(old_train);
-    (void)val_loader_->SetState(old_val);
-    return s.WithContext("checkpoint loader position (saved against other data shards?)");
-  }
+  TROUPE_RETURN_IF_ERROR(CheckResumable(snap, job_));
+  TROUPE_RETURN_IF_ERROR(SetLoaderPositions(snap, *train_loader_, *val_loader_));
   be_.FenceHostCopies();  // a capture still copying these tensors reads them first
   for (const auto& [name, t] : targets) be_.CopyFromHost(*t, by_name[name]->data().data());
   step_ = static_cast<int>(snap.step);
   return be_.Synchronize().WithContext("checkpoint restore");
+}
+
+Status CheckResumable(const ckpt::RunState& saved, const JobConfig& job) {
+  // The seed orders the training data: under another seed the run could not
+  // continue as the saved one would have.
+  if (saved.seed != job.train.seed)
+    return Status::InvalidArgument("checkpoint was saved with train.seed = " + std::to_string(saved.seed) +
+                                   ", this run has " + std::to_string(job.train.seed));
+  if (saved.step < 0 || saved.step > std::numeric_limits<int>::max())
+    return Status::InvalidArgument("checkpoint step " + std::to_string(saved.step) + " is out of range");
+  if (!saved.loaders.count("train") || !saved.loaders.count("val"))
+    return Status::InvalidArgument("checkpoint lacks a data loader position");
+  return Status::Ok();
+}
+
+Status SetLoaderPositions(const ckpt::RunState& saved, data::TokenLoader& train, data::TokenLoader& val) {
+  auto train_pos = saved.loaders.find("train"), val_pos = saved.loaders.find("val");
+  if (train_pos == saved.loaders.end() || val_pos == saved.loaders.end())
+    return Status::InvalidArgument("checkpoint lacks a data loader position");
+  const data::LoaderState old_train = train.GetState(), old_val = val.GetState();
+  Status s = train.SetState({train_pos->second.epoch, train_pos->second.cursor});
+  if (s.ok()) s = val.SetState({val_pos->second.epoch, val_pos->second.cursor});
+  if (!s.ok()) {
+    (void)train.SetState(old_train);
+    (void)val.SetState(old_val);
+    return s.WithContext("checkpoint loader position (saved against other data shards?)");
+  }
+  return Status::Ok();
 }
 
 Expected<double> Trainer::Evaluate() {

@@ -33,6 +33,13 @@ struct StepReport {
 Status OpenJobLoaders(const JobConfig& job, std::unique_ptr<data::TokenLoader>* train,
                       std::unique_ptr<data::TokenLoader>* val);
 
+// Whether a checkpoint's run state can continue this job: the same seed
+// (it orders the data), a step in range, both loaders' positions present.
+Status CheckResumable(const ckpt::RunState& saved, const JobConfig& job);
+// Moves both loaders to the positions `saved` holds, or neither (a position
+// these shards do not have is an error naming it).
+Status SetLoaderPositions(const ckpt::RunState& saved, data::TokenLoader& train, data::TokenLoader& val);
+
 class Trainer {
  public:
   // Builds the model (initialised from the seed), the optimizer state and

@@ -337,14 +337,7 @@ Status DistributedTrainer::Restore(const ckpt::Manifest& m, const RowReader& rea
                                    " (a different architecture?)");
   for (const std::string& n : names)
     if (m.Find(n) == nullptr) return Status::InvalidArgument("checkpoint " + m.id + " has no tensor " + n);
-  if (m.seed != job_.train.seed)
-    return Status::InvalidArgument("checkpoint was saved with train.seed = " + std::to_string(m.seed) +
-                                   ", this run has " + std::to_string(job_.train.seed));
-  if (m.step < 0 || m.step > std::numeric_limits<int>::max())
-    return Status::InvalidArgument("checkpoint step " + std::to_string(m.step) + " is out of range");
-  auto train_pos = m.loaders.find("train"), val_pos = m.loaders.find("val");
-  if (train_pos == m.loaders.end() || val_pos == m.loaders.end())
-    return Status::InvalidArgument("checkpoint lacks a data loader position");
+  TROUPE_RETURN_IF_ERROR(CheckResumable(m, job_));
 
   // Every held tensor: its whole shape and dtype must be the checkpoint's.
   const int ep_rank = layout_.CoordOf(rank_).ep_rank;
@@ -385,9 +378,8 @@ Status DistributedTrainer::Restore(const ckpt::Manifest& m, const RowReader& rea
     return std::make_pair(std::move(mv), std::move(vv));
   };
   const data::LoaderState old_train = train_loader_->GetState(), old_val = val_loader_->GetState();
-  Status s = train_loader_->SetState({train_pos->second.epoch, train_pos->second.cursor});
-  if (s.ok()) s = val_loader_->SetState({val_pos->second.epoch, val_pos->second.cursor});
-  if (s.ok()) s = optimizer_->LoadState(read_state);  // reads it all, then sets it
+  TROUPE_RETURN_IF_ERROR(SetLoaderPositions(m, *train_loader_, *val_loader_).WithContext("checkpoint " + m.id));
+  Status s = optimizer_->LoadState(read_state);  // reads it all, then sets it
   if (!s.ok()) {
     (void)train_loader_->SetState(old_train);
     (void)val_loader_->SetState(old_val);
