@@ -50,84 +50,36 @@ Expected<std::unique_ptr<AsyncCheckpointer>> AsyncCheckpointer::Open(const std::
   // Shards of crashed saves (no manifest) go; committed checkpoints stay.
   ckpt::RetentionPolicy keep_all{1 << 30, 0};
   TROUPE_RETURN_IF_ERROR(ckpt::CollectGarbage(*c->catalog_, c->store_set_, keep_all).status());
-  c->writer_ = std::thread([p = c.get()] { p->Run(); });
+  c->worker_ = std::make_unique<SaveWorker<ckpt::Snapshot>>(
+      [p = c.get()](ckpt::Snapshot& snap) -> std::optional<SaveResult> { return p->Write(snap); });
   return c;
 }
 
 AsyncCheckpointer::~AsyncCheckpointer() {
-  {
-    std::unique_lock<std::mutex> lock(mu_);
-    cv_.wait(lock, [&] { return !busy_; });
-    stop_ = true;
-  }
-  cv_.notify_all();
-  if (writer_.joinable()) writer_.join();
+  worker_.reset();                      // the save in flight ends first
   ckpt::StagingPool::Shared().Clear();  // no more saves: give the staging copy back
 }
 
-std::optional<SaveResult> AsyncCheckpointer::WaitIdle() {
-  std::unique_lock<std::mutex> lock(mu_);
-  cv_.wait(lock, [&] { return !busy_; });
-  std::optional<SaveResult> r = std::move(done_);
-  done_.reset();
-  return r;
-}
-
-void AsyncCheckpointer::Submit(ckpt::Snapshot snap) {
-  {
-    // A save still in flight is waited for (one staging copy at most);
-    // overwriting pending_ would lose a snapshot, and the first save's end
-    // would clear busy_ while the second still runs.
-    std::unique_lock<std::mutex> lock(mu_);
-    cv_.wait(lock, [&] { return !busy_; });
-    pending_ = std::move(snap);
-    busy_ = true;
-  }
-  cv_.notify_all();
-}
-
-std::optional<SaveResult> AsyncCheckpointer::Poll() {
-  std::lock_guard<std::mutex> lock(mu_);
-  std::optional<SaveResult> r = std::move(done_);
-  done_.reset();
-  return r;
-}
-
-void AsyncCheckpointer::Run() {
-  for (;;) {
-    ckpt::Snapshot snap;
-    {
-      std::unique_lock<std::mutex> lock(mu_);
-      cv_.wait(lock, [&] { return stop_ || pending_.has_value(); });
-      if (!pending_) return;
-      snap = std::move(*pending_);
-      pending_.reset();
-    }
-    SaveResult result;
-    const auto start = std::chrono::steady_clock::now();
-    ckpt::SaveOptions opts{EffectiveReplication(config_, config_.stores), config_.shards_per_tensor};
-    auto m = ckpt::SaveCheckpoint(snap, store_set_, *catalog_, opts);
-    ckpt::StagingPool::Shared().Recycle(std::move(snap));  // the next capture copies into these buffers
-    if (m.ok()) {
-      result.manifest = std::move(m).value();
-      ckpt::RetentionPolicy policy{config_.keep_last, config_.keep_every};
-      auto dropped = ckpt::CollectGarbage(*catalog_, store_set_, policy, result.manifest.id);
-      if (dropped.ok()) {
-        result.dropped = std::move(dropped).value();
-      } else {
-        result.status = dropped.status().WithContext("checkpoint retention (the save itself is committed)");
-      }
+SaveResult AsyncCheckpointer::Write(ckpt::Snapshot& snap) {
+  SaveResult result;
+  const auto start = std::chrono::steady_clock::now();
+  ckpt::SaveOptions opts{EffectiveReplication(config_, config_.stores), config_.shards_per_tensor};
+  auto m = ckpt::SaveCheckpoint(snap, store_set_, *catalog_, opts);
+  ckpt::StagingPool::Shared().Recycle(std::move(snap));  // the next capture copies into these buffers
+  if (m.ok()) {
+    result.manifest = std::move(m).value();
+    ckpt::RetentionPolicy policy{config_.keep_last, config_.keep_every};
+    auto dropped = ckpt::CollectGarbage(*catalog_, store_set_, policy, result.manifest.id);
+    if (dropped.ok()) {
+      result.dropped = std::move(dropped).value();
     } else {
-      result.status = m.status();
+      result.status = dropped.status().WithContext("checkpoint retention (the save itself is committed)");
     }
-    result.write_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      done_ = std::move(result);
-      busy_ = false;
-    }
-    cv_.notify_all();
+  } else {
+    result.status = m.status();
   }
+  result.write_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  return result;
 }
 
 Expected<CheckpointFolder> OpenCheckpointFolder(const std::string& dir, bool read_only) {

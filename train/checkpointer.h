@@ -17,6 +17,7 @@
 #pragma once
 
 #include <condition_variable>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -37,6 +38,85 @@ struct SaveResult {
   std::vector<std::string> dropped;  // ids the retention policy removed
 };
 
+// One save at a time on a thread of its own: what both checkpointers
+// (AsyncCheckpointer here, parallel::DistCheckpointer) run their writes on.
+// Submit() waits for the job in flight before it hands over the next, so a
+// saver never holds more than one staging copy. A finished job's result
+// (nullopt: nothing to report) waits for Poll()/WaitIdle(); a newer one
+// replaces it. The destructor waits for the job in flight.
+template <typename Job>
+class SaveWorker {
+ public:
+  using Work = std::function<std::optional<SaveResult>(Job&)>;
+  explicit SaveWorker(Work work) : work_(std::move(work)), thread_([this] { Run(); }) {}
+  ~SaveWorker() {
+    {
+      std::unique_lock<std::mutex> lock(mu_);
+      cv_.wait(lock, [&] { return !busy_; });
+      stop_ = true;
+    }
+    cv_.notify_all();
+    thread_.join();
+  }
+  SaveWorker(const SaveWorker&) = delete;
+  SaveWorker& operator=(const SaveWorker&) = delete;
+
+  // Blocks until no job is in flight (the result stays for Poll()).
+  void WaitUntilIdle() {
+    std::unique_lock<std::mutex> lock(mu_);
+    cv_.wait(lock, [&] { return !busy_; });
+  }
+  void Submit(Job job) {
+    {
+      std::unique_lock<std::mutex> lock(mu_);
+      cv_.wait(lock, [&] { return !busy_; });
+      pending_ = std::move(job);
+      busy_ = true;
+    }
+    cv_.notify_all();
+  }
+  std::optional<SaveResult> Poll() {
+    std::lock_guard<std::mutex> lock(mu_);
+    std::optional<SaveResult> r = std::move(done_);
+    done_.reset();
+    return r;
+  }
+  std::optional<SaveResult> WaitIdle() {
+    WaitUntilIdle();
+    return Poll();
+  }
+
+ private:
+  void Run() {
+    for (;;) {
+      Job job;
+      {
+        std::unique_lock<std::mutex> lock(mu_);
+        cv_.wait(lock, [&] { return stop_ || pending_.has_value(); });
+        if (!pending_) return;
+        job = std::move(*pending_);
+        pending_.reset();
+      }
+      std::optional<SaveResult> result = work_(job);
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        if (result) done_ = std::move(result);
+        busy_ = false;
+      }
+      cv_.notify_all();
+    }
+  }
+
+  Work work_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::optional<Job> pending_;
+  bool busy_ = false;
+  bool stop_ = false;
+  std::optional<SaveResult> done_;
+  std::thread thread_;  // last: starts once everything above exists
+};
+
 class AsyncCheckpointer {
  public:
   static Expected<std::unique_ptr<AsyncCheckpointer>> Open(const std::string& dir, const CheckpointConfig& config);
@@ -44,32 +124,26 @@ class AsyncCheckpointer {
 
   // Blocks until no save is in flight and returns the result of the last
   // finished save not yet collected (nullopt if none).
-  std::optional<SaveResult> WaitIdle();
+  std::optional<SaveResult> WaitIdle() { return worker_->WaitIdle(); }
   // Hands `snap` to the writer thread; waits first for a save still in
   // flight (call WaitIdle() first to collect its result, which the next
   // finished save would otherwise replace).
-  void Submit(ckpt::Snapshot snap);
+  void Submit(ckpt::Snapshot snap) { worker_->Submit(std::move(snap)); }
   // The finished save's result, if one finished since the last call.
-  std::optional<SaveResult> Poll();
+  std::optional<SaveResult> Poll() { return worker_->Poll(); }
 
   ckpt::Catalog& catalog() { return *catalog_; }
   const ckpt::StoreSet& stores() const { return store_set_; }
 
  private:
   AsyncCheckpointer() = default;
-  void Run();
+  SaveResult Write(ckpt::Snapshot& snap);
 
   CheckpointConfig config_;
   std::unique_ptr<ckpt::Catalog> catalog_;
   std::vector<std::unique_ptr<ckpt::ShardStore>> stores_;
   ckpt::StoreSet store_set_;
-  std::mutex mu_;
-  std::condition_variable cv_;
-  std::optional<ckpt::Snapshot> pending_;  // handed over, not yet written
-  bool busy_ = false;
-  bool stop_ = false;
-  std::optional<SaveResult> done_;
-  std::thread writer_;
+  std::unique_ptr<SaveWorker<ckpt::Snapshot>> worker_;  // last: stopped first
 };
 
 // Store i of a checkpoint folder: <dir>/store-<i>, named "local-<i>" in

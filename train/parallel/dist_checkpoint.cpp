@@ -108,18 +108,12 @@ Expected<std::unique_ptr<DistCheckpointer>> DistCheckpointer::Open(const std::st
   if (group.rank() == 0) {
     TROUPE_ASSIGN_OR_RETURN(c->catalog_, ckpt::Catalog::Open(dir));
   }
-  c->writer_ = std::thread([p = c.get()] { p->Run(); });
+  c->worker_ = std::make_unique<SaveWorker<Job>>([p = c.get()](Job& job) { return p->Run(job); });
   return c;
 }
 
 DistCheckpointer::~DistCheckpointer() {
-  {
-    std::unique_lock<std::mutex> lock(mu_);
-    cv_.wait(lock, [&] { return !busy_; });
-    stop_ = true;
-  }
-  cv_.notify_all();
-  if (writer_.joinable()) writer_.join();
+  worker_.reset();  // the save in flight ends first
   ckpt::StagingPool::Shared().Clear();
 }
 
@@ -154,10 +148,7 @@ Status DistCheckpointer::Save(DistributedTrainer& trainer, const std::map<std::s
                               std::string* skipped) {
   skipped->clear();
   // One save in flight per rank: its pieces are the only staging copy.
-  {
-    std::unique_lock<std::mutex> lock(mu_);
-    cv_.wait(lock, [&] { return !busy_; });
-  }
+  worker_->WaitUntilIdle();
   SaveOrder order;
   if (group_.rank() == 0) {
     auto id = catalog_->ReserveId();
@@ -187,51 +178,17 @@ Status DistCheckpointer::Save(DistributedTrainer& trainer, const std::map<std::s
     job.state = trainer.CaptureRunState(metrics);
     if (model_tensors_.empty()) model_tensors_ = DistributedTrainer::CheckpointTensorNames(trainer.job().model);
   }
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    pending_ = std::move(job);
-    busy_ = true;
-  }
-  cv_.notify_all();
+  worker_->Submit(std::move(job));
   return Status::Ok();
 }
 
-std::optional<SaveResult> DistCheckpointer::Poll() {
-  std::lock_guard<std::mutex> lock(mu_);
-  std::optional<SaveResult> r = std::move(done_);
-  done_.reset();
-  return r;
-}
-
-std::optional<SaveResult> DistCheckpointer::WaitIdle() {
-  std::unique_lock<std::mutex> lock(mu_);
-  cv_.wait(lock, [&] { return !busy_; });
-  std::optional<SaveResult> r = std::move(done_);
-  done_.reset();
-  return r;
-}
-
-void DistCheckpointer::Run() {
-  for (;;) {
-    Job job;
-    {
-      std::unique_lock<std::mutex> lock(mu_);
-      cv_.wait(lock, [&] { return stop_ || pending_.has_value(); });
-      if (!pending_) return;
-      job = std::move(*pending_);
-      pending_.reset();
-    }
-    SaveResult result = Write(job);
-    std::vector<std::vector<uint8_t>> buffers;
-    for (ckpt::HostPiece& p : job.pieces) buffers.push_back(std::move(p.bytes));
-    ckpt::StagingPool::Shared().Recycle(std::move(buffers));  // the next capture copies into these
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      if (group_.rank() == 0 || !result.status.ok()) done_ = std::move(result);
-      busy_ = false;
-    }
-    cv_.notify_all();
-  }
+std::optional<SaveResult> DistCheckpointer::Run(Job& job) {
+  SaveResult result = Write(job);
+  std::vector<std::vector<uint8_t>> buffers;
+  for (ckpt::HostPiece& p : job.pieces) buffers.push_back(std::move(p.bytes));
+  ckpt::StagingPool::Shared().Recycle(std::move(buffers));  // the next capture copies into these
+  if (group_.rank() != 0 && result.status.ok()) return std::nullopt;
+  return result;
 }
 
 SaveResult DistCheckpointer::Write(Job& job) {

@@ -28,13 +28,10 @@
 // "local-<r>"), the layout of `troupe train`'s own checkpoints.
 #pragma once
 
-#include <condition_variable>
 #include <map>
 #include <memory>
-#include <mutex>
 #include <optional>
 #include <string>
-#include <thread>
 #include <vector>
 
 #include "configs/config.h"
@@ -68,9 +65,9 @@ class DistCheckpointer {
 
   // Rank 0: the result of a save that finished since the last call (on
   // other ranks a result only when this rank's write failed).
-  std::optional<SaveResult> Poll();
+  std::optional<SaveResult> Poll() { return worker_->Poll(); }
   // Waits until this rank's save in flight is done, then Poll().
-  std::optional<SaveResult> WaitIdle();
+  std::optional<SaveResult> WaitIdle() { return worker_->WaitIdle(); }
 
  private:
   struct Job {
@@ -80,7 +77,9 @@ class DistCheckpointer {
     std::vector<ckpt::HostPiece> pieces;
   };
   DistCheckpointer(const std::string& dir, const CheckpointConfig& config, ProcessGroup& group, int timeout_ms);
-  void Run();
+  // The writer thread's part of a save; nullopt when there is nothing to
+  // report (another rank's successful write: rank 0 reports the commit).
+  std::optional<SaveResult> Run(Job& job);
   SaveResult Write(Job& job);
   // Rank 0: every rank's records for `id`, then the commit and retention.
   Status Commit(const Job& job, std::vector<ckpt::PieceRecord> own, const std::string& own_error, SaveResult* result);
@@ -92,13 +91,7 @@ class DistCheckpointer {
   std::unique_ptr<ckpt::Catalog> catalog_;   // rank 0
   std::unique_ptr<ckpt::ShardStore> store_;  // this rank's, opened at the first save
   std::vector<std::string> model_tensors_;   // rank 0: the manifest's tensor order
-  std::mutex mu_;
-  std::condition_variable cv_;
-  std::optional<Job> pending_;
-  bool busy_ = false;
-  bool stop_ = false;
-  std::optional<SaveResult> done_;
-  std::thread writer_;
+  std::unique_ptr<SaveWorker<Job>> worker_;  // last: stopped first
 };
 
 }  // namespace troupe::parallel
