@@ -1,5 +1,6 @@
 #include "train/parallel/dist_checkpoint.h"
 
+#include <algorithm>
 #include <cereal/types/string.hpp>
 #include <cereal/types/vector.hpp>
 #include <chrono>
@@ -28,6 +29,8 @@ namespace {
 
 // Messages between the ranks (tags kCheckpoint + one of these indices).
 enum : uint64_t { kOrderTag = 1, kReportTag = 2, kResumeTag = 3, kReplicaTag = 4 };
+
+constexpr int kWriteWaitMs = 30 * 60 * 1000;
 
 // Rank 0 -> every rank: save under `id`; `keep` are the committed ids. An
 // `error` (no id could be reserved) makes every rank skip this save.
@@ -98,7 +101,14 @@ Status SendMessage(ProcessGroup& g, int peer, uint64_t index, const T& value) {
 
 DistCheckpointer::DistCheckpointer(const std::string& dir, const CheckpointConfig& config, ProcessGroup& group,
                                    int timeout_ms)
-    : dir_(dir), config_(config), group_(group), timeout_ms_(timeout_ms) {}
+    : dir_(dir),
+      config_(config),
+      group_(group),
+      timeout_ms_(timeout_ms),
+      // Saves wait on other ranks' disks, not only their messages: a save of
+      // many GiB takes minutes. A rank that dies is the launcher's to notice
+      // (it stops the job), so these waits may be long.
+      write_wait_ms_(timeout_ms < 0 ? timeout_ms : std::max(timeout_ms, kWriteWaitMs)) {}
 
 Expected<std::unique_ptr<DistCheckpointer>> DistCheckpointer::Open(const std::string& dir,
                                                                    const CheckpointConfig& config, ProcessGroup& group,
@@ -164,7 +174,7 @@ Status DistCheckpointer::Save(DistributedTrainer& trainer, const std::map<std::s
     for (int r = 1; r < group_.size(); ++r)
       TROUPE_RETURN_IF_ERROR(SendMessage(group_, r, kOrderTag, order).WithContext("checkpoint order"));
   } else {
-    TROUPE_ASSIGN_OR_RETURN(order, RecvMessage<SaveOrder>(group_, 0, kOrderTag, timeout_ms_, "checkpoint order"));
+    TROUPE_ASSIGN_OR_RETURN(order, RecvMessage<SaveOrder>(group_, 0, kOrderTag, write_wait_ms_, "checkpoint order"));
   }
   if (!order.error.empty()) {
     *skipped = order.error;
@@ -237,14 +247,14 @@ SaveResult DistCheckpointer::Write(Job& job) {
   // The copies this rank keeps for its predecessors.
   for (int k = 1; k < copies; ++k) {
     const int from = (rank - k + world) % world;
-    auto header = RecvMessage<ReplicaHeader>(group_, from, kReplicaTag, timeout_ms_, "replica header");
+    auto header = RecvMessage<ReplicaHeader>(group_, from, kReplicaTag, write_wait_ms_, "replica header");
     if (!header.ok()) {
       if (s.ok()) s = header.status();
       continue;
     }
     std::vector<ckpt::HostPiece> replicas;
     for (uint64_t i = 0; i < header->pieces; ++i) {
-      auto piece = RecvMessage<ReplicaPiece>(group_, from, kReplicaTag, timeout_ms_, "replica piece");
+      auto piece = RecvMessage<ReplicaPiece>(group_, from, kReplicaTag, write_wait_ms_, "replica piece");
       if (!piece.ok()) {
         if (s.ok()) s = piece.status();
         break;
@@ -283,7 +293,7 @@ Status DistCheckpointer::Commit(const Job& job, std::vector<ckpt::PieceRecord> o
   for (int r = 1; r < group_.size(); ++r) {
     Expected<PieceReport> report = Status::Ok();
     do {  // a report of an earlier save whose commit gave up waiting is stale
-      report = RecvMessage<PieceReport>(group_, r, kReportTag, timeout_ms_, "checkpoint report");
+      report = RecvMessage<PieceReport>(group_, r, kReportTag, write_wait_ms_, "checkpoint report");
     } while (report.ok() && report->id != job.id && report->id < job.id);
     if (!report.ok()) return report.status().WithContext("checkpoint save " + job.id + " not committed");
     if (report->id != job.id)

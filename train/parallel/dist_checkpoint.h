@@ -45,7 +45,9 @@ namespace troupe::parallel {
 class DistCheckpointer {
  public:
   // Rank 0 opens (creating) <dir>/catalog; no rank opens its store yet (a
-  // resume reads other ranks' stores first). Not collective.
+  // resume reads other ranks' stores first). Not collective. `timeout_ms`
+  // bounds waits for a peer's message; waits that include a peer's disk
+  // writes are allowed at least 30 minutes.
   static Expected<std::unique_ptr<DistCheckpointer>> Open(const std::string& dir, const CheckpointConfig& config,
                                                           ProcessGroup& group, int timeout_ms);
   ~DistCheckpointer();  // waits for the save in flight
@@ -87,7 +89,8 @@ class DistCheckpointer {
   std::string dir_;
   CheckpointConfig config_;
   ProcessGroup& group_;
-  int timeout_ms_;
+  int timeout_ms_;                           // messages that need no disk (resume orders)
+  int write_wait_ms_;                        // messages that wait for a save's writes: at least 30 min
   std::unique_ptr<ckpt::Catalog> catalog_;   // rank 0
   std::unique_ptr<ckpt::ShardStore> store_;  // this rank's, opened at the first save
   std::vector<std::string> model_tensors_;   // rank 0: the manifest's tensor order
