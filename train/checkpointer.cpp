@@ -15,10 +15,14 @@ ReadableStores OpenStoresFor(const std::string& dir, const ckpt::Manifest& m, co
   std::set<std::string> named;
   for (const ckpt::TensorRecord& t : m.tensors)
     for (const ckpt::ShardRef& s : t.shards) named.insert(s.stores.begin(), s.stores.end());
-  std::error_code ec;
-  for (int i = 0; std::filesystem::is_directory(LocalStoreDir(dir, i), ec); ++i) {
-    const std::string id = LocalStoreId(i);
-    if (!named.count(id) || out.stores.count(id)) continue;
+  for (const std::string& id : named) {
+    // Only this folder's own stores ("local-<i>" in store-<i>); others (a
+    // cluster node's) are not here.
+    if (out.stores.count(id) || id.rfind("local-", 0) != 0 || id.size() == 6 || id.size() > 15 ||
+        id.find_first_not_of("0123456789", 6) != std::string::npos)
+      continue;
+    const int i = std::stoi(id.substr(6));
+    if (LocalStoreId(i) != id) continue;  // "local-007" is not store-7's name
     auto store = ckpt::ShardStore::OpenReadOnly(LocalStoreDir(dir, i), id);
     if (!store.ok()) {
       if (stats) stats->failures.push_back(store.status().message());
@@ -92,7 +96,17 @@ Expected<CheckpointFolder> OpenCheckpointFolder(const std::string& dir, bool rea
   } else {
     TROUPE_ASSIGN_OR_RETURN(f.catalog, ckpt::Catalog::Open(dir));
   }
-  for (int i = 0; std::filesystem::is_directory(LocalStoreDir(dir, i), ec); ++i) {
+  // Every store-<i> folder, in order (a distributed run's ranks, gaps allowed).
+  std::set<int> found;
+  for (const auto& e : std::filesystem::directory_iterator(dir, ec)) {
+    const std::string name = e.path().filename().string();
+    if (name.rfind("store-", 0) != 0 || name.size() == 6 || name.size() > 15 ||
+        name.find_first_not_of("0123456789", 6) != std::string::npos || !e.is_directory(ec))
+      continue;
+    const int i = std::stoi(name.substr(6));
+    if (name == "store-" + std::to_string(i)) found.insert(i);  // not "store-007"
+  }
+  for (int i : found) {
     auto store = read_only ? ckpt::ShardStore::OpenReadOnly(LocalStoreDir(dir, i), LocalStoreId(i))
                            : ckpt::ShardStore::Open(LocalStoreDir(dir, i), LocalStoreId(i));
     if (!store.ok()) return store.status();
