@@ -106,6 +106,10 @@ int RunTrain(const TrainFlags& f) {
                 static_cast<long long>(m->step), stats.shards_read, stats.replica_fallbacks);
     for (const std::string& why : stats.failures) std::printf("  replica failure: %s\n", why.c_str());
   }
+  if (job->checkpoint.every > 0) {
+    Status st = trainer.PrepareCapture();
+    if (!st.ok()) return Fail(st);
+  }
   ModelParams& params = trainer.model().params();
   std::printf("troupe train: %s on %s\n", f.config.c_str(), be.Describe().c_str());
   std::printf("model: %.2fM parameters, %.2fM active per token; batch %d x %d tokens; %lld training tokens\n",

@@ -125,6 +125,19 @@ std::vector<std::pair<std::string, Tensor*>> Trainer::StateTensors() const {
   return out;
 }
 
+Status Trainer::PrepareCapture() const {
+  size_t total = 0;
+  for (const auto& [name, t] : StateTensors()) total += AlignedBytes(t->bytes());
+  // A snapshot still holding the arena (a save in flight) keeps it: the next capture gets its own.
+  if (staging_ && staging_bytes_ == total && staging_.use_count() == 1) return Status::Ok();
+  staging_.reset();
+  staging_ = be_.AllocStagingHost(total);
+  if (!staging_)
+    return Status::OutOfMemory("checkpoint capture: no host memory for " + std::to_string(total) + " bytes");
+  staging_bytes_ = total;
+  return Status::Ok();
+}
+
 Expected<ckpt::Snapshot> Trainer::Capture(const std::map<std::string, double>& metrics) const {
   ckpt::Snapshot snap;
   snap.step = step_;
@@ -138,15 +151,7 @@ Expected<ckpt::Snapshot> Trainer::Capture(const std::map<std::string, double>& m
   // previous snapshot is gone (page-locked on a GPU, so the copies run on
   // the copy engine while the next step computes).
   const auto state = StateTensors();
-  size_t total = 0;
-  for (const auto& [name, t] : state) total += AlignedBytes(t->bytes());
-  if (!staging_ || staging_bytes_ != total || staging_.use_count() > 1) {
-    staging_.reset();
-    staging_ = be_.AllocStagingHost(total);
-    if (!staging_)
-      return Status::OutOfMemory("checkpoint capture: no host memory for " + std::to_string(total) + " bytes");
-    staging_bytes_ = total;
-  }
+  TROUPE_RETURN_IF_ERROR(PrepareCapture());
   std::vector<std::pair<uint8_t*, const Tensor*>> copies;
   size_t at = 0;
   for (const auto& [name, t] : state) {

@@ -16,14 +16,14 @@
 namespace troupe::node {
 
 using protocol::JobAssign;
-using protocol::StepReport;
-using protocol::StopJob;
-using protocol::stop_atom;
-using protocol::stop_atom_v;
-using protocol::save_atom;
-using protocol::save_atom_v;
 using protocol::restore_atom;
 using protocol::restore_atom_v;
+using protocol::save_atom;
+using protocol::save_atom_v;
+using protocol::StepReport;
+using protocol::stop_atom;
+using protocol::stop_atom_v;
+using protocol::StopJob;
 
 namespace {
 
@@ -65,12 +65,14 @@ void TrainerRunner(caf::blocking_actor* self, JobAssign job, WorkerDevice device
   // The worker's device decides; a config that insists on the other kind is an error.
   std::unique_ptr<Backend> backend;
   if (device.kind == "cuda") {
-    if (tc.device == "cpu") return fail("the job wants device cpu but worker " + std::to_string(job.worker) + " is a GPU");
+    if (tc.device == "cpu")
+      return fail("the job wants device cpu but worker " + std::to_string(job.worker) + " is a GPU");
     auto be = CreateCudaBackend(device.index, /*bf16=*/false);
     if (!be.ok()) return fail(be.status().message());
     backend = std::move(be).value();
   } else {
-    if (tc.device == "cuda") return fail("the job wants device cuda but worker " + std::to_string(job.worker) + " is a CPU slot");
+    if (tc.device == "cuda")
+      return fail("the job wants device cuda but worker " + std::to_string(job.worker) + " is a CPU slot");
     backend = std::make_unique<CpuBackend>(cpu_threads > 0 ? cpu_threads : tc.threads);
   }
   auto trainer = Trainer::Create(*backend, *cfg);
@@ -80,8 +82,9 @@ void TrainerRunner(caf::blocking_actor* self, JobAssign job, WorkerDevice device
     self->send(storage, restore_atom_v, job, caf::actor_cast<caf::actor>(self));
     std::string error = "the storage actor did not answer the restore";
     protocol::SnapshotPtr snap;
-    self->receive([&](restore_atom, protocol::SnapshotPtr& s, std::string& e) { snap = std::move(s), error = std::move(e); },
-                  caf::after(std::chrono::seconds(180)) >> [] {});
+    self->receive(
+        [&](restore_atom, protocol::SnapshotPtr& s, std::string& e) { snap = std::move(s), error = std::move(e); },
+        caf::after(std::chrono::seconds(180)) >> [] {});
     if (!error.empty()) return fail("resume: " + error);
     if (Status r = (*trainer)->Restore(*snap); !r.ok()) return fail("resume: " + r.message());
     spdlog::info("worker {}: attempt {} resumed at step {}", job.worker, job.attempt, (*trainer)->step());
@@ -91,6 +94,10 @@ void TrainerRunner(caf::blocking_actor* self, JobAssign job, WorkerDevice device
   if (ck.every > 0 && !storage)
     spdlog::warn("worker {}: checkpoint.every = {} but this node has no --data dir: no checkpoints", job.worker,
                  ck.every);
+  if (saving) {
+    // The staging arena now, not as the first save's stall.
+    if (Status st = (*trainer)->PrepareCapture(); !st.ok()) return fail("checkpoint capture: " + st.message());
+  }
   bool save_in_flight = false;
   spdlog::info("worker {}: attempt {} started ({} steps)", job.worker, job.attempt, tc.steps);
   for (int s = (*trainer)->step(); s < tc.steps; ++s) {
@@ -124,8 +131,10 @@ void TrainerRunner(caf::blocking_actor* self, JobAssign job, WorkerDevice device
       // own copy (the replicas' copies are in flight by then).
       if (save_in_flight && !AwaitSaved(self, job, std::chrono::seconds(300)))
         return fail("checkpoint: the storage actor did not finish the previous save within 300 s");
-      std::map<std::string, double> metrics{{"loss", rep.loss},   {"main_loss", rep.main_loss},
-                                            {"lr", rep.lr},       {"grad_norm", rep.grad_norm},
+      std::map<std::string, double> metrics{{"loss", rep.loss},
+                                            {"main_loss", rep.main_loss},
+                                            {"lr", rep.lr},
+                                            {"grad_norm", rep.grad_norm},
                                             {"tokens_per_s", rep.tokens_per_s}};
       if (rep.val_loss >= 0) metrics["val_loss"] = rep.val_loss;
       auto snap = (*trainer)->Capture(metrics);
