@@ -69,7 +69,7 @@ SaveResult AsyncCheckpointer::Write(ckpt::Snapshot& snap) {
   const auto start = std::chrono::steady_clock::now();
   ckpt::SaveOptions opts{EffectiveReplication(config_, config_.stores), config_.shards_per_tensor};
   auto m = ckpt::SaveCheckpoint(snap, store_set_, *catalog_, opts);
-  ckpt::StagingPool::Shared().Recycle(std::move(snap));  // the next capture copies into these buffers
+  ckpt::StagingPool::Shared().Recycle(std::move(snap));  // owned bytes to the pool; releases the arena
   if (m.ok()) {
     result.manifest = std::move(m).value();
     ckpt::RetentionPolicy policy{config_.keep_last, config_.keep_every};

@@ -6,10 +6,9 @@
 // retention policy while training goes on. One save at a time, so staging
 // memory is bounded by one copy of the training state: a save requested
 // while the previous one still runs waits for it first (counted as stall).
-// The written snapshot's buffers go back to ckpt::StagingPool::Shared(), so
-// the next capture copies into memory already mapped instead of allocating
-// a new copy (the staging copy stays allocated between saves, until the
-// checkpointer is destroyed).
+// A written snapshot is released before the next capture, so the trainer's
+// staging arena (Trainer::Capture) is reused instead of allocated again;
+// snapshots that own their bytes give them to ckpt::StagingPool::Shared().
 //
 // Folder layout (troupe train): <dir>/catalog, <dir>/store-<i>/shards with
 // store ids "local-<i>". Opening it drops the shards of saves that crashed
@@ -98,6 +97,9 @@ class SaveWorker {
         pending_.reset();
       }
       std::optional<SaveResult> result = work_(job);
+      // Gone before anyone sees the worker idle: a snapshot may hold memory
+      // the next capture wants back (Trainer's staging arena).
+      job = Job();
       {
         std::lock_guard<std::mutex> lock(mu_);
         if (result) done_ = std::move(result);

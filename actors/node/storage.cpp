@@ -238,7 +238,7 @@ void Save(Self self, const CheckpointPlan& plan, PendingSave save) {
     self->send(st.coordinator, ShardCopyEnd{st.node_id, to, plan.id, sent, false, {}});
   }
   self->send(st.coordinator, CheckpointWritten{st.node_id, save.attempt, plan.id, ckpt::EncodeManifest(*m), ""});
-  ckpt::StagingPool::Shared().Recycle(std::move(*save.snap));  // the next capture copies into these buffers
+  ckpt::StagingPool::Shared().Recycle(std::move(*save.snap));  // owned bytes to the pool; releases the arena
   reply(plan.id, "");
 }
 

@@ -2,7 +2,6 @@
 
 #include <algorithm>
 #include <atomic>
-#include <chrono>
 #include <map>
 #include <set>
 #include <thread>
@@ -40,14 +39,19 @@ Status CheckSaveOptions(const StoreSet& stores, const SaveOptions& options) {
   return Status::Ok();
 }
 
+Status CheckName(const std::string& what, const std::string& name) {
+  if (name.empty() || name.find('/') != std::string::npos)
+    return Status::InvalidArgument("checkpoint save: bad " + what + " '" + name + "'");
+  return Status::Ok();
+}
+
 Status CheckSnapshot(const Snapshot& snap) {
   // Check every tensor before anything is written: two tensors of one name
   // would overwrite each other's shards and commit a checkpoint that can
   // never load; a bad name or size would fail half-way through the save.
   std::set<std::string> names;
   for (const HostTensor& t : snap.tensors) {
-    if (t.name.empty() || t.name.find('/') != std::string::npos)
-      return Status::InvalidArgument("checkpoint save: bad tensor name '" + t.name + "'");
+    TROUPE_RETURN_IF_ERROR(CheckName("tensor name", t.name));
     if (!names.insert(t.name).second) return Status::InvalidArgument("checkpoint save: two tensors named " + t.name);
     int64_t elems = 1;
     bool negative = false;
@@ -98,12 +102,6 @@ Status RunWrites(std::vector<Write>& writes, int threads, const PutFn& put) {
   return failed ? error : Status::Ok();
 }
 
-Status CheckName(const std::string& what, const std::string& name) {
-  if (name.empty() || name.find('/') != std::string::npos)
-    return Status::InvalidArgument("checkpoint save: bad " + what + " '" + name + "'");
-  return Status::Ok();
-}
-
 }  // namespace
 
 int64_t HostTensor::rows() const { return RowsOf(shape); }
@@ -125,14 +123,7 @@ Expected<Manifest> WriteShards(const Snapshot& snap, const std::string& id, cons
   TROUPE_RETURN_IF_ERROR(CheckSnapshot(snap));
   TROUPE_RETURN_IF_ERROR(CheckName("checkpoint id", id));
   TROUPE_RETURN_IF_ERROR(snap.WaitReady().WithContext("checkpoint save " + id + ": capture"));
-  Manifest m;
-  static_cast<RunState&>(m) = snap;
-  m.id = id;
-  m.created_unix_ms =
-      std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::system_clock::now().time_since_epoch())
-          .count();
-  m.replication = options.replication;
-  m.config_hash = ConfigHash(snap.config_text);
+  Manifest m = NewManifest(snap, id, options.replication);
 
   // Plan: every shard's row range and stores (round-robin start, so shards
   // spread over the stores), and one write per shard copy.

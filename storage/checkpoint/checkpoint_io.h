@@ -70,9 +70,11 @@ struct SaveOptions {
 using StoreSet = std::map<std::string, ShardStore*>;
 
 // Waits for `snap` to be ready (Snapshot::WaitReady), then writes every
-// shard of `snap` under the reserved id `id` and syncs the stores; returns the manifest to commit (its `id`, shards,
-// stores and checksums filled in). Nothing is committed: a caller that replicates elsewhere first (the cluster:
-// docs/checkpoints.md) commits later. On failure the shards written so far are dropped.
+// shard of `snap` under the reserved id `id` and syncs the stores; returns
+// the manifest to commit (its `id`, shards, stores and checksums filled
+// in). Nothing is committed: a caller that replicates elsewhere first (the
+// cluster: docs/checkpoints.md) commits later. On failure the shards
+// written so far are dropped.
 Expected<Manifest> WriteShards(const Snapshot& snap, const std::string& id, const StoreSet& stores,
                                const SaveOptions& options);
 
@@ -157,8 +159,9 @@ Expected<std::vector<std::string>> CollectGarbage(Catalog& catalog, const StoreS
 // state (which stays allocated between saves). Thread-safe.
 class StagingPool {
  public:
-  // The process's pool: Trainer::Capture takes from it, AsyncCheckpointer
-  // gives back to it.
+  // The process's pool: DistributedTrainer::CapturePieces takes from it,
+  // DistCheckpointer gives back to it. (Trainer::Capture has an arena of its
+  // own: Trainer::PrepareCapture.)
   static StagingPool& Shared();
   // A buffer of exactly `bytes` bytes, contents unspecified (a recycled one
   // of that size if the pool has one, else a new zeroed one).

@@ -1,5 +1,6 @@
 #include "storage/checkpoint/manifest.h"
 
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <limits>
@@ -193,6 +194,18 @@ Expected<Manifest> DecodeManifest(const std::string& bytes) {
       return Bad(tw + " shards cover " + std::to_string(next_row) + " of " + std::to_string(t.rows()) + " rows");
     m.tensors.push_back(std::move(t));
   }
+  return m;
+}
+
+Manifest NewManifest(const RunState& state, const std::string& id, int replication) {
+  Manifest m;
+  static_cast<RunState&>(m) = state;
+  m.id = id;
+  m.created_unix_ms =
+      std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::system_clock::now().time_since_epoch())
+          .count();
+  m.replication = replication;
+  m.config_hash = ConfigHash(state.config_text);
   return m;
 }
 

@@ -91,4 +91,8 @@ Expected<Manifest> DecodeManifest(const std::string& bytes);
 
 std::string ConfigHash(const std::string& config_text);
 
+// A manifest for checkpoint `id` of a run in `state`: created now, its
+// config hash computed; tensors are the caller's to fill in.
+Manifest NewManifest(const RunState& state, const std::string& id, int replication);
+
 }  // namespace troupe::ckpt

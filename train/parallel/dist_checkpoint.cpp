@@ -22,6 +22,11 @@ void serialize(Archive& ar, PieceRecord& p) {
   ar(p.name, p.dtype, p.shape, p.row_bytes, p.shard);
 }
 
+template <class Archive>
+void serialize(Archive& ar, HostPiece& p) {
+  ar(p.name, p.dtype, p.shape, p.row_begin, p.row_end, p.bytes);
+}
+
 }  // namespace troupe::ckpt
 
 namespace troupe::parallel {
@@ -64,7 +69,7 @@ struct ResumeOrder {
 };
 
 // Rank r -> its successors: how many replica pieces follow for `id`, then
-// each piece.
+// each piece (a ckpt::HostPiece).
 struct ReplicaHeader {
   std::string id;
   uint64_t pieces = 0;
@@ -73,17 +78,6 @@ struct ReplicaHeader {
     ar(id, pieces);
   }
 };
-struct ReplicaPiece {
-  std::string name, dtype;
-  std::vector<int64_t> shape;
-  int64_t row_begin = 0, row_end = 0;
-  std::vector<uint8_t> bytes;
-  template <class Archive>
-  void serialize(Archive& ar) {
-    ar(name, dtype, shape, row_begin, row_end, bytes);
-  }
-};
-
 template <typename T>
 Expected<T> RecvMessage(ProcessGroup& g, int peer, uint64_t index, int timeout_ms, const std::string& what) {
   TROUPE_ASSIGN_OR_RETURN(std::vector<uint8_t> bytes, g.Recv(peer, Tag(TagKind::kCheckpoint, index), timeout_ms));
@@ -224,8 +218,7 @@ SaveResult DistCheckpointer::Write(Job& job) {
     Status sent = SendMessage(group_, to, kReplicaTag, ReplicaHeader{job.id, s.ok() ? job.pieces.size() : 0});
     for (const ckpt::HostPiece& p : job.pieces) {
       if (!s.ok() || !sent.ok()) break;
-      sent =
-          SendMessage(group_, to, kReplicaTag, ReplicaPiece{p.name, p.dtype, p.shape, p.row_begin, p.row_end, p.bytes});
+      sent = SendMessage(group_, to, kReplicaTag, p);
     }
     if (s.ok()) s = sent;
   }
@@ -254,13 +247,12 @@ SaveResult DistCheckpointer::Write(Job& job) {
     }
     std::vector<ckpt::HostPiece> replicas;
     for (uint64_t i = 0; i < header->pieces; ++i) {
-      auto piece = RecvMessage<ReplicaPiece>(group_, from, kReplicaTag, write_wait_ms_, "replica piece");
+      auto piece = RecvMessage<ckpt::HostPiece>(group_, from, kReplicaTag, write_wait_ms_, "replica piece");
       if (!piece.ok()) {
         if (s.ok()) s = piece.status();
         break;
       }
-      replicas.push_back(
-          {piece->name, piece->dtype, piece->shape, piece->row_begin, piece->row_end, std::move(piece->bytes)});
+      replicas.push_back(std::move(piece).value());
     }
     if (s.ok() && header->id != job.id)
       s = Status::Corruption("rank " + std::to_string(from) + " sent replicas of " + header->id + " during save " +
@@ -294,7 +286,7 @@ Status DistCheckpointer::Commit(const Job& job, std::vector<ckpt::PieceRecord> o
     Expected<PieceReport> report = Status::Ok();
     do {  // a report of an earlier save whose commit gave up waiting is stale
       report = RecvMessage<PieceReport>(group_, r, kReportTag, write_wait_ms_, "checkpoint report");
-    } while (report.ok() && report->id != job.id && report->id < job.id);
+    } while (report.ok() && report->id < job.id);
     if (!report.ok()) return report.status().WithContext("checkpoint save " + job.id + " not committed");
     if (report->id != job.id)
       return Status::Corruption("checkpoint save " + job.id + " not committed: rank " + std::to_string(r) +
@@ -305,15 +297,8 @@ Status DistCheckpointer::Commit(const Job& job, std::vector<ckpt::PieceRecord> o
   if (!failed.empty()) return Status::IOError("checkpoint save " + job.id + " not committed: " + failed);
   TROUPE_ASSIGN_OR_RETURN(std::vector<ckpt::TensorRecord> tensors,
                           ckpt::AssembleTensors(std::move(all), model_tensors_));
-  ckpt::Manifest m;
-  static_cast<ckpt::RunState&>(m) = job.state;
-  m.id = job.id;
-  m.created_unix_ms =
-      std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::system_clock::now().time_since_epoch())
-          .count();
-  m.replication = EffectiveReplication(config_, group_.size());
+  ckpt::Manifest m = ckpt::NewManifest(job.state, job.id, EffectiveReplication(config_, group_.size()));
   m.tensors = std::move(tensors);
-  m.config_hash = ckpt::ConfigHash(m.config_text);
   TROUPE_RETURN_IF_ERROR(catalog_->Commit(m).WithContext("checkpoint save " + job.id));
   result->manifest = m;
   // Retention: rank 0 removes expired manifests now and drops their shards
