@@ -18,6 +18,7 @@
 #include "small_job.h"
 #include "test_util.h"
 #include "train/checkpointer.h"
+#include "train/parallel/tags.h"
 #include "train/trainer.h"
 
 namespace troupe {
@@ -326,6 +327,62 @@ TEST(DistCheckpoint, BadResumeIsOneClearErrorOnEveryRank) {
   reseeded.train.seed += 1;
   const Outcome seed = RunJob(reseeded, {1, 1, 2, "1f1b"}, {save.dir, {}, "latest", 4});
   for (const std::string& e : seed.errors) EXPECT_NE(e.find("train.seed"), std::string::npos) << e;
+}
+
+// Malformed checkpoint messages from a peer (a save order, a resume order, a
+// rank's report) are a clear error naming the message and the sender, and
+// nothing is committed. Rank 0 here plays the peer of the checkpointer
+// under test by hand.
+TEST(DistCheckpoint, MalformedMessagesAreClearErrorsAndCommitNothing) {
+  testing::TempDir dir;
+  JobConfig job = CheckpointJob(dir.path());
+  job.parallel.dp = 2;
+  job.parallel.zero1 = false;  // rank 0 captures alone: no moment gather
+  auto layout = parallel::PlanLayout(job.model, job.train, job.parallel, 2);
+  ASSERT_TRUE(layout.ok()) << layout.status().message();
+  auto group = parallel::CreateLocalGroup(2);
+  const std::string ckpt_dir = (dir.path() / "ckpt").string();
+  CheckpointConfig config;
+  config.every = 1;
+  config.replication = 1;
+  const std::vector<uint8_t> garbage = {0x01, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f};
+  auto tag = [](parallel::CheckpointMessage m) { return parallel::Tag(parallel::TagKind::kCheckpoint, m); };
+
+  CpuBackend be1(1);
+  auto rank1 = DistributedTrainer::Create(be1, job, *layout, *group[1], 2000);
+  ASSERT_TRUE(rank1.ok()) << rank1.status().message();
+  auto ckpt1 = DistCheckpointer::Open(ckpt_dir, config, *group[1], 2000);
+  ASSERT_TRUE(ckpt1.ok()) << ckpt1.status().message();
+  ASSERT_TRUE(group[0]->Send(1, tag(parallel::kCkptResume), garbage).ok());
+  auto resumed = (*ckpt1)->Resume("latest", **rank1, nullptr);
+  EXPECT_FALSE(resumed.ok());
+  EXPECT_NE(resumed.status().message().find("resume order from rank 0"), std::string::npos)
+      << resumed.status().message();
+  ASSERT_TRUE(group[0]->Send(1, tag(parallel::kCkptOrder), garbage).ok());
+  std::string skipped;
+  Status saved = (*ckpt1)->Save(**rank1, {}, &skipped);
+  EXPECT_FALSE(saved.ok());
+  EXPECT_NE(saved.message().find("checkpoint order from rank 0"), std::string::npos) << saved.message();
+
+  CpuBackend be0(1);
+  auto rank0 = DistributedTrainer::Create(be0, job, *layout, *group[0], 2000);
+  ASSERT_TRUE(rank0.ok()) << rank0.status().message();
+  auto ckpt0 = DistCheckpointer::Open(ckpt_dir, config, *group[0], 2000);
+  ASSERT_TRUE(ckpt0.ok()) << ckpt0.status().message();
+  ASSERT_TRUE(group[1]->Send(0, tag(parallel::kCkptReport), garbage).ok());
+  ASSERT_TRUE((*ckpt0)->Save(**rank0, {}, &skipped).ok());
+  EXPECT_EQ(skipped, "");
+  auto result = (*ckpt0)->WaitIdle();
+  ASSERT_TRUE(result.has_value());
+  EXPECT_FALSE(result->status.ok());
+  EXPECT_NE(result->status.message().find("checkpoint report from rank 1"), std::string::npos)
+      << result->status.message();
+  ckpt0->reset();
+  auto folder = OpenCheckpointFolder(ckpt_dir, /*read_only=*/true);
+  ASSERT_TRUE(folder.ok()) << folder.status().message();
+  auto listed = folder->catalog->List();
+  ASSERT_TRUE(listed.ok());
+  EXPECT_TRUE(listed->empty()) << "a save with a malformed report was committed";
 }
 
 }  // namespace

@@ -32,8 +32,9 @@ void serialize(Archive& ar, HostPiece& p) {
 namespace troupe::parallel {
 namespace {
 
-// Messages between the ranks (tags kCheckpoint + one of these indices).
-enum : uint64_t { kOrderTag = 1, kReportTag = 2, kResumeTag = 3, kReplicaTag = 4 };
+// Messages between the ranks: tag kind kCheckpoint, index CheckpointMessage (tags.h).
+constexpr uint64_t kOrderTag = kCkptOrder, kReportTag = kCkptReport, kResumeTag = kCkptResume,
+                   kReplicaTag = kCkptReplica;
 
 constexpr int kWriteWaitMs = 30 * 60 * 1000;
 

@@ -22,6 +22,9 @@ enum class TagKind : uint64_t {
   kCheckpoint = 16,  // checkpoints: ids, manifests and written pieces between the ranks and rank 0 (dist_checkpoint)
 };
 
+// kCheckpoint's indices (train/parallel/dist_checkpoint.h).
+enum CheckpointMessage : uint64_t { kCkptOrder = 1, kCkptReport = 2, kCkptResume = 3, kCkptReplica = 4 };
+
 inline uint64_t Tag(TagKind kind, uint64_t index = 0) { return (static_cast<uint64_t>(kind) << 48) | index; }
 
 // A pipeline transfer's tag: micro-batch and stage in the index.
