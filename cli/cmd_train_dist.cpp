@@ -85,6 +85,8 @@ void PrintTimingSummary(const parallel::DistributedTrainer& t, const std::vector
     avg.mean_b_s += steps[i].mean_b_s;
     avg.mean_fb_s += steps[i].mean_fb_s;
     avg.mean_w_s += steps[i].mean_w_s;
+    avg.comm_waited_s += steps[i].comm_waited_s;
+    avg.comm_hidden_s += steps[i].comm_hidden_s;
   }
   const double n = static_cast<double>(steps.size() - 1);
   const parallel::Layout& l = t.layout();
@@ -94,6 +96,15 @@ void PrintTimingSummary(const parallel::DistributedTrainer& t, const std::vector
       steps.size(), 1e3 * avg.pipeline_s / n, 1e3 * avg.sync_s / n, 1e3 * avg.mean_f_s / n, 1e3 * avg.mean_b_s / n);
   if (avg.mean_fb_s > 0) std::printf(", F&B %.2f ms", 1e3 * avg.mean_fb_s / n);
   if (avg.mean_w_s > 0) std::printf(", W %.2f ms", 1e3 * avg.mean_w_s / n);
+  std::printf("\n");
+  const bool pairs = avg.mean_fb_s > 0;
+  std::printf("communication (steps 2..%zu): chunks waited %.1f ms per step for transfers, summed over ranks", steps.size(),
+              1e3 * avg.comm_waited_s / n);
+  if (pairs) {
+    std::printf("; %.1f%% of it hidden behind the other chunk of an F&B pair (%s)",
+                avg.comm_waited_s > 0 ? 100.0 * avg.comm_hidden_s / avg.comm_waited_s : 0.0,
+                t.overlaps_pairs() ? "pairs on two threads" : "pairs run F then B");
+  }
   std::printf("\n");
   if (l.pp < 2) return;
   // The table's B is a whole backward and its F&B an F paired with a whole

@@ -259,6 +259,7 @@ std::vector<Field> ParallelFields(ParallelConfig& p) {
       {"micro_batches", Int(&p.micro_batches)},
       {"zero1", Bool(&p.zero1)},
       {"split_w", Bool(&p.split_w)},
+      {"overlap_pairs", Bool(&p.overlap_pairs)},
   };
 }
 

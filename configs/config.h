@@ -92,6 +92,7 @@ struct ParallelConfig {
   int micro_batches = 0;          // per pipeline per step (0 = the schedule's smallest)
   bool zero1 = true;              // shard AdamW state over each parameter's copies (ZeRO-1)
   bool split_w = true;            // zb1p/dualpipe/dualpipev: weight gradients in separate, deferred W chunks
+  bool overlap_pairs = true;      // dualpipe/dualpipev: an F&B pair's chunks on two threads at once (CPU backend)
 };
 
 struct JobConfig {

@@ -98,6 +98,15 @@ class Backend {
   // Waits for queued work; returns the first asynchronous failure (a CUDA
   // kernel fault, say) since the last call. The CPU backend is synchronous.
   virtual Status Synchronize() { return Status::Ok(); }
+  // Concurrent callers. Lets the calling thread issue kernels at the same
+  // time as other threads (DualPipe runs an F&B pair's chunks on two), its
+  // kernels using 1/ways of the backend's compute threads (at least one;
+  // ways = 1 gives it all of them again). False where calls must come from
+  // one thread at a time, as on CUDA, whose one stream would serialise them.
+  virtual bool SetCallerShare(int ways) {
+    (void)ways;
+    return false;
+  }
   // Profiling: a timestamp queued in order with the work (a CUDA event on
   // the GPU, the wall clock on the CPU); TimerMs(a, b) waits for b and
   // returns the milliseconds between the two. Ids stay valid until ResetTimers().

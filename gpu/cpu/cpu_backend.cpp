@@ -3,6 +3,7 @@
 
 #include <omp.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <new>
@@ -32,6 +33,11 @@ std::string HumanBytes(size_t b) {
 
 CpuBackend::CpuBackend(int threads) : threads_(threads > 0 ? threads : omp_get_max_threads()) {
   omp_set_num_threads(threads_);
+}
+
+bool CpuBackend::SetCallerShare(int ways) {
+  omp_set_num_threads(std::max(1, (threads_ + std::max(1, ways) - 1) / std::max(1, ways)));
+  return true;
 }
 
 std::string CpuBackend::Describe() const { return "cpu (" + std::to_string(threads_) + " threads)"; }

@@ -20,6 +20,9 @@ class CpuBackend final : public Backend {
   DeviceKind device() const override { return DeviceKind::kCpu; }
   std::string Describe() const override;
   int threads() const { return threads_; }
+  // Kernels hold no state between calls, so any number of threads may call at
+  // once; each runs its own OpenMP team (its size is a per-thread setting).
+  bool SetCallerShare(int ways) override;
 
   Expected<Tensor> Alloc(std::vector<int64_t> shape, DType dtype, std::string name) override;
   size_t bytes_in_use() const override { return in_use_.load(); }

@@ -8,9 +8,15 @@
 // The layer code is synchronous and cannot return a Status, so an exchange
 // records its first failure: the layer then runs on zeros and the caller
 // checks status() after each chunk and aborts the step.
+//
+// Two chunks of one rank may use an exchange at once (a DualPipe F&B pair:
+// the forward's phases 0-1 beside the backward's 2-3), so AllToAll, Fail and
+// status are thread-safe; stats() is written by forward chunks only, which
+// never run two at a time.
 #pragma once
 
 #include <cstdint>
+#include <mutex>
 #include <vector>
 
 #include "common/status.h"
@@ -34,13 +40,18 @@ class ExpertExchange {
   // backward) use their own `phase` 0..3.
   virtual Expected<std::vector<std::vector<uint8_t>>> AllToAll(std::vector<std::vector<uint8_t>> send, int phase) = 0;
 
-  const Status& status() const { return status_; }
+  Status status() const {
+    std::lock_guard<std::mutex> lock(status_mu_);
+    return status_;
+  }
   void Fail(const Status& s) {
+    std::lock_guard<std::mutex> lock(status_mu_);
     if (status_.ok()) status_ = s;
   }
   ExpertRouteStats& stats() { return stats_; }
 
  private:
+  mutable std::mutex status_mu_;
   Status status_;
   ExpertRouteStats stats_;
 };

@@ -158,7 +158,7 @@ Status DistributedTrainer::Init() {
   TROUPE_ASSIGN_OR_RETURN(optimizer_, BucketOptimizer::Create(be_, group_, std::move(buckets), params, grads,
                                                               job_.parallel.zero1, timeout_ms_));
   runner_ = std::make_unique<PipelineRunner>(layout_, schedule_, rank_, group_, modules(), timeout_ms_,
-                                             expert_exchange_.get());
+                                             expert_exchange_.get(), job_.parallel.overlap_pairs);
   return Status::Ok();
 }
 
@@ -412,7 +412,12 @@ Expected<StepReport> DistributedTrainer::Step() {
   TROUPE_RETURN_IF_ERROR(runner_->RunTrainStep(micro, LossWeights{tc.mtp_lambda, tc.balance_alpha}, scale)
                              .WithContext("step " + std::to_string(step_ + 1)));
   timing_ = StepTiming{};
-  for (const OpRecord& r : runner_->timeline()) timing_.busy_s += r.end - r.start - r.wait;
+  double waited = 0, hidden = 0;
+  for (const OpRecord& r : runner_->timeline()) {
+    timing_.busy_s += r.end - r.start - r.wait;
+    waited += r.waited;
+    hidden += r.hidden;
+  }
   timing_.recv_wait_s = group_.stats().recv_wait_s - wait_before;
   const auto sync_start = std::chrono::steady_clock::now();
   const double mine = runner_->timeline().empty() ? 0.0 : runner_->timeline().back().end;
@@ -420,6 +425,8 @@ Expected<StepReport> DistributedTrainer::Step() {
                           AllReduceMaxScalar(group_, world_, mine, Tag(TagKind::kWorld, 2), timeout_ms_));
   TROUPE_ASSIGN_OR_RETURN(double busy, SumOverWorld(timing_.busy_s, Tag(TagKind::kWorld, 7)));
   timing_.bubble_share = timing_.pipeline_s > 0 ? 1.0 - busy / (layout_.world() * timing_.pipeline_s) : 0.0;
+  TROUPE_ASSIGN_OR_RETURN(timing_.comm_waited_s, SumOverWorld(waited, Tag(TagKind::kWorld, 12)));
+  TROUPE_ASSIGN_OR_RETURN(timing_.comm_hidden_s, SumOverWorld(hidden, Tag(TagKind::kWorld, 12)));
   {
     double sums[4] = {0, 0, 0, 0}, counts[4] = {0, 0, 0, 0};
     for (const OpRecord& op : runner_->timeline()) {

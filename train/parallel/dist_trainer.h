@@ -43,6 +43,10 @@ struct StepTiming {
   double pipeline_s = 0;    // step start (a barrier) to the last op's end on the slowest rank
   double bubble_share = 0;  // over all ranks: 1 - sum(busy) / (ranks * pipeline_s)
   double recv_wait_s = 0;   // this rank, blocked in receives: communication compute did not hide
+  // Over all ranks, pipeline ops only: receive waits of every chunk (pipeline
+  // transfers and expert all-to-alls), and the part of them during which the
+  // other chunk of an F&B pair computed (parallel.overlap_pairs).
+  double comm_waited_s = 0, comm_hidden_s = 0;
   double sync_s = 0;        // gradient, loss and load reductions after the pipeline
   // Mean op durations over all ranks (s): a forward chunk, a backward chunk
   // (input gradients only when split), an F&B pair, a W chunk (0 when the
@@ -103,6 +107,8 @@ class DistributedTrainer {
   std::vector<Model*> modules();
   const std::vector<OpRecord>& timeline() const { return runner_->timeline(); }
   const StepTiming& timing() const { return timing_; }
+  // Whether F&B pairs run their two chunks at once (PipelineRunner).
+  bool overlaps_pairs() const { return runner_->overlaps_pairs(); }
   // Bytes of AdamW state on this rank (ZeRO-1 divides it among the copies).
   size_t optimizer_state_bytes() const { return optimizer_->state_bytes(); }
 

@@ -1,7 +1,11 @@
 #include "train/parallel/pipeline_runner.h"
 
 #include <chrono>
+#include <condition_variable>
+#include <cstdlib>
+#include <future>
 #include <string>
+#include <thread>
 
 #include "train/parallel/tags.h"
 
@@ -10,7 +14,66 @@ namespace {
 
 std::string Chunk(ChunkRef c) { return "micro-batch " + std::to_string(c.micro) + " stage " + std::to_string(c.stage); }
 
+using Clock = std::chrono::steady_clock;
+double Seconds(Clock::duration d) { return std::chrono::duration<double>(d).count(); }
+
+// How many ways an F&B pair splits the rank's compute threads.
+int PairWays() {
+  const char* e = std::getenv("TROUPE_PAIR_WAYS");  // measuring only
+  return e ? std::max(1, std::atoi(e)) : 2;
+}
+
 }  // namespace
+
+// The B of every F&B pair runs here. One long-lived thread rather than one
+// per pair: the CPU backend's OpenMP team belongs to the thread that starts
+// it, and a fresh thread would build a fresh team each time.
+class PipelineRunner::PairThread {
+ public:
+  PairThread(Backend& be, int ways) : thread_([this, &be, ways] {
+                                          be.SetCallerShare(ways);
+                                          Loop();
+                                        }) {}
+  ~PairThread() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stop_ = true;
+    }
+    cv_.notify_all();
+    thread_.join();
+  }
+  std::future<Status> Run(std::function<Status()> job) {
+    std::packaged_task<Status()> task(std::move(job));
+    std::future<Status> done = task.get_future();
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      task_ = std::move(task);
+      pending_ = true;
+    }
+    cv_.notify_all();
+    return done;
+  }
+
+ private:
+  void Loop() {
+    std::unique_lock<std::mutex> lock(mu_);
+    for (;;) {
+      cv_.wait(lock, [this] { return stop_ || pending_; });
+      if (stop_) return;
+      std::packaged_task<Status()> task = std::move(task_);
+      pending_ = false;
+      lock.unlock();
+      task();
+      lock.lock();
+    }
+  }
+
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::packaged_task<Status()> task_;
+  bool pending_ = false, stop_ = false;
+  std::thread thread_;  // last: starts once the members above exist
+};
 
 std::vector<int> SlotsNeeded(const Schedule& schedule, int pp_rank, int modules) {
   std::vector<int> live(modules, 0), most(modules, 1);
@@ -27,7 +90,8 @@ std::vector<int> SlotsNeeded(const Schedule& schedule, int pp_rank, int modules)
 }
 
 PipelineRunner::PipelineRunner(const Layout& layout, const Schedule& schedule, int world_rank, ProcessGroup& group,
-                               std::vector<Model*> modules, int timeout_ms, const ExpertExchange* experts)
+                               std::vector<Model*> modules, int timeout_ms, const ExpertExchange* experts,
+                               bool overlap_pairs)
     : layout_(layout),
       schedule_(schedule),
       world_rank_(world_rank),
@@ -35,7 +99,15 @@ PipelineRunner::PipelineRunner(const Layout& layout, const Schedule& schedule, i
       group_(group),
       modules_(std::move(modules)),
       timeout_ms_(timeout_ms),
-      experts_(experts) {}
+      experts_(experts) {
+  bool has_pairs = false;
+  for (const Op& op : schedule_.per_rank[pp_rank_]) has_pairs |= op.kind == OpKind::kForwardBackward;
+  // The backend is asked on this thread: the one that will run each pair's F.
+  Backend& be = modules_[0]->backend();
+  if (overlap_pairs && has_pairs && be.SetCallerShare(1)) pair_thread_ = std::make_unique<PairThread>(be, PairWays());
+}
+
+PipelineRunner::~PipelineRunner() = default;
 
 int PipelineRunner::PeerOf(int pp_rank) const {
   RankCoord c = layout_.CoordOf(world_rank_);
@@ -52,9 +124,7 @@ Status PipelineRunner::SendTensor(int pp_rank, uint64_t tag, const Tensor& t) {
 }
 
 Status PipelineRunner::Receive(int pp_rank, uint64_t tag, Tensor& into, const char* what, ChunkRef c) {
-  const auto t0 = std::chrono::steady_clock::now();
   auto bytes = group_.Recv(PeerOf(pp_rank), tag, timeout_ms_);
-  op_wait_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   if (!bytes.ok()) return bytes.status().WithContext(std::string(what) + " for " + Chunk(c));
   if (bytes->size() != into.bytes())
     return Status::Corruption(std::string(what) + " for " + Chunk(c) + " from rank " + std::to_string(PeerOf(pp_rank)) +
@@ -64,7 +134,23 @@ Status PipelineRunner::Receive(int pp_rank, uint64_t tag, Tensor& into, const ch
   return Status::Ok();
 }
 
+Expected<int> PipelineRunner::TakeSlot(int module, ChunkRef c) {
+  std::lock_guard<std::mutex> lock(book_mu_);
+  if (free_slots_[module].empty())
+    return Status::Internal("pipeline rank " + std::to_string(pp_rank_) + " has no free activation slot for " +
+                            Chunk(c));
+  const int slot = free_slots_[module].back();
+  free_slots_[module].pop_back();
+  return slot;
+}
+
+void PipelineRunner::ReleaseSlot(int module, int slot) {
+  std::lock_guard<std::mutex> lock(book_mu_);
+  free_slots_[module].push_back(slot);
+}
+
 void PipelineRunner::AddLoss(const StageLoss& l) {
+  std::lock_guard<std::mutex> lock(book_mu_);
   loss_.main_sum += l.main_sum;
   loss_.main_valid += l.main_valid;
   loss_.balance_sum += l.balance_sum;
@@ -81,11 +167,7 @@ void PipelineRunner::AddLoss(const StageLoss& l) {
 Status PipelineRunner::Forward(ChunkRef c, const MicroTokens& tokens, const LossWeights& w, bool train) {
   const Placement at = schedule_.Place(c);
   Model& m = *modules_[at.module];
-  if (free_slots_[at.module].empty())
-    return Status::Internal("pipeline rank " + std::to_string(pp_rank_) + " has no free activation slot for " +
-                            Chunk(c));
-  const int slot = free_slots_[at.module].back();
-  free_slots_[at.module].pop_back();
+  TROUPE_ASSIGN_OR_RETURN(const int slot, TakeSlot(at.module, c));
   if (c.stage > 0) {
     const Placement prev = schedule_.Place({c.micro, c.stage - 1});
     TROUPE_RETURN_IF_ERROR(
@@ -100,6 +182,7 @@ Status PipelineRunner::Forward(ChunkRef c, const MicroTokens& tokens, const Loss
   }
   if (train) {
     std::vector<std::vector<int64_t>> loads = m.ExpertLoads(slot);
+    std::lock_guard<std::mutex> lock(book_mu_);
     auto& acc = loads_[at.module];
     if (acc.empty()) {
       acc = std::move(loads);
@@ -109,7 +192,7 @@ Status PipelineRunner::Forward(ChunkRef c, const MicroTokens& tokens, const Loss
     }
     slot_of_[{c.micro, c.stage}] = slot;
   } else {
-    free_slots_[at.module].push_back(slot);  // evaluation keeps nothing for a backward
+    ReleaseSlot(at.module, slot);  // evaluation keeps nothing for a backward
   }
   return Status::Ok();
 }
@@ -117,22 +200,28 @@ Status PipelineRunner::Forward(ChunkRef c, const MicroTokens& tokens, const Loss
 Status PipelineRunner::Backward(ChunkRef c, const LossScale& scale) {
   const Placement at = schedule_.Place(c);
   Model& m = *modules_[at.module];
-  auto it = slot_of_.find({c.micro, c.stage});
-  if (it == slot_of_.end()) return Status::Internal("backward of " + Chunk(c) + " before its forward");
-  const int slot = it->second;
+  int slot = -1;
+  WeightGradQueue* defer = nullptr;
+  {
+    std::lock_guard<std::mutex> lock(book_mu_);
+    auto it = slot_of_.find({c.micro, c.stage});
+    if (it == slot_of_.end()) return Status::Internal("backward of " + Chunk(c) + " before its forward");
+    slot = it->second;
+    if (schedule_.split_w) defer = &deferred_[{c.micro, c.stage}];  // map nodes stay put while others come and go
+  }
   if (c.stage + 1 < schedule_.stages) {
     const Placement next = schedule_.Place({c.micro, c.stage + 1});
     TROUPE_RETURN_IF_ERROR(
         Receive(next.rank, ChunkTag(TagKind::kGradient, c.micro, c.stage), m.OutputGrad(), "gradient", c));
   }
-  WeightGradQueue* defer = schedule_.split_w ? &deferred_[{c.micro, c.stage}] : nullptr;
   m.BackwardStage(slot, scale, defer);
   if (c.stage > 0) {
     const Placement prev = schedule_.Place({c.micro, c.stage - 1});
     TROUPE_RETURN_IF_ERROR(SendTensor(prev.rank, ChunkTag(TagKind::kGradient, c.micro, c.stage - 1), m.InputGrad()));
   }
   if (!defer) {
-    slot_of_.erase(it);
+    std::lock_guard<std::mutex> lock(book_mu_);
+    slot_of_.erase({c.micro, c.stage});
     free_slots_[at.module].push_back(slot);
   }
   return Status::Ok();
@@ -150,6 +239,32 @@ Status PipelineRunner::Weight(ChunkRef c) {
   return Status::Ok();
 }
 
+Status PipelineRunner::RunPair(const Op& op, const MicroTokens& tokens, const LossWeights& w,
+                               const LossScale& scale) {
+  if (!pair_thread_) {
+    // One thread: the pair's transfers still overlap each other's compute
+    // through the group's threads (F's output is queued before B starts, and
+    // B's input was buffered during F).
+    TROUPE_RETURN_IF_ERROR(Forward(op.f, tokens, w, true));
+    return Backward(op.b, scale);
+  }
+  meter_.Start(2);
+  Backend& be = modules_[0]->backend();
+  std::future<Status> b = pair_thread_->Run([this, &op, &scale] {
+    ScopedCommWaitObserver observe(meter_.lane(1));
+    Status s = Backward(op.b, scale);
+    meter_.SetDone(1);
+    return s;
+  });
+  be.SetCallerShare(PairWays());
+  Status f = Forward(op.f, tokens, w, true);
+  be.SetCallerShare(1);
+  meter_.SetDone(0);
+  Status bs = b.get();  // always joined: B uses this runner's state
+  TROUPE_RETURN_IF_ERROR(f);
+  return bs;
+}
+
 Status PipelineRunner::RunTrainStep(const MicroTokens& tokens, const LossWeights& w, const LossScale& scale) {
   loss_ = StageLoss{};
   loads_.assign(modules_.size(), {});
@@ -159,11 +274,12 @@ Status PipelineRunner::RunTrainStep(const MicroTokens& tokens, const LossWeights
     for (int s = modules_[i]->slots() - 1; s >= 0; --s) free_slots_[i].push_back(s);
   slot_of_.clear();
   deferred_.clear();
-  const auto t0 = std::chrono::steady_clock::now();
-  auto since = [&t0] { return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(); };
+  const auto t0 = Clock::now();
+  auto since = [&t0] { return Seconds(Clock::now() - t0); };
+  ScopedCommWaitObserver observe(meter_.lane(0));
   for (const Op& op : schedule_.per_rank[pp_rank_]) {
-    OpRecord rec{op.kind, op.f, op.b, since(), 0, 0};
-    op_wait_ = 0;
+    OpRecord rec{op.kind, op.f, op.b, since(), 0};
+    meter_.Start(1);
     switch (op.kind) {
       case OpKind::kForward:
         TROUPE_RETURN_IF_ERROR(Forward(op.f, tokens, w, true));
@@ -172,17 +288,17 @@ Status PipelineRunner::RunTrainStep(const MicroTokens& tokens, const LossWeights
         TROUPE_RETURN_IF_ERROR(Backward(op.b, scale));
         break;
       case OpKind::kForwardBackward:
-        // The pair's transfers overlap each other's compute: F's output is
-        // queued before B starts, and B's input was buffered during F.
-        TROUPE_RETURN_IF_ERROR(Forward(op.f, tokens, w, true));
-        TROUPE_RETURN_IF_ERROR(Backward(op.b, scale));
+        TROUPE_RETURN_IF_ERROR(RunPair(op, tokens, w, scale));
         break;
       case OpKind::kWeight:
         TROUPE_RETURN_IF_ERROR(Weight(op.b));
         break;
     }
+    const OverlapMeter::Totals t = meter_.Finish();
     rec.end = since();
-    rec.wait = op_wait_;
+    rec.wait = t.exposed_s;
+    rec.waited = t.waited_s;
+    rec.hidden = t.hidden_s;
     timeline_.push_back(rec);
     if (experts_ && !experts_->status().ok())
       return experts_->status().WithContext("expert all-to-all in " + OpToString(op));

@@ -13,25 +13,40 @@
 // Split schedules (split_w): B computes input gradients and queues the
 // matrices' weight gradients (WeightGradQueue); the chunk's W op runs them,
 // and only then are the micro-batch's activations released.
+//
+// F&B pairs (DualPipe, DualPipeV) run their two chunks at once when the
+// backend takes concurrent callers (CPU): F on the calling thread, B on a
+// long-lived pair thread, each with half the rank's compute threads (Backend::SetCallerShare). The
+// chunks belong to different stages (the two directions), so they share no
+// parameters or gradients; while one waits for an activation, a gradient or
+// an expert all-to-all, the other computes. An OverlapMeter on both threads
+// splits each op's receive waits into hidden (the other chunk computed) and
+// exposed (nothing did).
 #pragma once
 
 #include <functional>
+#include <memory>
+#include <mutex>
 #include <vector>
 
 #include "gpu/model/model.h"
 #include "train/parallel/layout.h"
+#include "train/parallel/overlap_meter.h"
 #include "train/parallel/process_group.h"
 #include "train/parallel/schedule.h"
 
 namespace troupe::parallel {
 
 // One op as it ran: seconds since the step's start, and how long of that it
-// waited for its inputs (compute = end - start - wait).
+// waited for its inputs with no chunk computing (compute = end - start -
+// wait). `waited` sums the receive waits of the op's chunks; `hidden` is the
+// part of it during which the other chunk of an F&B pair computed.
 struct OpRecord {
   OpKind kind = OpKind::kForward;
   ChunkRef f, b;
   double start = 0, end = 0;
   double wait = 0;
+  double waited = 0, hidden = 0;
 };
 
 // Activation slots each module needs to run `pp_rank`'s list: the most
@@ -44,8 +59,11 @@ class PipelineRunner {
   // is this process's rank in `group`; transfers wait at most timeout_ms.
   // `experts`, when the stages' MoE layers are expert-parallel, is checked
   // after every op: a failed all-to-all stops the step there.
+  // `overlap_pairs` runs F&B pairs on two threads where the backend allows.
   PipelineRunner(const Layout& layout, const Schedule& schedule, int world_rank, ProcessGroup& group,
-                 std::vector<Model*> modules, int timeout_ms, const ExpertExchange* experts = nullptr);
+                 std::vector<Model*> modules, int timeout_ms, const ExpertExchange* experts = nullptr,
+                 bool overlap_pairs = true);
+  ~PipelineRunner();
 
   // Tokens of micro-batch m: [micro_batch_size, window] for this rank's shard.
   using MicroTokens = std::function<const int32_t*(int micro)>;
@@ -61,8 +79,12 @@ class PipelineRunner {
   // [module][MoE layer][expert]
   const std::vector<std::vector<std::vector<int64_t>>>& loads() const { return loads_; }
   const std::vector<OpRecord>& timeline() const { return timeline_; }
+  // Whether F&B pairs run their chunks at once (overlap asked, backend able).
+  bool overlaps_pairs() const { return pair_thread_ != nullptr; }
 
  private:
+  class PairThread;
+  Status RunPair(const Op& op, const MicroTokens& tokens, const LossWeights& w, const LossScale& scale);
   Status Forward(ChunkRef c, const MicroTokens& tokens, const LossWeights& w, bool train);
   Status Backward(ChunkRef c, const LossScale& scale);
   Status Weight(ChunkRef c);
@@ -70,6 +92,9 @@ class PipelineRunner {
   Status Receive(int pp_rank, uint64_t tag, Tensor& into, const char* what, ChunkRef c);
   Status SendTensor(int pp_rank, uint64_t tag, const Tensor& t);
   void AddLoss(const StageLoss& l);
+  // Slot bookkeeping, shared by an F&B pair's two threads (book_mu_).
+  Expected<int> TakeSlot(int module, ChunkRef c);
+  void ReleaseSlot(int module, int slot);
 
   const Layout& layout_;
   const Schedule& schedule_;
@@ -85,7 +110,9 @@ class PipelineRunner {
   StageLoss loss_;
   std::vector<std::vector<std::vector<int64_t>>> loads_;
   std::vector<OpRecord> timeline_;
-  double op_wait_ = 0;  // receive waits of the op running now
+  std::mutex book_mu_;  // free_slots_, slot_of_, deferred_, loss_, loads_ while a pair runs
+  OverlapMeter meter_{2};
+  std::unique_ptr<PairThread> pair_thread_;  // null: pairs run F then B on this thread
 };
 
 }  // namespace troupe::parallel

@@ -24,7 +24,15 @@ std::string Ranks(const std::vector<int>& ranks) {
   return out;
 }
 
+thread_local CommWaitObserver* tls_wait_observer = nullptr;
+
 }  // namespace
+
+ScopedCommWaitObserver::ScopedCommWaitObserver(CommWaitObserver* observer) : previous_(tls_wait_observer) {
+  tls_wait_observer = observer;
+}
+
+ScopedCommWaitObserver::~ScopedCommWaitObserver() { tls_wait_observer = previous_; }
 
 // ================================ Mailbox ==================================
 
@@ -46,11 +54,14 @@ Expected<std::vector<uint8_t>> Mailbox::Take(int self, int sender, uint64_t tag,
   const auto key = std::make_pair(sender, tag);
   auto ready = [&] { return abort_reason_.has_value() || queues_.count(key) != 0; };
   bool got = true;
+  CommWaitObserver* observer = ready() ? nullptr : tls_wait_observer;
+  if (observer) observer->OnCommWait(true);
   if (timeout_ms < 0) {
     cv_.wait(lock, ready);
   } else {
     got = cv_.wait_until(lock, deadline, ready);
   }
+  if (observer) observer->OnCommWait(false);
   if (waited_s) *waited_s += std::chrono::duration<double>(Clock::now() - start).count();
   if (abort_reason_) {
     return Status::IOError("process group rank " + std::to_string(self) + " aborted: " + *abort_reason_);

@@ -69,6 +69,28 @@ class ProcessGroup {
   virtual CommStats stats() const = 0;
 };
 
+// Told when the calling thread starts and stops blocking in a Recv whose message has not arrived (a message
+// already there costs no wait and calls nothing). A thread installs one with ScopedCommWaitObserver: the pipeline
+// runner does, on each thread of an F&B pair, to see which chunk waits while the other computes (OverlapMeter).
+// Called with the receiving mailbox's lock held: implementations must not call back into the group.
+class CommWaitObserver {
+ public:
+  virtual ~CommWaitObserver() = default;
+  virtual void OnCommWait(bool waiting) = 0;
+};
+
+// Installs `observer` for the calling thread until destruction (then the previous one is back).
+class ScopedCommWaitObserver {
+ public:
+  explicit ScopedCommWaitObserver(CommWaitObserver* observer);
+  ~ScopedCommWaitObserver();
+  ScopedCommWaitObserver(const ScopedCommWaitObserver&) = delete;
+  ScopedCommWaitObserver& operator=(const ScopedCommWaitObserver&) = delete;
+
+ private:
+  CommWaitObserver* previous_;
+};
+
 // The one tag the implementations keep for their own bootstrap messages; Send refuses it.
 inline constexpr uint64_t kReservedTag = ~uint64_t{0};
 
