@@ -2,10 +2,10 @@
 # Pipeline schedules on one model, measured: 1F1B, ZB1P, DualPipe, DualPipeV
 # as real processes (one per rank, CURVE ZeroMQ over loopback), CPU backend.
 #
-#   bench/pipeline_bench.sh [-c CONFIG] [-p PP] [-e EP] [-m MICRO_BATCHES] [-B BATCH] [-s STEPS] [-t THREADS_PER_RANK] [-b TROUPE]
+#   bench/pipeline_bench.sh [-c CONFIG] [-p PP] [-e EP] [-m MICRO_BATCHES] [-B BATCH] [-s STEPS] [-t THREADS_PER_RANK] [-d DEVICE] [-b TROUPE]
 #
 # Defaults: configs/small10m.toml, pp 4, ep 1, 8 micro-batches, 8 steps,
-# threads = nproc / (pp ep), build/cli/troupe; -B overrides the config's
+# threads = nproc / (pp ep), device cpu, build/cli/troupe; -B overrides the config's
 # train.batch_size (bigger micro-batches: chunk compute grows, per-transfer
 # latency does not). For each schedule it runs `troupe train --pp P --ep E
 # --schedule S` and takes rank 0's closing lines: the bubble measured from
@@ -14,8 +14,8 @@
 # with those times, the chunks' receive waits (pipeline transfers and expert
 # all-to-alls, summed over ranks) and the share of them hidden behind the
 # other chunk of an F&B pair, and training tokens/s. DualPipe and DualPipeV
-# run twice: their pairs on two threads (parallel.overlap_pairs, the default)
-# and F then B on one ("serial pairs"). Prints a markdown table; "vs 1f1b" is
+# run twice: with parallel.overlap_pairs = "on" (pairs on two threads) and
+# "off" (F then B on one thread: the -serial rows). Prints a markdown table; "vs 1f1b" is
 # tokens/s over 1F1B's in the same run. Needs pp x ep x threads cores to mean
 # anything: ranks that share cores stretch each other's chunks.
 set -euo pipefail
@@ -24,16 +24,18 @@ cd "$(dirname "$0")/.."
 config=configs/small10m.toml
 pp=4
 ep=1
+device=cpu
 micro=8
 steps=8
 troupe=build/cli/troupe
 threads=""
 batch=""
-while getopts "c:p:e:m:s:t:b:B:h" opt; do
+while getopts "c:p:e:m:s:t:d:b:B:h" opt; do
   case $opt in
     c) config=$OPTARG ;;
     p) pp=$OPTARG ;;
     e) ep=$OPTARG ;;
+    d) device=$OPTARG ;;
     m) micro=$OPTARG ;;
     s) steps=$OPTARG ;;
     t) threads=$OPTARG ;;
@@ -54,25 +56,29 @@ else
   config_name=$config
 fi
 
-# The same config with F&B pairs run F then B on one thread.
-if grep -q '^\[parallel\]' "$config"; then
-  sed -E '/^\[parallel\]/a overlap_pairs = false' "$config" >"$out/serial.toml"
-else
-  { cat "$config"; printf '\n[parallel]\noverlap_pairs = false\n'; } >"$out/serial.toml"
-fi
+# The config with parallel.overlap_pairs set to $1, into $out/pairs-$1.toml.
+with_pairs() {
+  if grep -q '^\[parallel\]' "$config"; then
+    sed -E "/^\[parallel\]/a overlap_pairs = \"$1\"" "$config" >"$out/pairs-$1.toml"
+  else
+    { cat "$config"; printf '\n[parallel]\noverlap_pairs = "%s"\n' "$1"; } >"$out/pairs-$1.toml"
+  fi
+}
+with_pairs on
+with_pairs off
 
-echo "config $config_name, pp $pp, ep $ep, $micro micro-batches, $steps steps, $threads threads per rank, $(nproc) cores, load $(cut -d' ' -f1 /proc/loadavg)"
+echo "config $config_name, device $device, pp $pp, ep $ep, $micro micro-batches, $steps steps, $threads threads per rank, $(nproc) cores, load $(cut -d' ' -f1 /proc/loadavg)"
 echo
 echo "| schedule | bubble measured | formula | simulated | chunk times (ms) | chunk waits (ms/step, all ranks) | hidden by pairs | tokens/s | vs 1f1b |"
 echo "|---|---|---|---|---|---|---|---|---|"
 base=""
 for run in 1f1b zb1p dualpipe dualpipe-serial dualpipev dualpipev-serial; do
   sched=${run%-serial}
-  cfg=$config
-  [ "$run" = "$sched" ] || cfg=$out/serial.toml
+  cfg=$out/pairs-on.toml
+  [ "$run" = "$sched" ] || cfg=$out/pairs-off.toml
   log="$out/$run.log"
   if ! "$troupe" train --config "$cfg" --pp "$pp" --ep "$ep" --schedule "$sched" --micro-batches "$micro" --steps "$steps" \
-      --threads "$threads" --out "$out/$run" >"$log" 2>&1; then
+      --device "$device" --threads "$threads" --out "$out/$run" >"$log" 2>&1; then
     echo "| $run | refused: $(grep -o 'error: .*' "$log" | head -1) | | | | | | | |"
     continue
   fi

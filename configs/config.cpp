@@ -259,7 +259,7 @@ std::vector<Field> ParallelFields(ParallelConfig& p) {
       {"micro_batches", Int(&p.micro_batches)},
       {"zero1", Bool(&p.zero1)},
       {"split_w", Bool(&p.split_w)},
-      {"overlap_pairs", Bool(&p.overlap_pairs)},
+      {"overlap_pairs", String(&p.overlap_pairs)},
   };
 }
 
@@ -464,6 +464,8 @@ Status ValidateParallelConfig(const ParallelConfig& p) {
   if (p.schedule != "1f1b" && p.schedule != "zb1p" && p.schedule != "dualpipe" && p.schedule != "dualpipev")
     return Status::InvalidArgument("parallel.schedule = \"" + p.schedule +
                                    "\" is not a schedule (1f1b | zb1p | dualpipe | dualpipev)");
+  if (p.overlap_pairs != "auto" && p.overlap_pairs != "on" && p.overlap_pairs != "off")
+    return Status::InvalidArgument("parallel.overlap_pairs = \"" + p.overlap_pairs + "\" is not auto | on | off");
   return Status::Ok();
 }
 

@@ -92,7 +92,10 @@ struct ParallelConfig {
   int micro_batches = 0;          // per pipeline per step (0 = the schedule's smallest)
   bool zero1 = true;              // shard AdamW state over each parameter's copies (ZeRO-1)
   bool split_w = true;            // zb1p/dualpipe/dualpipev: weight gradients in separate, deferred W chunks
-  bool overlap_pairs = true;      // dualpipe/dualpipev: an F&B pair's chunks on two threads at once (CPU backend)
+  // dualpipe/dualpipev on the CPU backend: run an F&B pair's two chunks on two threads at once ("on"), one after
+  // the other ("off"), or "auto": at once when the stages exchange tokens between expert-parallel ranks (ep > 1),
+  // whose waits the other chunk hides; without them two half-size thread teams measured slower (bench/RESULTS.md).
+  std::string overlap_pairs = "auto";
 };
 
 struct JobConfig {

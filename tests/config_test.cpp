@@ -212,7 +212,7 @@ TEST(ConfigTest, CheckpointSection) {
 TEST(ConfigTest, ParallelSection) {
   auto job = ParseConfigText(
       "[parallel]\npp = 4\nep = 2\ndp = 0\nschedule = \"dualpipe\"\nmicro_batches = 16\nzero1 = false\n"
-      "split_w = false\n",
+      "split_w = false\noverlap_pairs = \"off\"\n",
       "ok.toml");
   ASSERT_TRUE(job.ok()) << job.status().message();
   EXPECT_EQ(job->parallel.pp, 4);
@@ -222,10 +222,14 @@ TEST(ConfigTest, ParallelSection) {
   EXPECT_EQ(job->parallel.micro_batches, 16);
   EXPECT_FALSE(job->parallel.zero1);
   EXPECT_FALSE(job->parallel.split_w);
+  EXPECT_EQ(job->parallel.overlap_pairs, "off");
+  EXPECT_EQ(ParallelConfig{}.overlap_pairs, "auto");
   EXPECT_CONTAINS(ErrorOf("[parallel]\npp = 0\n"), "parallel.pp = 0");
   EXPECT_CONTAINS(ErrorOf("[parallel]\ndp = -1\n"), "parallel.dp");
   EXPECT_CONTAINS(ErrorOf("[parallel]\nschedule = \"gpipe\"\n"), "is not a schedule");
   EXPECT_CONTAINS(ErrorOf("[parallel]\nzero1 = 3\n"), "parallel.zero1");
+  EXPECT_CONTAINS(ErrorOf("[parallel]\noverlap_pairs = \"yes\"\n"), "parallel.overlap_pairs = \"yes\" is not auto | on | off");
+  EXPECT_CONTAINS(ErrorOf("[parallel]\noverlap_pairs = true\n"), "parallel.overlap_pairs");
   EXPECT_CONTAINS(ErrorOf("[parallel]\ntp = 2\n"), "unknown key parallel.tp");
 }
 

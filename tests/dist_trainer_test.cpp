@@ -32,6 +32,7 @@ struct RunResult {
   size_t optimizer_bytes = 0;                         // AdamW state, all ranks together
   int ep_max_ranks = 0;                               // expert parallelism: most ranks one token reached
   double ep_remote_share = 0;                         // and the share of token copies that travelled
+  bool pairs_overlapped = false;                      // rank 0 ran F&B pairs on two threads
 };
 
 JobConfig EquivalenceJob(const std::filesystem::path& dir) { return testing::SmallPipelineJob(dir); }
@@ -86,6 +87,7 @@ RunResult RunDistributed(const JobConfig& job, const Layout& layout, int steps, 
         return;
       }
       per_rank[r].optimizer_bytes = (*t)->optimizer_state_bytes();
+      per_rank[r].pairs_overlapped = (*t)->overlaps_pairs();
       for (int s = 0; s < steps; ++s) {
         auto rep = (*t)->Step();
         if (!rep.ok()) {
@@ -119,6 +121,7 @@ RunResult RunDistributed(const JobConfig& job, const Layout& layout, int steps, 
   all.grad_norms = per_rank[0].grad_norms;
   all.ep_max_ranks = per_rank[0].ep_max_ranks;
   all.ep_remote_share = per_rank[0].ep_remote_share;
+  all.pairs_overlapped = per_rank[0].pairs_overlapped;
   // Routed-expert tensors are shards (ep_rank's share of the experts): kept
   // apart per ep_rank, then joined in expert order.
   auto keyed = [&](const Tensors& tensors, int r) {
@@ -182,6 +185,7 @@ struct Case {
   bool zero1 = false;
   bool split_w = true;  // zb1p / dualpipe / dualpipev only
   int ep = 1;
+  const char* overlap_pairs = "auto";
 };
 
 class DistributedEquivalence : public ::testing::TestWithParam<Case> {};
@@ -197,6 +201,7 @@ TEST_P(DistributedEquivalence, MatchesTheSingleProcessRun) {
   par.zero1 = c.zero1;
   par.split_w = c.split_w;
   par.ep = c.ep;
+  par.overlap_pairs = c.overlap_pairs;
   auto layout = parallel::PlanLayout(job.model, job.train, par, c.pp * c.dp * c.ep);
   ASSERT_TRUE(layout.ok()) << layout.status().message();
   const RunResult want = RunSingle(job, job.train.steps);
@@ -204,6 +209,9 @@ TEST_P(DistributedEquivalence, MatchesTheSingleProcessRun) {
   dist.parallel = par;
   const RunResult got = RunDistributed(dist, *layout, job.train.steps, c.zero1);
   ExpectSameRun(got, want);
+  // Pairs ran on two threads exactly where asked ("auto": with ep > 1).
+  const bool pairs = std::string(c.schedule).rfind("dualpipe", 0) == 0;
+  EXPECT_EQ(got.pairs_overlapped, pairs && parallel::OverlapsPairs(par, *layout));
   if (c.ep > 1) {
     // Device-limited routing: a token's experts lie in at most topk_group
     // groups, and a group never spans two ranks.
@@ -230,12 +238,18 @@ INSTANTIATE_TEST_SUITE_P(Layouts, DistributedEquivalence,
                                            Case{4, 1, "dualpipe", false, false}, Case{2, 2, "dualpipev", false, false},
                                            Case{1, 1, "1f1b", false, true, 2}, Case{2, 1, "1f1b", false, true, 2},
                                            Case{2, 2, "dualpipe", true, true, 2}, Case{4, 1, "zb1p", true, true, 2},
-                                           Case{2, 1, "dualpipev", false, true, 2}),
+                                           Case{2, 1, "dualpipev", false, true, 2},
+                                           Case{4, 2, "dualpipe", true, true, 1, "on"},
+                                           Case{2, 1, "dualpipev", false, false, 1, "on"},
+                                           Case{2, 2, "dualpipe", true, true, 2, "off"}),
                          [](const auto& info) {
                            return std::string(info.param.schedule) + "_pp" + std::to_string(info.param.pp) + "_dp" +
                                   std::to_string(info.param.dp) + (info.param.zero1 ? "_zero1" : "") +
                                   (info.param.split_w ? "" : "_fused") +
-                                  (info.param.ep > 1 ? "_ep" + std::to_string(info.param.ep) : "");
+                                  (info.param.ep > 1 ? "_ep" + std::to_string(info.param.ep) : "") +
+                                  (std::string(info.param.overlap_pairs) == "auto"
+                                       ? ""
+                                       : std::string("_pairs_") + info.param.overlap_pairs);
                          });
 
 // A peer that sends an activation of the wrong size (a bug or an attacker

@@ -15,8 +15,10 @@
 // never run two at a time.
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <mutex>
+#include <optional>
 #include <vector>
 
 #include "common/status.h"
@@ -40,6 +42,14 @@ class ExpertExchange {
   // backward) use their own `phase` 0..3.
   virtual Expected<std::vector<std::vector<uint8_t>>> AllToAll(std::vector<std::vector<uint8_t>> send, int phase) = 0;
 
+  // The same in two halves, so a layer computes (its shared experts) while
+  // the rows travel: Start queues the sends and returns, Finish waits for
+  // what the other ranks sent. A phase has at most one transfer between
+  // Start and Finish; a Start drops a transfer of its phase that was never
+  // finished (its step failed). This base version sends in Finish.
+  virtual Status Start(std::vector<std::vector<uint8_t>> send, int phase);
+  virtual Expected<std::vector<std::vector<uint8_t>>> Finish(int phase);
+
   Status status() const {
     std::lock_guard<std::mutex> lock(status_mu_);
     return status_;
@@ -50,7 +60,12 @@ class ExpertExchange {
   }
   ExpertRouteStats& stats() { return stats_; }
 
+  static constexpr int kPhases = 4;
+
  private:
+  // Base Start/Finish: the sends held until Finish (one slot per phase, each
+  // used by one thread only: forward chunks 0-1, backward chunks 2-3).
+  std::array<std::optional<std::vector<std::vector<uint8_t>>>, kPhases> held_;
   mutable std::mutex status_mu_;
   Status status_;
   ExpertRouteStats stats_;

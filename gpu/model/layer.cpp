@@ -157,8 +157,9 @@ void MoeForward(Backend& be, const ModelConfig& c, const MoeParams& p, LayerActs
   be.MoeBalanceLoss(a.balance, a.scores, a.topk_idx, shape.seq_len, balance_alpha);
   // Routed experts: sort the token copies by expert, one grouped GEMM per projection.
   be.MoePermute(a.x_sorted, a.offsets, a.slot, a.ln2, a.topk_idx, c.n_routed_experts);
-  if (ep != nullptr && ep->size() > 1) {
-    RoutedExpertsForwardEp(be, c, p, a, *ep);
+  const bool split = ep != nullptr && ep->size() > 1;
+  if (split) {
+    StartRoutedExpertsForwardEp(be, p, a, *ep);  // the rows travel while the shared experts run
   } else {
     const int64_t rows = a.x_sorted.rows();
     Tensor gate_up = a.e_gate_up.Prefix({rows, a.e_gate_up.cols()}), act = a.e_act.Prefix({rows, a.e_act.cols()});
@@ -170,6 +171,7 @@ void MoeForward(Backend& be, const ModelConfig& c, const MoeParams& p, LayerActs
   Linear(be, a.s_gate_up, a.ln2, p.shared.gate_up);
   be.SwiGluForward(a.s_act, a.s_gate_up);
   Linear(be, a.ffn, a.s_act, p.shared.down);
+  if (split) FinishRoutedExpertsForwardEp(be, p, a, *ep);
   be.MoeCombine(a.ffn, a.e_out, a.topk_gate, a.slot);
 }
 

@@ -53,16 +53,12 @@ void Rearrange(std::vector<uint8_t>& expert_major, std::vector<std::vector<uint8
   }
 }
 
-// Sends rows sorted by global expert to the experts' ranks; returns the
-// rows received, expert-major. `send_counts` [ranks * experts] says how many
-// rows go to each (rank, expert); the received counts are filled in.
-// A source can send at most `per_source_max` rows (its own token copies)
-// and all together at most `total_max` (the receive buffers' capacity):
-// counts beyond either are refused before any byte is placed.
-std::vector<uint8_t> Dispatch(ExpertExchange& ex, const std::vector<uint8_t>& sorted, size_t row_bytes,
-                              const std::vector<int64_t>& send_counts, std::vector<int64_t>* recv_counts, int phase,
-                              int64_t* recv_rows, int64_t per_source_max, int64_t total_max) {
-  const int ranks = ex.size(), experts = static_cast<int>(send_counts.size()) / ranks;
+// One message per rank: the counts of its experts, then their rows (from
+// rows sorted by global expert). `send_counts` [ranks * experts] says how
+// many rows go to each (rank, expert).
+std::vector<std::vector<uint8_t>> PackDispatch(int ranks, const std::vector<uint8_t>& sorted, size_t row_bytes,
+                                               const std::vector<int64_t>& send_counts) {
+  const int experts = static_cast<int>(send_counts.size()) / ranks;
   std::vector<std::vector<uint8_t>> send(ranks);
   size_t offset = 0;
   for (int j = 0; j < ranks; ++j) {
@@ -71,7 +67,18 @@ std::vector<uint8_t> Dispatch(ExpertExchange& ex, const std::vector<uint8_t>& so
     send[j] = Pack(&send_counts[j * experts], experts, sorted.data() + offset, row_bytes, n);
     offset += static_cast<size_t>(n) * row_bytes;
   }
-  auto got = ex.AllToAll(std::move(send), phase);
+  return send;
+}
+
+// What the ranks dispatched here (`got`, by source) as rows expert-major;
+// the received counts are filled in. A source can send at most
+// `per_source_max` rows (its own token copies) and all together at most
+// `total_max` (the receive buffers' capacity): counts beyond either are
+// refused before any byte is placed.
+std::vector<uint8_t> ReceiveDispatch(ExpertExchange& ex, Expected<std::vector<std::vector<uint8_t>>> got,
+                                     size_t row_bytes, int experts, std::vector<int64_t>* recv_counts,
+                                     int64_t* recv_rows, int64_t per_source_max, int64_t total_max) {
+  const int ranks = ex.size();
   *recv_rows = 0;
   if (!got.ok()) {
     ex.Fail(got.status().WithContext("expert dispatch"));
@@ -114,6 +121,15 @@ std::vector<uint8_t> Dispatch(ExpertExchange& ex, const std::vector<uint8_t>& so
   std::vector<uint8_t> expert_major(static_cast<size_t>(*recv_rows) * row_bytes);
   Rearrange<true>(expert_major, *got, *recv_counts, ranks, experts, row_bytes, header);
   return expert_major;
+}
+
+// Both halves at once (the backward, which has nothing to compute meanwhile).
+std::vector<uint8_t> Dispatch(ExpertExchange& ex, const std::vector<uint8_t>& sorted, size_t row_bytes,
+                              const std::vector<int64_t>& send_counts, std::vector<int64_t>* recv_counts, int phase,
+                              int64_t* recv_rows, int64_t per_source_max, int64_t total_max) {
+  const int ranks = ex.size(), experts = static_cast<int>(send_counts.size()) / ranks;
+  return ReceiveDispatch(ex, ex.AllToAll(PackDispatch(ranks, sorted, row_bytes, send_counts), phase), row_bytes,
+                         experts, recv_counts, recv_rows, per_source_max, total_max);
 }
 
 // The way back: expert-major rows (laid out as Dispatch received them) go to
@@ -165,8 +181,23 @@ void RecordRouting(ExpertExchange& ex, const std::vector<double>& topk, int64_t 
 
 }  // namespace
 
-void RoutedExpertsForwardEp(Backend& be, const ModelConfig& c, const MoeParams& p, LayerActs& a, ExpertExchange& ex) {
-  if (!ex.status().ok()) {  // an earlier transfer failed: the step is lost, do not wait on the network again
+void StartRoutedExpertsForwardEp(Backend& be, const MoeParams& p, LayerActs& a, ExpertExchange& ex) {
+  if (!ex.status().ok()) return;  // an earlier transfer failed: the step is lost, do not use the network again
+  const int ranks = ex.size();
+  const int local = static_cast<int>(p.experts_gate_up.dim(0));
+  const int64_t copies = a.x_sorted.rows();
+  const size_t row_bytes = static_cast<size_t>(a.x_sorted.cols()) * DTypeSize(a.x_sorted.dtype());
+  const std::vector<double> offsets = ToHostDoubles(be, a.offsets);  // [E + 1]
+  RecordRouting(ex, ToHostDoubles(be, a.topk_idx), a.topk_idx.rows(), static_cast<int>(a.topk_idx.cols()), local);
+  a.send_counts.assign(static_cast<size_t>(ranks) * local, 0);
+  for (int e = 0; e < ranks * local; ++e) a.send_counts[e] = static_cast<int64_t>(offsets[e + 1] - offsets[e]);
+  Status sent = ex.Start(PackDispatch(ranks, HostRows(be, a.x_sorted, copies), row_bytes, a.send_counts),
+                         kDispatchForward);
+  if (!sent.ok()) ex.Fail(sent.WithContext("expert dispatch"));
+}
+
+void FinishRoutedExpertsForwardEp(Backend& be, const MoeParams& p, LayerActs& a, ExpertExchange& ex) {
+  if (!ex.status().ok()) {
     be.Zero(a.e_out);
     return;
   }
@@ -174,13 +205,9 @@ void RoutedExpertsForwardEp(Backend& be, const ModelConfig& c, const MoeParams& 
   const int local = static_cast<int>(p.experts_gate_up.dim(0));
   const int64_t copies = a.x_sorted.rows(), d = a.x_sorted.cols();
   const size_t row_bytes = static_cast<size_t>(d) * DTypeSize(a.x_sorted.dtype());
-  const std::vector<double> offsets = ToHostDoubles(be, a.offsets);  // [E + 1]
-  RecordRouting(ex, ToHostDoubles(be, a.topk_idx), a.topk_idx.rows(), static_cast<int>(a.topk_idx.cols()), local);
-  a.send_counts.assign(static_cast<size_t>(ranks) * local, 0);
-  for (int e = 0; e < ranks * local; ++e) a.send_counts[e] = static_cast<int64_t>(offsets[e + 1] - offsets[e]);
   int64_t rows = 0;
-  std::vector<uint8_t> mine = Dispatch(ex, HostRows(be, a.x_sorted, copies), row_bytes, a.send_counts, &a.recv_counts,
-                                       kDispatchForward, &rows, copies, a.x_recv.rows());
+  std::vector<uint8_t> mine = ReceiveDispatch(ex, ex.Finish(kDispatchForward), row_bytes, local, &a.recv_counts,
+                                              &rows, copies, a.x_recv.rows());
   if (!ex.status().ok()) {
     be.Zero(a.e_out);
     return;
@@ -206,7 +233,6 @@ void RoutedExpertsForwardEp(Backend& be, const ModelConfig& c, const MoeParams& 
     return;
   }
   SetRows(be, a.e_out, out, copies);
-  (void)c;
 }
 
 void RoutedExpertsBackwardEp(Backend& be, const MoeParams& p, MoeParams& g, LayerActs& a, LayerScratch& s,

@@ -7,10 +7,12 @@
 
 namespace troupe {
 
-// After MoePermute (a.x_sorted, a.offsets over all E experts): dispatch the
-// rows to their experts' ranks, run this rank's experts on what arrived,
-// combine the outputs back into a.e_out (x_sorted's order).
-void RoutedExpertsForwardEp(Backend& be, const ModelConfig& c, const MoeParams& p, LayerActs& a, ExpertExchange& ex);
+// After MoePermute (a.x_sorted, a.offsets over all E experts): Start sends
+// the rows to their experts' ranks and returns, so the layer computes its
+// shared experts while they travel; Finish runs this rank's experts on what
+// arrived and combines the outputs back into a.e_out (x_sorted's order).
+void StartRoutedExpertsForwardEp(Backend& be, const MoeParams& p, LayerActs& a, ExpertExchange& ex);
+void FinishRoutedExpertsForwardEp(Backend& be, const MoeParams& p, LayerActs& a, ExpertExchange& ex);
 
 // From s.d_y_sorted (d of a.e_out) to s.d_x_sorted (d of a.x_sorted): the
 // gradients travel to the experts' ranks and back the same way.

@@ -185,9 +185,8 @@ Status AllGather(ProcessGroup& pg, const std::vector<int>& group, std::span<floa
                 [](const Ring& ring) { return RingAllGather(ring, /*send_first=*/true); });
 }
 
-Expected<std::vector<std::vector<uint8_t>>> AllToAllV(ProcessGroup& pg, const std::vector<int>& group,
-                                                      std::vector<std::vector<uint8_t>> send_per_member, uint64_t tag,
-                                                      int timeout_ms) {
+Expected<std::vector<uint8_t>> AllToAllVSend(ProcessGroup& pg, const std::vector<int>& group,
+                                             std::vector<std::vector<uint8_t>> send_per_member, uint64_t tag) {
   TROUPE_ASSIGN_OR_RETURN(const size_t me, MemberIndex(pg, group, "AllToAllV"));
   const size_t n = group.size();
   if (send_per_member.size() != n) {
@@ -199,13 +198,27 @@ Expected<std::vector<std::vector<uint8_t>>> AllToAllV(ProcessGroup& pg, const st
     const size_t j = (me + k) % n;  // start with the next member so the ranks do not all send to member 0 first
     TROUPE_RETURN_IF_ERROR(pg.Send(group[j], tag, std::move(send_per_member[j])));
   }
+  return std::move(send_per_member[me]);
+}
+
+Expected<std::vector<std::vector<uint8_t>>> AllToAllVRecv(ProcessGroup& pg, const std::vector<int>& group,
+                                                          std::vector<uint8_t> own, uint64_t tag, int timeout_ms) {
+  TROUPE_ASSIGN_OR_RETURN(const size_t me, MemberIndex(pg, group, "AllToAllV"));
+  const size_t n = group.size();
   std::vector<std::vector<uint8_t>> got(n);
-  got[me] = std::move(send_per_member[me]);
+  got[me] = std::move(own);
   for (size_t k = 1; k < n; ++k) {
     const size_t j = (me + n - k) % n;
     TROUPE_ASSIGN_OR_RETURN(got[j], pg.Recv(group[j], tag, timeout_ms));
   }
   return got;
+}
+
+Expected<std::vector<std::vector<uint8_t>>> AllToAllV(ProcessGroup& pg, const std::vector<int>& group,
+                                                      std::vector<std::vector<uint8_t>> send_per_member, uint64_t tag,
+                                                      int timeout_ms) {
+  TROUPE_ASSIGN_OR_RETURN(std::vector<uint8_t> own, AllToAllVSend(pg, group, std::move(send_per_member), tag));
+  return AllToAllVRecv(pg, group, std::move(own), tag, timeout_ms);
 }
 
 Status Barrier(ProcessGroup& pg, const std::vector<int>& group, uint64_t tag, int timeout_ms) {

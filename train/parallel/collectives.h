@@ -57,6 +57,13 @@ Status AllGather(ProcessGroup& pg, const std::vector<int>& group, std::span<floa
 Expected<std::vector<std::vector<uint8_t>>> AllToAllV(ProcessGroup& pg, const std::vector<int>& group,
                                                       std::vector<std::vector<uint8_t>> send_per_member, uint64_t tag,
                                                       int timeout_ms = kDefaultCollectiveTimeoutMs);
+// AllToAllV in two halves, so the caller computes while the buffers travel: Send queues the other members' buffers
+// and returns this member's own one; Recv (same group and tag) waits for the others' and puts `own` in its place.
+Expected<std::vector<uint8_t>> AllToAllVSend(ProcessGroup& pg, const std::vector<int>& group,
+                                             std::vector<std::vector<uint8_t>> send_per_member, uint64_t tag);
+Expected<std::vector<std::vector<uint8_t>>> AllToAllVRecv(ProcessGroup& pg, const std::vector<int>& group,
+                                                          std::vector<uint8_t> own, uint64_t tag,
+                                                          int timeout_ms = kDefaultCollectiveTimeoutMs);
 
 // Returns once every member has entered (dissemination barrier: ceil(log2 n) rounds of one empty message).
 Status Barrier(ProcessGroup& pg, const std::vector<int>& group, uint64_t tag,

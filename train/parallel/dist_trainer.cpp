@@ -158,8 +158,12 @@ Status DistributedTrainer::Init() {
   TROUPE_ASSIGN_OR_RETURN(optimizer_, BucketOptimizer::Create(be_, group_, std::move(buckets), params, grads,
                                                               job_.parallel.zero1, timeout_ms_));
   runner_ = std::make_unique<PipelineRunner>(layout_, schedule_, rank_, group_, modules(), timeout_ms_,
-                                             expert_exchange_.get(), job_.parallel.overlap_pairs);
+                                             expert_exchange_.get(), OverlapsPairs(job_.parallel, layout_));
   return Status::Ok();
+}
+
+bool OverlapsPairs(const ParallelConfig& p, const Layout& layout) {
+  return p.overlap_pairs == "on" || (p.overlap_pairs == "auto" && layout.ep > 1);
 }
 
 PipelineRunner::MicroTokens DistributedTrainer::MicroBatches(const std::vector<int32_t>& batch) const {

@@ -59,6 +59,10 @@ struct StepTiming {
   int ep_max_ranks_per_token = 0;
 };
 
+// Whether parallel.overlap_pairs asks F&B pairs to run their chunks at once
+// in this layout ("auto": when ep > 1).
+bool OverlapsPairs(const ParallelConfig& p, const Layout& layout);
+
 class DistributedTrainer {
  public:
   // `group` has layout.world() ranks; this process is group.rank(). Fails

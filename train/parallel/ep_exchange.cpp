@@ -1,6 +1,7 @@
 #include "train/parallel/ep_exchange.h"
 
 #include <algorithm>
+#include <string>
 
 #include "train/parallel/collectives.h"
 #include "train/parallel/tags.h"
@@ -12,12 +13,32 @@ GroupExpertExchange::GroupExpertExchange(ProcessGroup& group, std::vector<int> m
   my_index_ = static_cast<int>(std::find(members_.begin(), members_.end(), group_.rank()) - members_.begin());
 }
 
+namespace {
+
+// Every member runs the same layers in the same order, so one tag per phase
+// keeps the transfers in step.
+uint64_t PhaseTag(int phase) { return Tag(TagKind::kExperts, static_cast<uint64_t>(phase)); }
+
+}  // namespace
+
 Expected<std::vector<std::vector<uint8_t>>> GroupExpertExchange::AllToAll(std::vector<std::vector<uint8_t>> send,
                                                                           int phase) {
-  // Every member runs the same layers in the same order, so one tag per
-  // phase keeps the transfers in step.
-  const uint64_t tag = Tag(TagKind::kExperts, static_cast<uint64_t>(phase));
-  return AllToAllV(group_, members_, std::move(send), tag, timeout_ms_);
+  return AllToAllV(group_, members_, std::move(send), PhaseTag(phase), timeout_ms_);
+}
+
+Status GroupExpertExchange::Start(std::vector<std::vector<uint8_t>> send, int phase) {
+  if (phase < 0 || phase >= kPhases) return Status::InvalidArgument("expert exchange: no phase " + std::to_string(phase));
+  TROUPE_ASSIGN_OR_RETURN(std::vector<uint8_t> own, AllToAllVSend(group_, members_, std::move(send), PhaseTag(phase)));
+  own_[phase] = std::move(own);
+  return Status::Ok();
+}
+
+Expected<std::vector<std::vector<uint8_t>>> GroupExpertExchange::Finish(int phase) {
+  if (phase < 0 || phase >= kPhases || !own_[phase])
+    return Status::Internal("expert exchange: phase " + std::to_string(phase) + " finished without a start");
+  std::vector<uint8_t> own = std::move(*own_[phase]);
+  own_[phase].reset();
+  return AllToAllVRecv(group_, members_, std::move(own), PhaseTag(phase), timeout_ms_);
 }
 
 }  // namespace troupe::parallel

@@ -4,6 +4,8 @@
 // processes).
 #pragma once
 
+#include <array>
+#include <optional>
 #include <vector>
 
 #include "gpu/model/expert_exchange.h"
@@ -18,12 +20,16 @@ class GroupExpertExchange final : public ExpertExchange {
   int size() const override { return static_cast<int>(members_.size()); }
   int rank() const override { return my_index_; }
   Expected<std::vector<std::vector<uint8_t>>> AllToAll(std::vector<std::vector<uint8_t>> send, int phase) override;
+  // Real halves: Start queues the sends on the group's send thread.
+  Status Start(std::vector<std::vector<uint8_t>> send, int phase) override;
+  Expected<std::vector<std::vector<uint8_t>>> Finish(int phase) override;
 
  private:
   ProcessGroup& group_;
   std::vector<int> members_;
   int my_index_ = 0;
   int timeout_ms_;
+  std::array<std::optional<std::vector<uint8_t>>, kPhases> own_;  // this rank's rows between Start and Finish
 };
 
 }  // namespace troupe::parallel
