@@ -126,7 +126,7 @@ void PrintTimingSummary(const parallel::DistributedTrainer& t, const std::vector
   std::printf(
       "bubble (%s, pp=%d, %d micro-batches): measured %.1f%% of the schedule's time on average over "
       "ranks; the table's formula predicts %.1f%% ((bubble %.2f ms) / (bubble + C(F+B))), the "
-      "schedule simulated with the measured chunk times %.1f%%; receive waits %.1f ms per step on rank 0\n",
+      "schedule simulated with the measured chunk times %.1f%%; receive waits %.1f ms per step on rank 0 (its threads summed)\n",
       (std::string(parallel::ScheduleKindName(l.schedule)) + (l.split_w ? ", B/W split" : "")).c_str(), l.pp,
       l.micro_batches, 100.0 * avg.bubble_share / n, 100.0 * formula / (formula + busy), 1e3 * formula,
       100.0 * sim_share, 1e3 * avg.recv_wait_s / n);

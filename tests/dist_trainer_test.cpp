@@ -7,6 +7,8 @@
 
 #include <gtest/gtest.h>
 
+#include <chrono>
+
 #include <cmath>
 #include <thread>
 
@@ -277,6 +279,48 @@ TEST(DistributedTrainer, AMisSizedActivationIsRefused) {
   EXPECT_NE(step.status().message().find("activation for micro-batch 0 stage 1 from rank 0 has 3 bytes"),
             std::string::npos)
       << step.status().message();
+}
+
+// In an F&B pair on two threads, the lane that fails stops the other at
+// once: rank 1 of DualPipe pp=2 runs F1+B2' as a pair; its F1 gets a
+// mis-sized activation while B2' waits for a gradient that never comes. The
+// step fails with F1's error long before B2's 30 s receive timeout.
+TEST(DistributedTrainer, AFailingLaneOfAPairStopsTheOtherAtOnce) {
+  testing::TempDir dir;
+  const JobConfig job = EquivalenceJob(dir.path());
+  ParallelConfig par;
+  par.pp = 2;
+  par.schedule = "dualpipe";
+  par.micro_batches = 4;
+  par.overlap_pairs = "on";
+  auto layout = parallel::PlanLayout(job.model, job.train, par, 2);
+  ASSERT_TRUE(layout.ok()) << layout.status().message();
+  JobConfig dist = job;
+  dist.parallel = par;
+  auto group = parallel::CreateLocalGroup(2);
+  CpuBackend be(1);
+  auto t = DistributedTrainer::Create(be, dist, *layout, *group[1], 30000);
+  ASSERT_TRUE(t.ok()) << t.status().message();
+  ASSERT_TRUE((*t)->overlaps_pairs());
+  const size_t activation = (*t)->modules()[0]->StageInput(0).bytes();  // rank 1's module 0 is stage 1
+  std::thread impostor([&] {  // plays rank 0: a good activation for F0, a 3-byte one for F1, no gradients
+    ASSERT_TRUE(parallel::Barrier(*group[0], {0, 1}, parallel::Tag(parallel::TagKind::kBarrier), 30000).ok());
+    ASSERT_TRUE(group[0]
+                    ->Send(1, parallel::ChunkTag(parallel::TagKind::kActivation, 0, 1),
+                           std::vector<uint8_t>(activation, 0))
+                    .ok());
+    ASSERT_TRUE(group[0]->Send(1, parallel::ChunkTag(parallel::TagKind::kActivation, 1, 1), {1, 2, 3}).ok());
+  });
+  const auto start = std::chrono::steady_clock::now();
+  auto step = (*t)->Step();
+  const double took = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  impostor.join();
+  ASSERT_FALSE(step.ok());
+  EXPECT_TRUE(step.status().IsCorruption()) << step.status().message();
+  EXPECT_NE(step.status().message().find("activation for micro-batch 1 stage 1 from rank 0 has 3 bytes"),
+            std::string::npos)
+      << step.status().message();
+  EXPECT_LT(took, 15.0) << "the waiting lane sat out its receive timeout";
 }
 
 }  // namespace

@@ -42,7 +42,7 @@ struct StepTiming {
   double busy_s = 0;        // this rank, inside pipeline ops
   double pipeline_s = 0;    // step start (a barrier) to the last op's end on the slowest rank
   double bubble_share = 0;  // over all ranks: 1 - sum(busy) / (ranks * pipeline_s)
-  double recv_wait_s = 0;   // this rank, blocked in receives: communication compute did not hide
+  double recv_wait_s = 0;   // this rank, blocked in receives, summed over its threads (an F&B pair's two included)
   // Over all ranks, pipeline ops only: receive waits of every chunk (pipeline
   // transfers and expert all-to-alls), and the part of them during which the
   // other chunk of an F&B pair computed (parallel.overlap_pairs).

@@ -102,7 +102,13 @@ PipelineRunner::PipelineRunner(const Layout& layout, const Schedule& schedule, i
   for (const Op& op : schedule_.per_rank[pp_rank_]) has_pairs |= op.kind == OpKind::kForwardBackward;
   // The backend is asked on this thread: the one that will run each pair's F.
   Backend& be = modules_[0]->backend();
-  if (overlap_pairs && has_pairs && be.SetCallerShare(1)) pair_thread_ = std::make_unique<PairThread>(be, kPairWays);
+  // A pair whose chunks share a module would race on its weights: none of
+  // the built-in schedules makes one, but a schedule read from JSON could.
+  bool distinct = true;
+  for (const Op& op : schedule_.per_rank[pp_rank_])
+    if (op.kind == OpKind::kForwardBackward) distinct &= schedule_.Place(op.f).module != schedule_.Place(op.b).module;
+  if (overlap_pairs && has_pairs && distinct && be.SetCallerShare(1))
+    pair_thread_ = std::make_unique<PairThread>(be, kPairWays);
 }
 
 PipelineRunner::~PipelineRunner() = default;
@@ -247,20 +253,41 @@ Status PipelineRunner::RunPair(const Op& op, const MicroTokens& tokens, const Lo
     return Backward(op.b, scale);
   }
   meter_.Start(2);
-  Backend& be = modules_[0]->backend();
-  std::future<Status> b = pair_thread_->Run([this, &op, &scale] {
-    ScopedCommWaitObserver observe(meter_.lane(1));
-    Status s = Backward(op.b, scale);
-    meter_.SetDone(1);
+  // The first lane to fail aborts the group, so the other one stops waiting
+  // at once instead of after its receive timeouts (a failed step ends the
+  // job anyway); the pair reports that first failure, not the abort it caused.
+  std::mutex failure_mu;
+  Status first_failure;
+  auto lane_done = [&](int lane, Status s) {
+    meter_.SetDone(lane);
+    if (s.ok()) return s;
+    std::lock_guard<std::mutex> lock(failure_mu);
+    if (first_failure.ok()) {
+      first_failure = s;
+      group_.Abort("pipeline rank " + std::to_string(pp_rank_) + ": " + s.message());
+    }
     return s;
+  };
+  Backend& be = modules_[0]->backend();
+  std::future<Status> b = pair_thread_->Run([&] {
+    ScopedCommWaitObserver observe(meter_.lane(1));
+    return lane_done(1, Backward(op.b, scale));
   });
+  // B uses this frame and this runner: it is joined, and the thread share
+  // restored, on every way out (an exception included).
+  struct JoinB {
+    std::future<Status>& b;
+    Backend& be;
+    ~JoinB() {
+      be.SetCallerShare(1);
+      if (b.valid()) b.wait();
+    }
+  } join{b, be};
   be.SetCallerShare(kPairWays);
-  Status f = Forward(op.f, tokens, w, true);
-  be.SetCallerShare(1);
-  meter_.SetDone(0);
-  Status bs = b.get();  // always joined: B uses this runner's state
-  TROUPE_RETURN_IF_ERROR(f);
-  return bs;
+  lane_done(0, Forward(op.f, tokens, w, true));
+  b.get();
+  std::lock_guard<std::mutex> lock(failure_mu);
+  return first_failure;
 }
 
 Status PipelineRunner::RunTrainStep(const MicroTokens& tokens, const LossWeights& w, const LossScale& scale) {
