@@ -36,7 +36,8 @@ CpuBackend::CpuBackend(int threads) : threads_(threads > 0 ? threads : omp_get_m
 }
 
 bool CpuBackend::SetCallerShare(int ways) {
-  omp_set_num_threads(std::max(1, (threads_ + std::max(1, ways) - 1) / std::max(1, ways)));
+  const int w = std::max(1, ways);
+  omp_set_num_threads((threads_ + w - 1) / w);  // rounded up: never below one
   return true;
 }
 

@@ -62,6 +62,12 @@ class ExpertExchange {
 
   static constexpr int kPhases = 4;
 
+ protected:
+  // The checks every Start/Finish makes: a phase out of range, a Finish
+  // with no Start before it.
+  static Status CheckPhase(int phase);
+  static Status NotStarted(int phase);
+
  private:
   // Base Start/Finish: the sends held until Finish (one slot per phase, each
   // used by one thread only: forward chunks 0-1, backward chunks 2-3).

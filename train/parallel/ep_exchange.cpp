@@ -27,15 +27,14 @@ Expected<std::vector<std::vector<uint8_t>>> GroupExpertExchange::AllToAll(std::v
 }
 
 Status GroupExpertExchange::Start(std::vector<std::vector<uint8_t>> send, int phase) {
-  if (phase < 0 || phase >= kPhases) return Status::InvalidArgument("expert exchange: no phase " + std::to_string(phase));
+  TROUPE_RETURN_IF_ERROR(CheckPhase(phase));
   TROUPE_ASSIGN_OR_RETURN(std::vector<uint8_t> own, AllToAllVSend(group_, members_, std::move(send), PhaseTag(phase)));
   own_[phase] = std::move(own);
   return Status::Ok();
 }
 
 Expected<std::vector<std::vector<uint8_t>>> GroupExpertExchange::Finish(int phase) {
-  if (phase < 0 || phase >= kPhases || !own_[phase])
-    return Status::Internal("expert exchange: phase " + std::to_string(phase) + " finished without a start");
+  if (!CheckPhase(phase).ok() || !own_[phase]) return NotStarted(phase);
   std::vector<uint8_t> own = std::move(*own_[phase]);
   own_[phase].reset();
   return AllToAllVRecv(group_, members_, std::move(own), PhaseTag(phase), timeout_ms_);

@@ -40,9 +40,9 @@ class PipelineRunner::PairThread {
     cv_.notify_all();
     thread_.join();
   }
-  std::future<Status> Run(std::function<Status()> job) {
-    std::packaged_task<Status()> task(std::move(job));
-    std::future<Status> done = task.get_future();
+  std::future<void> Run(std::function<void()> job) {
+    std::packaged_task<void()> task(std::move(job));
+    std::future<void> done = task.get_future();
     {
       std::lock_guard<std::mutex> lock(mu_);
       task_ = std::move(task);
@@ -58,7 +58,7 @@ class PipelineRunner::PairThread {
     for (;;) {
       cv_.wait(lock, [this] { return stop_ || pending_; });
       if (stop_) return;
-      std::packaged_task<Status()> task = std::move(task_);
+      std::packaged_task<void()> task = std::move(task_);
       pending_ = false;
       lock.unlock();
       task();
@@ -68,7 +68,7 @@ class PipelineRunner::PairThread {
 
   std::mutex mu_;
   std::condition_variable cv_;
-  std::packaged_task<Status()> task_;
+  std::packaged_task<void()> task_;
   bool pending_ = false, stop_ = false;
   std::thread thread_;  // last: starts once the members above exist
 };
@@ -98,15 +98,16 @@ PipelineRunner::PipelineRunner(const Layout& layout, const Schedule& schedule, i
       modules_(std::move(modules)),
       timeout_ms_(timeout_ms),
       experts_(experts) {
-  bool has_pairs = false;
-  for (const Op& op : schedule_.per_rank[pp_rank_]) has_pairs |= op.kind == OpKind::kForwardBackward;
-  // The backend is asked on this thread: the one that will run each pair's F.
-  Backend& be = modules_[0]->backend();
   // A pair whose chunks share a module would race on its weights: none of
   // the built-in schedules makes one, but a schedule read from JSON could.
-  bool distinct = true;
-  for (const Op& op : schedule_.per_rank[pp_rank_])
-    if (op.kind == OpKind::kForwardBackward) distinct &= schedule_.Place(op.f).module != schedule_.Place(op.b).module;
+  bool has_pairs = false, distinct = true;
+  for (const Op& op : schedule_.per_rank[pp_rank_]) {
+    if (op.kind != OpKind::kForwardBackward) continue;
+    has_pairs = true;
+    distinct &= schedule_.Place(op.f).module != schedule_.Place(op.b).module;
+  }
+  // The backend is asked on this thread: the one that will run each pair's F.
+  Backend& be = modules_[0]->backend();
   if (overlap_pairs && has_pairs && distinct && be.SetCallerShare(1))
     pair_thread_ = std::make_unique<PairThread>(be, kPairWays);
 }
@@ -252,31 +253,29 @@ Status PipelineRunner::RunPair(const Op& op, const MicroTokens& tokens, const Lo
     TROUPE_RETURN_IF_ERROR(Forward(op.f, tokens, w, true));
     return Backward(op.b, scale);
   }
-  meter_.Start(2);
   // The first lane to fail aborts the group, so the other one stops waiting
   // at once instead of after its receive timeouts (a failed step ends the
   // job anyway); the pair reports that first failure, not the abort it caused.
   std::mutex failure_mu;
   Status first_failure;
-  auto lane_done = [&](int lane, Status s) {
+  auto lane_done = [&](int lane, const Status& s) {
     meter_.SetDone(lane);
-    if (s.ok()) return s;
+    if (s.ok()) return;
     std::lock_guard<std::mutex> lock(failure_mu);
     if (first_failure.ok()) {
       first_failure = s;
       group_.Abort("pipeline rank " + std::to_string(pp_rank_) + ": " + s.message());
     }
-    return s;
   };
   Backend& be = modules_[0]->backend();
-  std::future<Status> b = pair_thread_->Run([&] {
+  std::future<void> b = pair_thread_->Run([&] {
     ScopedCommWaitObserver observe(meter_.lane(1));
-    return lane_done(1, Backward(op.b, scale));
+    lane_done(1, Backward(op.b, scale));
   });
   // B uses this frame and this runner: it is joined, and the thread share
   // restored, on every way out (an exception included).
   struct JoinB {
-    std::future<Status>& b;
+    std::future<void>& b;
     Backend& be;
     ~JoinB() {
       be.SetCallerShare(1);
@@ -304,7 +303,7 @@ Status PipelineRunner::RunTrainStep(const MicroTokens& tokens, const LossWeights
   ScopedCommWaitObserver observe(meter_.lane(0));
   for (const Op& op : schedule_.per_rank[pp_rank_]) {
     OpRecord rec{op.kind, op.f, op.b, since(), 0};
-    meter_.Start(1);
+    meter_.Start(op.kind == OpKind::kForwardBackward && pair_thread_ ? 2 : 1);  // lanes: F, and B on the pair thread
     switch (op.kind) {
       case OpKind::kForward:
         TROUPE_RETURN_IF_ERROR(Forward(op.f, tokens, w, true));
