@@ -10,18 +10,19 @@ int Fail(const Status& status) {
   return status.IsInvalidArgument() || status.IsNotFound() || status.IsCorruption() ? 2 : 1;
 }
 
-Expected<std::unique_ptr<Backend>> MakeBackend(const std::string& device, int threads, const std::string& precision) {
+Expected<std::unique_ptr<Backend>> MakeBackend(const std::string& device, int threads, const std::string& precision,
+                                               int gpu) {
   if (precision != "auto" && precision != "fp32" && precision != "bf16") {
     return Status::InvalidArgument("--precision must be auto, fp32 or bf16, not '" + precision + "'");
   }
-  if (device == "auto") return MakeBackend(CudaDeviceCount() > 0 ? "cuda" : "cpu", threads, precision);
+  if (device == "auto") return MakeBackend(CudaDeviceCount() > 0 ? "cuda" : "cpu", threads, precision, gpu);
   if (device == "cpu") {
-    if (precision == "auto") return MakeBackend(device, threads, "fp32");
+    if (precision == "auto") return MakeBackend(device, threads, "fp32", gpu);
     if (precision != "fp32") return Status::InvalidArgument("--precision bf16 needs --device cuda");
     return std::unique_ptr<Backend>(new CpuBackend(threads));
   }
   if (device == "cuda") {
-    auto be = CreateCudaBackend(0, precision != "fp32");  // auto = bf16 GEMMs on the GPU
+    auto be = CreateCudaBackend(gpu, precision != "fp32");  // auto = bf16 GEMMs on the GPU
     if (!be.ok()) return be.status().WithContext("--device cuda");
     return std::move(be).value();
   }

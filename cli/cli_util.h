@@ -21,9 +21,10 @@ int Fail(const Status& status);
 // The backend for `device` ("auto": the GPU when one is present; "cpu";
 // "cuda"); `threads` applies to the CPU, `precision` to CUDA: "bf16"
 // (tensor-core GEMMs on bf16-rounded inputs, fp32 storage and accumulation;
-// what "auto" means on a GPU) or "fp32" (exact, for parity tests).
+// what "auto" means on a GPU) or "fp32" (exact, for parity tests); `gpu`
+// is the CUDA device index.
 Expected<std::unique_ptr<Backend>> MakeBackend(const std::string& device, int threads,
-                                               const std::string& precision = "auto");
+                                               const std::string& precision = "auto", int gpu = 0);
 
 // Loads and validates a config file.
 Expected<JobConfig> LoadJob(const std::string& path);

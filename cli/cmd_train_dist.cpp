@@ -21,7 +21,9 @@
 #include "cli/cli_util.h"
 #include "cli/train_dist.h"
 #include "coordinator/process_util.h"
+#include "gpu/cuda/cuda_info.h"
 #include "storage/model_weights.h"
+#include "train/parallel/device_comms.h"
 #include "train/parallel/dist_checkpoint.h"
 #include "train/parallel/dist_trainer.h"
 #include "train/parallel/process_group.h"
@@ -98,8 +100,8 @@ void PrintTimingSummary(const parallel::DistributedTrainer& t, const std::vector
   if (avg.mean_w_s > 0) std::printf(", W %.2f ms", 1e3 * avg.mean_w_s / n);
   std::printf("\n");
   const bool pairs = avg.mean_fb_s > 0;
-  std::printf("communication (steps 2..%zu): chunks waited %.1f ms per step for transfers, summed over ranks", steps.size(),
-              1e3 * avg.comm_waited_s / n);
+  std::printf("communication (steps 2..%zu): chunks waited %.1f ms per step for transfers, summed over ranks",
+              steps.size(), 1e3 * avg.comm_waited_s / n);
   if (pairs) {
     std::printf("; %.1f%% of it hidden behind the other chunk of an F&B pair (%s)",
                 avg.comm_waited_s > 0 ? 100.0 * avg.comm_hidden_s / avg.comm_waited_s : 0.0,
@@ -126,7 +128,8 @@ void PrintTimingSummary(const parallel::DistributedTrainer& t, const std::vector
   std::printf(
       "bubble (%s, pp=%d, %d micro-batches): measured %.1f%% of the schedule's time on average over "
       "ranks; the table's formula predicts %.1f%% ((bubble %.2f ms) / (bubble + C(F+B))), the "
-      "schedule simulated with the measured chunk times %.1f%%; receive waits %.1f ms per step on rank 0 (its threads summed)\n",
+      "schedule simulated with the measured chunk times %.1f%%; receive waits %.1f ms per step on rank 0 (its threads "
+      "summed)\n",
       (std::string(parallel::ScheduleKindName(l.schedule)) + (l.split_w ? ", B/W split" : "")).c_str(), l.pp,
       l.micro_batches, 100.0 * avg.bubble_share / n, 100.0 * formula / (formula + busy), 1e3 * formula,
       100.0 * sim_share, 1e3 * avg.recv_wait_s / n);
@@ -148,8 +151,18 @@ int RunRank(const RankFlags& f) {
   if (!layout.ok()) return Fail(layout.status());
   auto key = transport::ReadKeyPair(f.run_dir + "/keys/rank-" + std::to_string(f.rank) + ".key");
   if (!key.ok()) return Fail(key.status());
-  auto backend = MakeBackend(tc.device, tc.threads, "fp32");
+  // One GPU per rank, round robin over this machine's.
+  const int gpus = tc.device == "cpu" ? 0 : CudaDeviceCount();
+  auto backend = MakeBackend(tc.device, tc.threads, "fp32", parallel::GpuOfRank(f.rank, gpus));
   if (!backend.ok()) return Fail(backend.status());
+  const bool shared_gpus = (*backend)->device() == DeviceKind::kCuda && f.world > gpus;
+  if (shared_gpus && job->parallel.device_comm == "nccl") {
+    // NCCL refuses two ranks of one host on one GPU. Told that each rank is a
+    // host of its own, it connects them over its socket transport (loopback)
+    // instead: slow, but real NCCL, which is how its path is tested on one GPU.
+    ::setenv("NCCL_HOSTID", ("troupe-rank-" + std::to_string(f.rank)).c_str(), 1);
+    ::setenv("NCCL_SOCKET_IFNAME", "lo", 0);
+  }
   parallel::FileRendezvous rendezvous(f.run_dir + "/rendezvous");
   auto group =
       parallel::CreateZmqGroup(f.rank, f.world, *key, "tcp://127.0.0.1:0", rendezvous, 1000 * f.dist.timeout_s);
@@ -162,12 +175,16 @@ int RunRank(const RankFlags& f) {
     std::printf("troupe train: %s on %d ranks (processes over CURVE ZeroMQ), %s per rank\n", f.dist.config.c_str(),
                 f.world, (*backend)->Describe().c_str());
     std::printf("%s", layout->Explain().c_str());
+    std::printf("gradient buckets: %s\n",
+                t.device_comm() == "nccl"
+                    ? (shared_gpus ? "NCCL, device to device (ranks share GPUs: over NCCL's socket transport)"
+                                   : "NCCL, device to device")
+                    : "host memory, ring collectives over ZeroMQ");
     std::fflush(stdout);
   }
   if (f.dist.ckpt_every >= 0) job->checkpoint.every = f.dist.ckpt_every;
-  const std::string ckpt_dir = f.dist.ckpt_dir.empty()
-                                   ? (fs::path(f.run_dir).parent_path() / "checkpoints").string()
-                                   : f.dist.ckpt_dir;
+  const std::string ckpt_dir =
+      f.dist.ckpt_dir.empty() ? (fs::path(f.run_dir).parent_path() / "checkpoints").string() : f.dist.ckpt_dir;
   std::unique_ptr<parallel::DistCheckpointer> ckpt;
   if (job->checkpoint.every > 0 || !f.dist.resume.empty()) {
     auto c = parallel::DistCheckpointer::Open(ckpt_dir, job->checkpoint, **group, 1000 * f.dist.timeout_s);

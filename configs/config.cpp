@@ -260,6 +260,7 @@ std::vector<Field> ParallelFields(ParallelConfig& p) {
       {"zero1", Bool(&p.zero1)},
       {"split_w", Bool(&p.split_w)},
       {"overlap_pairs", String(&p.overlap_pairs)},
+      {"device_comm", String(&p.device_comm)},
   };
 }
 
@@ -466,6 +467,8 @@ Status ValidateParallelConfig(const ParallelConfig& p) {
                                    "\" is not a schedule (1f1b | zb1p | dualpipe | dualpipev)");
   if (p.overlap_pairs != "auto" && p.overlap_pairs != "on" && p.overlap_pairs != "off")
     return Status::InvalidArgument("parallel.overlap_pairs = \"" + p.overlap_pairs + "\" is not auto | on | off");
+  if (p.device_comm != "auto" && p.device_comm != "nccl" && p.device_comm != "host")
+    return Status::InvalidArgument("parallel.device_comm = \"" + p.device_comm + "\" is not auto | nccl | host");
   return Status::Ok();
 }
 

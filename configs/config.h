@@ -96,6 +96,10 @@ struct ParallelConfig {
   // the other ("off"), or "auto": at once when the stages exchange tokens between expert-parallel ranks (ep > 1),
   // whose waits the other chunk hides; without them two half-size thread teams measured slower (bench/RESULTS.md).
   std::string overlap_pairs = "auto";
+  // How GPU ranks reduce gradient buckets: "nccl" (device to device, never through host memory), "host" (copied
+  // to host memory and reduced over our ZeroMQ group, as CPU ranks do) or "auto": nccl when the backend is CUDA and
+  // every rank has a GPU of its own.
+  std::string device_comm = "auto";
 };
 
 struct JobConfig {

@@ -7,6 +7,7 @@
 #include <mutex>
 
 #include "gpu/cuda/cuda_info.h"
+#include "gpu/device_comm.h"
 
 #ifndef TROUPE_CUDA_MODULE_DIR
 #define TROUPE_CUDA_MODULE_DIR ""
@@ -23,6 +24,9 @@ struct Module {
   int (*device_count)() = nullptr;
   void (*device_summary)(char*, size_t) = nullptr;
   Backend* (*create)(int, int, char*, size_t) = nullptr;
+  int (*nccl_unique_id)(uint8_t*, size_t, char*, size_t) = nullptr;
+  DeviceComm* (*nccl_create_comm)(Backend*, const uint8_t*, size_t, int, int, const char*, int, char*,
+                                  size_t) = nullptr;
 };
 
 std::string ExecutableDir() {
@@ -58,7 +62,12 @@ const Module& LoadModule() {
     m.device_count = reinterpret_cast<int (*)()>(dlsym(m.handle, "troupe_cuda_device_count"));
     m.device_summary = reinterpret_cast<void (*)(char*, size_t)>(dlsym(m.handle, "troupe_cuda_device_summary"));
     m.create = reinterpret_cast<Backend* (*)(int, int, char*, size_t)>(dlsym(m.handle, "troupe_create_cuda_backend"));
-    if (!m.device_count || !m.device_summary || !m.create) {
+    m.nccl_unique_id =
+        reinterpret_cast<int (*)(uint8_t*, size_t, char*, size_t)>(dlsym(m.handle, "troupe_nccl_unique_id"));
+    m.nccl_create_comm =
+        reinterpret_cast<DeviceComm* (*)(Backend*, const uint8_t*, size_t, int, int, const char*, int, char*, size_t)>(
+            dlsym(m.handle, "troupe_nccl_create_comm"));
+    if (!m.device_count || !m.device_summary || !m.create || !m.nccl_unique_id || !m.nccl_create_comm) {
       m.error = std::string(kModuleName) + " lacks the troupe_cuda_* entry points";
       m.handle = nullptr;
     }
@@ -88,6 +97,38 @@ Expected<std::unique_ptr<Backend>> CreateCudaBackend(int device, bool bf16) {
   Backend* be = m.create(device, bf16 ? 1 : 0, err, sizeof err);
   if (be == nullptr) return Status::InvalidArgument(err);
   return std::unique_ptr<Backend>(be);
+}
+
+namespace {
+
+// The module, or why device communication cannot run on `be`.
+Expected<const Module*> NcclModule(const Backend& be) {
+  if (be.device() != DeviceKind::kCuda)
+    return Status::Unimplemented("NCCL needs the CUDA backend (--device cuda), not " + be.Describe());
+  const Module& m = LoadModule();
+  if (!m.handle) return Status::Unimplemented("no CUDA backend: " + m.error);
+  return &m;
+}
+
+}  // namespace
+
+Expected<std::vector<uint8_t>> NewDeviceCommId(Backend& be) {
+  TROUPE_ASSIGN_OR_RETURN(const Module* m, NcclModule(be));
+  std::vector<uint8_t> id(256);
+  char err[512] = {0};
+  const int n = m->nccl_unique_id(id.data(), id.size(), err, sizeof err);
+  if (n < 0) return Status::IOError(err);
+  id.resize(static_cast<size_t>(n));
+  return id;
+}
+
+Expected<std::unique_ptr<DeviceComm>> CreateDeviceComm(Backend& be, const DeviceCommSpec& spec, int timeout_ms) {
+  TROUPE_ASSIGN_OR_RETURN(const Module* m, NcclModule(be));
+  char err[1024] = {0};
+  DeviceComm* comm = m->nccl_create_comm(&be, spec.id.data(), spec.id.size(), spec.size, spec.rank, spec.name.c_str(),
+                                         timeout_ms, err, sizeof err);
+  if (comm == nullptr) return Status::IOError(err);
+  return std::unique_ptr<DeviceComm>(comm);
 }
 
 }  // namespace troupe

@@ -212,7 +212,7 @@ TEST(ConfigTest, CheckpointSection) {
 TEST(ConfigTest, ParallelSection) {
   auto job = ParseConfigText(
       "[parallel]\npp = 4\nep = 2\ndp = 0\nschedule = \"dualpipe\"\nmicro_batches = 16\nzero1 = false\n"
-      "split_w = false\noverlap_pairs = \"off\"\n",
+      "split_w = false\noverlap_pairs = \"off\"\ndevice_comm = \"host\"\n",
       "ok.toml");
   ASSERT_TRUE(job.ok()) << job.status().message();
   EXPECT_EQ(job->parallel.pp, 4);
@@ -224,6 +224,9 @@ TEST(ConfigTest, ParallelSection) {
   EXPECT_FALSE(job->parallel.split_w);
   EXPECT_EQ(job->parallel.overlap_pairs, "off");
   EXPECT_EQ(ParallelConfig{}.overlap_pairs, "auto");
+  EXPECT_EQ(job->parallel.device_comm, "host");
+  EXPECT_EQ(ParallelConfig{}.device_comm, "auto");
+  EXPECT_CONTAINS(ErrorOf("[parallel]\ndevice_comm = \"mpi\"\n"), "parallel.device_comm = \"mpi\" is not auto | nccl | host");
   EXPECT_CONTAINS(ErrorOf("[parallel]\npp = 0\n"), "parallel.pp = 0");
   EXPECT_CONTAINS(ErrorOf("[parallel]\ndp = -1\n"), "parallel.dp");
   EXPECT_CONTAINS(ErrorOf("[parallel]\nschedule = \"gpipe\"\n"), "is not a schedule");

@@ -36,6 +36,7 @@ class CudaBackend final : public Backend {
   DeviceKind device() const override { return DeviceKind::kCuda; }
   std::string Describe() const override;
   MatmulPrecision precision() const { return precision_; }
+  int device_index() const { return device_; }
   CUstream_st* stream() const { return stream_; }
 
   Expected<Tensor> Alloc(std::vector<int64_t> shape, DType dtype, std::string name) override;

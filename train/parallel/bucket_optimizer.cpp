@@ -47,6 +47,36 @@ void Scatter(Backend& be, const std::vector<std::vector<Tensor*>>& copies, const
   }
 }
 
+// Device path: the bucket's tensors packed into `flat` (local duplicates
+// summed), on the backend's stream.
+void Pack(Backend& be, const std::vector<std::vector<Tensor*>>& copies, Tensor& flat) {
+  int64_t at = 0;
+  for (const auto& c : copies) {
+    const int64_t n = c[0]->numel();
+    Tensor dst = Elements(flat, at, at + n);
+    be.Copy(dst, c[0]->Reshape({n, 1}));
+    for (size_t i = 1; i < c.size(); ++i) be.Axpy(dst, 1.0, c[i]->Reshape({n, 1}));
+    at += n;
+  }
+}
+
+// Writes flat elements [begin, end) back into every local copy, on the device.
+void Unpack(Backend& be, const std::vector<std::vector<Tensor*>>& copies, const Tensor& flat, int64_t begin,
+            int64_t end) {
+  int64_t at = 0;
+  for (const auto& c : copies) {
+    const int64_t n = c[0]->numel();
+    const int64_t lo = std::max(begin, at), hi = std::min(end, at + n);
+    if (lo < hi) {
+      for (Tensor* t : c) {
+        Tensor part = Elements(*t, lo - at, hi - at);
+        be.Copy(part, Elements(flat, lo, hi));
+      }
+    }
+    at += n;
+  }
+}
+
 std::vector<Tensor*> Copies(const std::vector<ModelParams*>& sets, const std::string& name, bool* weight_decay) {
   std::vector<Tensor*> out;
   for (ModelParams* p : sets) {
@@ -65,8 +95,8 @@ Expected<std::unique_ptr<BucketOptimizer>> BucketOptimizer::Create(Backend& be, 
                                                                    std::vector<Bucket> buckets,
                                                                    std::vector<ModelParams*> params,
                                                                    std::vector<ModelParams*> grads, bool zero1,
-                                                                   int timeout_ms) {
-  std::unique_ptr<BucketOptimizer> o(new BucketOptimizer(be, group, std::move(buckets), zero1, timeout_ms));
+                                                                   int timeout_ms, DeviceComms* device) {
+  std::unique_ptr<BucketOptimizer> o(new BucketOptimizer(be, group, std::move(buckets), zero1, timeout_ms, device));
   TROUPE_RETURN_IF_ERROR(o->Init(std::move(params), std::move(grads)));
   return o;
 }
@@ -114,12 +144,24 @@ Status BucketOptimizer::Init(std::vector<ModelParams*> params, std::vector<Model
       be_.Zero(l.v);
       state_bytes_ += 2 * static_cast<size_t>(chunk) * sizeof(float);
     }
+    if (device_ != nullptr) {
+      l.comm = device_->Find(bucket.holders);
+      if (l.comm == nullptr && bucket.holders.size() > 1)
+        return Status::Internal("no NCCL communicator for the holders of bucket " + std::to_string(b));
+      TROUPE_ASSIGN_OR_RETURN(l.flat, be_.Alloc({l.length, 1}, DType::kF32, "optimizer.bucket"));
+      for (size_t i = 0; i <= bucket.holders.size(); ++i)
+        l.bounds.push_back(
+            i == bucket.holders.size()
+                ? l.length
+                : static_cast<int64_t>(ChunkOf(static_cast<size_t>(l.length), bucket.holders.size(), i).offset));
+    }
     mine_.push_back(std::move(l));
   }
   return Status::Ok();
 }
 
 Status BucketOptimizer::ReduceGradients() {
+  if (device_ != nullptr) return ReduceGradientsOnDevice();
   for (Local& l : mine_) {
     std::vector<float> flat = Flatten(be_, l.grads, l.length);
     const std::vector<int>& holders = l.bucket->holders;
@@ -131,6 +173,37 @@ Status BucketOptimizer::ReduceGradients() {
     Scatter(be_, l.grads, flat, l.chunk_begin, l.chunk_end);
   }
   return Status::Ok();
+}
+
+Status BucketOptimizer::ReduceGradientsOnDevice() {
+  for (Local& l : mine_) Pack(be_, l.grads, l.flat);
+  for (Local& l : mine_) {
+    if (l.comm == nullptr) continue;
+    Status s = zero1_ ? l.comm->ReduceScatterSum(l.flat, l.bounds) : l.comm->AllReduceSum(l.flat);
+    TROUPE_RETURN_IF_ERROR(s.WithContext("gradient reduction of bucket " + std::to_string(l.index)));
+  }
+  for (Local& l : mine_) Unpack(be_, l.grads, l.flat, l.chunk_begin, l.chunk_end);
+  // Here, not in the next kernel's sync: a dead holder must surface as an error within the timeout.
+  return device_->WaitAll(timeout_ms_).WithContext("gradient reduction");
+}
+
+Status BucketOptimizer::GatherWeightsOnDevice() {
+  bool queued = false;
+  for (Local& l : mine_) {
+    const bool gather = zero1_ && l.comm != nullptr;
+    const bool duplicates = std::any_of(l.params.begin(), l.params.end(), [](const auto& c) { return c.size() > 1; });
+    if (!gather && !duplicates) continue;
+    std::vector<std::vector<Tensor*>> firsts;
+    for (const auto& c : l.params) firsts.push_back({c[0]});
+    Pack(be_, firsts, l.flat);
+    if (gather) {
+      TROUPE_RETURN_IF_ERROR(
+          l.comm->AllGather(l.flat, l.bounds).WithContext("weight all-gather of bucket " + std::to_string(l.index)));
+      queued = true;
+    }
+    Unpack(be_, l.params, l.flat, 0, l.length);
+  }
+  return queued ? device_->WaitAll(timeout_ms_).WithContext("weight all-gather") : Status::Ok();
 }
 
 double BucketOptimizer::OwnedSquaredNorm() {
@@ -153,6 +226,7 @@ Status BucketOptimizer::Step(const TrainConfig& tc, double lr, double clip_scale
       Tensor v = l.v.SliceRows(p.state_offset, p.state_offset + (p.end - p.begin));
       be_.AdamWStep(param, grad, m, v, a);
     }
+    if (device_ != nullptr) continue;
     const bool gather = zero1_ && l.bucket->holders.size() > 1;
     const bool duplicates = std::any_of(l.params.begin(), l.params.end(), [](const auto& c) { return c.size() > 1; });
     if (!gather && !duplicates) continue;
@@ -164,7 +238,7 @@ Status BucketOptimizer::Step(const TrainConfig& tc, double lr, double clip_scale
                                  .WithContext("weight all-gather"));
     Scatter(be_, l.params, flat, 0, l.length);
   }
-  return Status::Ok();
+  return device_ != nullptr ? GatherWeightsOnDevice() : Status::Ok();
 }
 
 Expected<std::vector<BucketOptimizer::TensorState>> BucketOptimizer::GatherStateToLeads() {

@@ -14,6 +14,14 @@
 // network and written back after it, so copies stay bit-identical. Buckets
 // run in one global order (sorted holder lists), so no two ranks wait on
 // each other in opposite orders.
+//
+// Two paths for the bytes. Host: each bucket is copied into host memory and
+// reduced over the process group (ring collectives, collectives.h). Device
+// (given DeviceComms, i.e. NCCL): each bucket is packed into one flat device
+// buffer, reduced by NCCL on its own stream (all-reduce, or per-chunk reduce
+// and broadcast under ZeRO-1, whose chunks are uneven) and unpacked, never
+// leaving the GPU; every bucket is packed before the first reduction is
+// queued, so NCCL's transfers overlap the remaining packing.
 #pragma once
 
 #include <functional>
@@ -24,6 +32,7 @@
 #include "configs/config.h"
 #include "gpu/backend.h"
 #include "gpu/model/params.h"
+#include "train/parallel/device_comms.h"
 #include "train/parallel/process_group.h"
 
 namespace troupe::parallel {
@@ -37,10 +46,13 @@ class BucketOptimizer {
  public:
   // `params[i]` / `grads[i]` are this rank's module i tensors; `buckets` are
   // the whole job's (every rank passes the same list). Allocates m and v.
+  // `device` (optional, outliving this): the NCCL communicators of the
+  // buckets' holder groups; then every bucket takes the device path.
   static Expected<std::unique_ptr<BucketOptimizer>> Create(Backend& be, ProcessGroup& group,
                                                            std::vector<Bucket> buckets,
                                                            std::vector<ModelParams*> params,
-                                                           std::vector<ModelParams*> grads, bool zero1, int timeout_ms);
+                                                           std::vector<ModelParams*> grads, bool zero1, int timeout_ms,
+                                                           DeviceComms* device = nullptr);
 
   // Sums each bucket's gradients over its holders (all-reduce, or
   // reduce-scatter under ZeRO-1, where afterwards only this rank's chunk of
@@ -88,17 +100,26 @@ class BucketOptimizer {
     std::vector<std::vector<Tensor*>> params, grads;  // [name] local copies
     std::vector<Piece> pieces;
     Tensor m, v;  // [chunk, 1]
+    // Device path: the holders' communicator (null for a bucket of one
+    // holder), the packed bucket [length, 1] and every holder's chunk bounds.
+    DeviceComm* comm = nullptr;
+    Tensor flat;
+    std::vector<int64_t> bounds;
   };
 
-  BucketOptimizer(Backend& be, ProcessGroup& group, std::vector<Bucket> buckets, bool zero1, int timeout_ms)
-      : be_(be), group_(group), buckets_(std::move(buckets)), zero1_(zero1), timeout_ms_(timeout_ms) {}
+  BucketOptimizer(Backend& be, ProcessGroup& group, std::vector<Bucket> buckets, bool zero1, int timeout_ms,
+                  DeviceComms* device)
+      : be_(be), group_(group), buckets_(std::move(buckets)), zero1_(zero1), timeout_ms_(timeout_ms), device_(device) {}
   Status Init(std::vector<ModelParams*> params, std::vector<ModelParams*> grads);
+  Status ReduceGradientsOnDevice();
+  Status GatherWeightsOnDevice();
 
   Backend& be_;
   ProcessGroup& group_;
   std::vector<Bucket> buckets_;
   bool zero1_;
   int timeout_ms_;
+  DeviceComms* device_;
   std::vector<Local> mine_;
   size_t state_bytes_ = 0;
 };

@@ -7,6 +7,7 @@
 #include <limits>
 #include <set>
 
+#include "gpu/cuda/cuda_info.h"
 #include "gpu/host_io.h"
 #include "gpu/model/bias_update.h"
 #include "train/lr_schedule.h"
@@ -155,8 +156,15 @@ Status DistributedTrainer::Init() {
     params.push_back(&m->params());
     grads.push_back(&m->grads());
   }
+  const int gpus = be_.device() == DeviceKind::kCuda ? CudaDeviceCount() : 0;
+  TROUPE_ASSIGN_OR_RETURN(device_comm_, ChooseDeviceComm(job_.parallel.device_comm, be_, layout_.world(), gpus));
+  if (device_comm_ == "nccl") {
+    std::vector<std::vector<int>> groups;
+    for (const Bucket& b : buckets) groups.push_back(b.holders);
+    TROUPE_ASSIGN_OR_RETURN(device_comms_, DeviceComms::Connect(be_, group_, std::move(groups), timeout_ms_));
+  }
   TROUPE_ASSIGN_OR_RETURN(optimizer_, BucketOptimizer::Create(be_, group_, std::move(buckets), params, grads,
-                                                              job_.parallel.zero1, timeout_ms_));
+                                                              job_.parallel.zero1, timeout_ms_, device_comms_.get()));
   runner_ = std::make_unique<PipelineRunner>(layout_, schedule_, rank_, group_, modules(), timeout_ms_,
                                              expert_exchange_.get(), OverlapsPairs(job_.parallel, layout_));
   return Status::Ok();

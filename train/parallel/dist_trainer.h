@@ -113,6 +113,8 @@ class DistributedTrainer {
   const StepTiming& timing() const { return timing_; }
   // Whether F&B pairs run their two chunks at once (PipelineRunner).
   bool overlaps_pairs() const { return runner_->overlaps_pairs(); }
+  // How gradient buckets travel: "nccl" (device to device) or "host".
+  const std::string& device_comm() const { return device_comm_; }
   // Bytes of AdamW state on this rank (ZeRO-1 divides it among the copies).
   size_t optimizer_state_bytes() const { return optimizer_->state_bytes(); }
 
@@ -132,6 +134,8 @@ class DistributedTrainer {
   int rank_;
   Schedule schedule_;
   std::vector<std::unique_ptr<Model>> modules_;
+  std::string device_comm_;                    // "nccl" or "host" (parallel.device_comm, resolved)
+  std::unique_ptr<DeviceComms> device_comms_;  // before optimizer_, which uses them
   std::unique_ptr<BucketOptimizer> optimizer_;
   std::unique_ptr<GroupExpertExchange> expert_exchange_;
   std::map<std::string, std::vector<int>> holders_;

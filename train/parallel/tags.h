@@ -20,6 +20,7 @@ enum class TagKind : uint64_t {
   kGather = 14,      // the final weight gather to rank 0
   kOptState = 15,    // checkpoints: AdamW state gathered to each bucket's lowest holder, index = bucket
   kCheckpoint = 16,  // checkpoints: ids, manifests and written pieces between the ranks and rank 0 (dist_checkpoint)
+  kDeviceComm = 17,  // NCCL ids from each device group's lowest rank to the others, index = the group's position
 };
 
 // kCheckpoint's indices (train/parallel/dist_checkpoint.h).

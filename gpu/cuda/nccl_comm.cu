@@ -1,0 +1,279 @@
+// DeviceComm over NCCL (gpu/device_comm.h), and the module's C entry points
+// for it. Communicators are created non-blocking, so joining and every wait
+// poll with a deadline instead of hanging on a member that never comes.
+#include <cuda_runtime.h>
+#include <nccl.h>
+
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <mutex>
+#include <thread>
+
+#include "gpu/cuda/cuda_backend.h"
+#include "gpu/device_comm.h"
+
+namespace troupe {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+std::string NcclVersion() {
+  int v = 0;
+  ncclGetVersion(&v);
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "nccl %d.%d.%d", v / 10000, (v / 100) % 100, v % 100);
+  return buf;
+}
+
+class NcclComm final : public DeviceComm {
+ public:
+  NcclComm(CudaBackend& be, ncclComm_t comm, cudaStream_t stream, cudaEvent_t ready, cudaEvent_t done,
+           DeviceCommSpec spec)
+      : be_(be), comm_(comm), stream_(stream), ready_(ready), done_(done), spec_(std::move(spec)) {}
+
+  ~NcclComm() override {
+    if (!aborted_) {
+      // Finalize flushes what peers may still need from us; a peer that is
+      // gone must not hold up our exit, hence the deadline and the abort.
+      cudaStreamSynchronize(stream_);
+      ncclResult_t state = ncclCommFinalize(comm_);
+      const auto deadline = Clock::now() + std::chrono::seconds(5);
+      while (state == ncclInProgress && Clock::now() < deadline) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(1));
+        ncclCommGetAsyncError(comm_, &state);
+      }
+      if (state == ncclSuccess)
+        ncclCommDestroy(comm_);
+      else
+        ncclCommAbort(comm_);
+    }
+    cudaEventDestroy(ready_);
+    cudaEventDestroy(done_);
+    cudaStreamDestroy(stream_);
+  }
+
+  int rank() const override { return spec_.rank; }
+  int size() const override { return spec_.size; }
+
+  Status AllReduceSum(Tensor& data) override {
+    return Issue("all-reduce", [&] {
+      return ncclAllReduce(data.raw(), data.raw(), static_cast<size_t>(data.numel()), ncclFloat32, ncclSum, comm_,
+                           stream_);
+    });
+  }
+
+  // One ncclReduce per chunk to its owner, grouped so NCCL runs them as one
+  // operation: uneven chunks, which ncclReduceScatter cannot express.
+  Status ReduceScatterSum(Tensor& data, const std::vector<int64_t>& bounds) override {
+    TROUPE_RETURN_IF_ERROR(CheckBounds(data, bounds, "reduce-scatter"));
+    float* base = data.data<float>();
+    return Issue("reduce-scatter", [&] {
+      ncclResult_t r = ncclGroupStart();
+      for (int i = 0; r == ncclSuccess && i < spec_.size; ++i) {
+        float* chunk = base + bounds[i];
+        const size_t n = static_cast<size_t>(bounds[i + 1] - bounds[i]);
+        if (n > 0) r = ncclReduce(chunk, chunk, n, ncclFloat32, ncclSum, i, comm_, stream_);
+      }
+      const ncclResult_t end = ncclGroupEnd();
+      return r != ncclSuccess ? r : end;
+    });
+  }
+
+  Status AllGather(Tensor& data, const std::vector<int64_t>& bounds) override {
+    TROUPE_RETURN_IF_ERROR(CheckBounds(data, bounds, "all-gather"));
+    float* base = data.data<float>();
+    return Issue("all-gather", [&] {
+      ncclResult_t r = ncclGroupStart();
+      for (int i = 0; r == ncclSuccess && i < spec_.size; ++i) {
+        float* chunk = base + bounds[i];
+        const size_t n = static_cast<size_t>(bounds[i + 1] - bounds[i]);
+        if (n > 0) r = ncclBroadcast(chunk, chunk, n, ncclFloat32, i, comm_, stream_);
+      }
+      const ncclResult_t end = ncclGroupEnd();
+      return r != ncclSuccess ? r : end;
+    });
+  }
+
+  Status Wait(int timeout_ms) override {
+    const auto deadline = Clock::now() + std::chrono::milliseconds(timeout_ms < 0 ? 1LL << 40 : timeout_ms);
+    for (;;) {
+      if (Status s = failure(); !s.ok()) return s;
+      const cudaError_t q = cudaEventQuery(done_);
+      if (q == cudaSuccess) return Status::Ok();
+      if (q != cudaErrorNotReady) return Fail(std::string("CUDA: ") + cudaGetErrorString(q));
+      ncclResult_t async = ncclSuccess;
+      ncclCommGetAsyncError(comm_, &async);
+      if (async != ncclSuccess && async != ncclInProgress) return Fail(Explain(async));
+      if (Clock::now() >= deadline)
+        return Fail("no progress for " + std::to_string(timeout_ms) + " ms (a member stopped or is stuck)");
+      std::this_thread::sleep_for(std::chrono::microseconds(200));
+    }
+  }
+
+  void Abort(const std::string& why) override { static_cast<void>(Fail("aborted: " + why)); }
+
+  std::string Describe() const override {
+    return NcclVersion() + ", rank " + std::to_string(spec_.rank) + " of " + std::to_string(spec_.size) + " (" +
+           spec_.name + ")";
+  }
+
+ private:
+  template <typename Call>
+  Status Issue(const char* what, Call&& call) {
+    if (Status s = failure(); !s.ok()) return s;
+    // The backend's kernels so far, then this, then the backend's next ones.
+    cudaError_t e = cudaEventRecord(ready_, be_.stream());
+    if (e == cudaSuccess) e = cudaStreamWaitEvent(stream_, ready_, 0);
+    if (e != cudaSuccess) return Fail(std::string(what) + ": CUDA: " + cudaGetErrorString(e));
+    ncclResult_t r = call();
+    // A non-blocking communicator may still be connecting peers: let it finish.
+    const auto deadline = Clock::now() + std::chrono::seconds(60);
+    while (r == ncclInProgress && Clock::now() < deadline) {
+      std::this_thread::sleep_for(std::chrono::microseconds(100));
+      ncclCommGetAsyncError(comm_, &r);
+    }
+    if (r != ncclSuccess) return Fail(std::string(what) + ": " + Explain(r));
+    e = cudaEventRecord(done_, stream_);
+    if (e == cudaSuccess) e = cudaStreamWaitEvent(be_.stream(), done_, 0);
+    if (e != cudaSuccess) return Fail(std::string(what) + ": CUDA: " + cudaGetErrorString(e));
+    return Status::Ok();
+  }
+
+  Status CheckBounds(const Tensor& data, const std::vector<int64_t>& bounds, const char* what) const {
+    bool ok =
+        bounds.size() == static_cast<size_t>(spec_.size) + 1 && bounds.front() == 0 && bounds.back() == data.numel();
+    for (size_t i = 1; ok && i < bounds.size(); ++i) ok = bounds[i - 1] <= bounds[i];
+    if (!ok)
+      return Status::InvalidArgument(spec_.name + " " + what + ": chunk bounds must be " +
+                                     std::to_string(spec_.size + 1) + " ascending offsets from 0 to " +
+                                     std::to_string(data.numel()));
+    return Status::Ok();
+  }
+
+  std::string Explain(ncclResult_t r) const {
+    std::string s = ncclGetErrorString(r);
+    const char* last = ncclGetLastError(comm_);
+    if (last != nullptr && *last != '\0') s += std::string(" (") + last + ")";
+    return s;
+  }
+
+  Status failure() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return failed_;
+  }
+
+  // Records the first failure, aborts the communicator (its kernels return)
+  // and returns that first failure.
+  Status Fail(const std::string& why) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (failed_.ok()) {
+      failed_ = Status::IOError("NCCL " + spec_.name + " (rank " + std::to_string(spec_.rank) + " of " +
+                                std::to_string(spec_.size) + "): " + why);
+      ncclCommAbort(comm_);
+      comm_ = nullptr;
+      aborted_ = true;
+    }
+    return failed_;
+  }
+
+  CudaBackend& be_;
+  ncclComm_t comm_;
+  cudaStream_t stream_;
+  cudaEvent_t ready_, done_;
+  DeviceCommSpec spec_;
+  mutable std::mutex mu_;
+  Status failed_;
+  bool aborted_ = false;
+};
+
+}  // namespace
+}  // namespace troupe
+
+namespace {
+
+void CopyMessage(const std::string& msg, char* out, size_t len) {
+  if (out != nullptr && len > 0) std::snprintf(out, len, "%s", msg.c_str());
+}
+
+}  // namespace
+
+// Writes an ncclUniqueId into out[0..len); returns its size, or -1 with `error` set.
+extern "C" int troupe_nccl_unique_id(uint8_t* out, size_t len, char* error, size_t error_len) {
+  ncclUniqueId id;
+  if (len < sizeof id) {
+    CopyMessage("buffer of " + std::to_string(len) + " bytes; an NCCL id needs " + std::to_string(sizeof id), error,
+                error_len);
+    return -1;
+  }
+  const ncclResult_t r = ncclGetUniqueId(&id);
+  if (r != ncclSuccess) {
+    CopyMessage(std::string("ncclGetUniqueId: ") + ncclGetErrorString(r), error, error_len);
+    return -1;
+  }
+  std::memcpy(out, &id, sizeof id);
+  return static_cast<int>(sizeof id);
+}
+
+// Joins a communicator; returns a heap-allocated DeviceComm (the caller owns
+// it) or null with `error` set.
+extern "C" troupe::DeviceComm* troupe_nccl_create_comm(troupe::Backend* backend, const uint8_t* id, size_t id_len,
+                                                       int size, int rank, const char* name, int timeout_ms,
+                                                       char* error, size_t error_len) {
+  using namespace troupe;
+  const std::string label = name;
+  auto fail = [&](const std::string& why) -> DeviceComm* {
+    CopyMessage("NCCL " + label + " (rank " + std::to_string(rank) + " of " + std::to_string(size) + "): " + why, error,
+                error_len);
+    return nullptr;
+  };
+  auto* be = dynamic_cast<CudaBackend*>(backend);
+  if (be == nullptr) return fail("needs the CUDA backend, not " + backend->Describe());
+  if (id_len != sizeof(ncclUniqueId)) return fail("an id of " + std::to_string(id_len) + " bytes is not an NCCL id");
+  if (size < 1 || rank < 0 || rank >= size) return fail("rank out of range");
+  ncclUniqueId uid;
+  std::memcpy(&uid, id, sizeof uid);
+  cudaSetDevice(be->device_index());
+  cudaStream_t stream = nullptr;
+  cudaEvent_t ready = nullptr, done = nullptr;
+  if (cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking) != cudaSuccess ||
+      cudaEventCreateWithFlags(&ready, cudaEventDisableTiming) != cudaSuccess ||
+      cudaEventCreateWithFlags(&done, cudaEventDisableTiming) != cudaSuccess) {
+    const std::string why = cudaGetErrorString(cudaGetLastError());
+    if (stream) cudaStreamDestroy(stream);
+    if (ready) cudaEventDestroy(ready);
+    return fail("CUDA: " + why);
+  }
+  auto release = [&] {
+    cudaEventDestroy(ready);
+    cudaEventDestroy(done);
+    cudaStreamDestroy(stream);
+  };
+  ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
+  config.blocking = 0;
+  ncclComm_t comm = nullptr;
+  ncclResult_t r = ncclCommInitRankConfig(&comm, size, uid, rank, &config);
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
+  while (r == ncclInProgress) {
+    if (std::chrono::steady_clock::now() >= deadline) {
+      ncclCommAbort(comm);
+      release();
+      return fail("not every member joined within " + std::to_string(timeout_ms) + " ms");
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    ncclCommGetAsyncError(comm, &r);
+  }
+  if (r != ncclSuccess) {
+    std::string why = ncclGetErrorString(r);
+    const char* last = comm ? ncclGetLastError(comm) : nullptr;
+    if (last != nullptr && *last != '\0') why += std::string(" (") + last + ")";
+    if (comm) ncclCommAbort(comm);
+    release();
+    return fail("joining failed: " + why);
+  }
+  DeviceCommSpec spec;
+  spec.size = size;
+  spec.rank = rank;
+  spec.name = label;
+  return new NcclComm(*be, comm, stream, ready, done, std::move(spec));
+}

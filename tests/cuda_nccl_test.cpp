@@ -1,0 +1,198 @@
+// NCCL between real processes (gpu/device_comm.h, train/parallel/device_comms.h):
+// two ranks, forked before anything touches CUDA, exchange their NCCL id over
+// a CURVE ZeroMQ group and reduce device memory. With one GPU both ranks
+// share it over NCCL's socket transport (each told it is a host of its own);
+// with two, each has its own. Also: a rank that stops answering is an error
+// within the deadline, not a hang; the CPU backend is refused by name.
+// A child exits 77 when it finds no CUDA device, and the test is skipped.
+#include <gtest/gtest.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <functional>
+#include <thread>
+#include <vector>
+
+#include "actors/transport/keys.h"
+#include "gpu/cpu/cpu_backend.h"
+#include "gpu/device_comm.h"
+#include "gpu/host_io.h"
+#include "test_util.h"
+#include "train/parallel/collectives.h"
+#include "train/parallel/device_comms.h"
+#include "train/parallel/process_group.h"
+
+#if defined(TROUPE_HAVE_CUDA)
+#include "gpu/cuda/cuda_backend.h"
+#include "gpu/cuda/cuda_info.h"
+#endif
+
+namespace troupe {
+namespace {
+
+constexpr int kSkip = 77;
+
+TEST(DeviceCommTest, TheCpuBackendIsRefusedByName) {
+  CpuBackend cpu(1);
+  auto id = NewDeviceCommId(cpu);
+  ASSERT_FALSE(id.ok());
+  EXPECT_NE(id.status().message().find("NCCL needs the CUDA backend"), std::string::npos) << id.status().message();
+  auto choice = parallel::ChooseDeviceComm("nccl", cpu, 2, 0);
+  ASSERT_FALSE(choice.ok());
+  EXPECT_NE(choice.status().message().find("parallel.device_comm = \"nccl\" needs the CUDA backend"),
+            std::string::npos);
+  EXPECT_EQ(parallel::ChooseDeviceComm("auto", cpu, 2, 0).value(), "host");
+  EXPECT_FALSE(parallel::ChooseDeviceComm("gpu", cpu, 2, 0).ok());
+  // Groups of one need no communicator: nothing to join, nothing to refuse.
+  auto groups = parallel::CreateLocalGroup(1);
+  auto none = parallel::DeviceComms::Connect(cpu, *groups[0], {{0}}, 1000);
+  ASSERT_TRUE(none.ok()) << none.status().message();
+  EXPECT_EQ((*none)->size(), 0u);
+  EXPECT_EQ(parallel::GpuOfRank(5, 2), 1);
+  EXPECT_EQ(parallel::GpuOfRank(5, 0), 0);
+}
+
+#if defined(TROUPE_HAVE_CUDA)
+
+// What one rank does once its communicator is up; returns the exit code.
+using Scenario = std::function<int(CudaBackend&, DeviceComm&, int rank)>;
+
+int Check(bool ok, const std::string& what) {
+  if (!ok) std::fprintf(stderr, "rank check failed: %s\n", what.c_str());
+  return ok ? 0 : 1;
+}
+
+int RankMain(int rank, int world, const std::string& dir, const Scenario& scenario) {
+  const int gpus = CudaDeviceCount();
+  if (gpus == 0) return kSkip;
+  if (gpus < world) {  // as `troupe rank` does for ranks that share a GPU
+    ::setenv("NCCL_HOSTID", ("troupe-test-rank-" + std::to_string(rank)).c_str(), 1);
+    ::setenv("NCCL_SOCKET_IFNAME", "lo", 0);
+  }
+  auto be = CudaBackend::Create(parallel::GpuOfRank(rank, gpus), MatmulPrecision::kFp32);
+  if (!be.ok()) return kSkip;
+  auto key = transport::GenerateKeyPair();
+  if (!key.ok()) return Check(false, key.status().message());
+  parallel::FileRendezvous rendezvous(dir);
+  auto group = parallel::CreateZmqGroup(rank, world, *key, "tcp://127.0.0.1:0", rendezvous, 30000);
+  if (!group.ok()) return Check(false, group.status().message());
+  std::vector<int> all;
+  for (int r = 0; r < world; ++r) all.push_back(r);
+  auto comms = parallel::DeviceComms::Connect(**be, **group, {all}, 60000);
+  if (!comms.ok()) return Check(false, comms.status().message());
+  DeviceComm* comm = (*comms)->Find(all);
+  if (comm == nullptr) return Check(false, "no communicator for the whole group");
+  return scenario(**be, *comm, rank);
+}
+
+// Runs `world` ranks as forked processes; the exit codes, rank by rank.
+std::vector<int> RunRanks(int world, const Scenario& scenario) {
+  testing::TempDir dir;
+  std::vector<pid_t> pids;
+  for (int r = 0; r < world; ++r) {
+    const pid_t pid = fork();
+    if (pid == 0) _exit(RankMain(r, world, dir.path().string(), scenario));
+    pids.push_back(pid);
+  }
+  std::vector<int> codes;
+  for (pid_t pid : pids) {
+    int status = 0;
+    waitpid(pid, &status, 0);
+    codes.push_back(WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status));
+  }
+  return codes;
+}
+
+#define EXPECT_RANKS_PASS(codes)                                                           \
+  do {                                                                                     \
+    const std::vector<int> c = (codes);                                                    \
+    if (c[0] == kSkip || c[1] == kSkip) GTEST_SKIP() << "no CUDA device";                  \
+    for (size_t r = 0; r < c.size(); ++r) EXPECT_EQ(c[r], 0) << "rank " << r << " failed"; \
+  } while (0)
+
+// Element i of rank r's input: distinct per rank and element, exact in fp32.
+float Value(int rank, size_t i) { return static_cast<float>((rank + 1) * 1000 + static_cast<int>(i % 997)); }
+
+Expected<Tensor> Filled(CudaBackend& be, int rank, size_t n) {
+  TROUPE_ASSIGN_OR_RETURN(Tensor t, be.Alloc({static_cast<int64_t>(n), 1}, DType::kF32, "data"));
+  std::vector<float> v(n);
+  for (size_t i = 0; i < n; ++i) v[i] = Value(rank, i);
+  FromHostFloats(be, t, v);
+  return t;
+}
+
+constexpr size_t kLength = 100003;  // not a multiple of anything NCCL likes
+
+TEST(NcclTest, AllReduceSumsOverTwoProcesses) {
+  EXPECT_RANKS_PASS(RunRanks(2, [](CudaBackend& be, DeviceComm& comm, int rank) {
+    auto t = Filled(be, rank, kLength);
+    if (!t.ok()) return Check(false, t.status().message());
+    Status s = comm.AllReduceSum(*t);
+    if (s.ok()) s = comm.Wait(30000);
+    if (!s.ok()) return Check(false, s.message());
+    const std::vector<float> got = ToHostFloats(be, *t);
+    for (size_t i = 0; i < kLength; ++i)
+      if (got[i] != Value(0, i) + Value(1, i)) return Check(false, "element " + std::to_string(i));
+    return Check(comm.size() == 2 && comm.rank() == rank, "size and rank");
+  }));
+}
+
+// ZeRO-1's halves with uneven chunks: each rank owns ChunkOf's chunk.
+TEST(NcclTest, ReduceScatterAndAllGatherUseUnevenChunks) {
+  EXPECT_RANKS_PASS(RunRanks(2, [](CudaBackend& be, DeviceComm& comm, int rank) {
+    std::vector<int64_t> bounds = {0};
+    for (size_t i = 0; i < 2; ++i) {
+      const parallel::Chunk c = parallel::ChunkOf(kLength, 2, i);
+      bounds.push_back(static_cast<int64_t>(c.offset + c.count));
+    }
+    auto t = Filled(be, rank, kLength);
+    if (!t.ok()) return Check(false, t.status().message());
+    Status s = comm.ReduceScatterSum(*t, bounds);
+    if (s.ok()) s = comm.Wait(30000);
+    if (!s.ok()) return Check(false, s.message());
+    std::vector<float> got = ToHostFloats(be, *t);
+    for (int64_t i = bounds[rank]; i < bounds[rank + 1]; ++i)
+      if (got[i] != Value(0, i) + Value(1, i)) return Check(false, "reduce-scatter element " + std::to_string(i));
+    // Every rank's chunk becomes -(its rank + 1); the rest is garbage until gathered.
+    for (int64_t i = 0; i < static_cast<int64_t>(kLength); ++i)
+      got[i] = (i >= bounds[rank] && i < bounds[rank + 1]) ? -(rank + 1.0f) : 12345.0f;
+    FromHostFloats(be, *t, got);
+    s = comm.AllGather(*t, bounds);
+    if (s.ok()) s = comm.Wait(30000);
+    if (!s.ok()) return Check(false, s.message());
+    got = ToHostFloats(be, *t);
+    for (int64_t i = 0; i < static_cast<int64_t>(kLength); ++i)
+      if (got[i] != (i < bounds[1] ? -1.0f : -2.0f)) return Check(false, "all-gather element " + std::to_string(i));
+    // Bounds that do not cover the tensor are refused before NCCL sees them.
+    Status bad = comm.AllGather(*t, {0, 5, 6});
+    return Check(bad.IsInvalidArgument() && bad.message().find("chunk bounds") != std::string::npos, bad.message());
+  }));
+}
+
+// Rank 1 leaves without joining the all-reduce: rank 0's Wait must fail
+// within its deadline, name the communicator, and fail every later call.
+TEST(NcclTest, AMemberThatLeavesIsAnErrorNotAHang) {
+  EXPECT_RANKS_PASS(RunRanks(2, [](CudaBackend& be, DeviceComm& comm, int rank) {
+    if (rank == 1) return 0;
+    auto t = Filled(be, rank, kLength);
+    if (!t.ok()) return Check(false, t.status().message());
+    const auto start = std::chrono::steady_clock::now();
+    Status s = comm.AllReduceSum(*t);
+    if (s.ok()) s = comm.Wait(3000);
+    const double waited = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    if (Check(!s.ok() && s.IsIOError(), "the all-reduce without its peer returned " + s.ToString()) != 0) return 1;
+    if (Check(s.message().find("group of ranks 0,1") != std::string::npos, s.message()) != 0) return 1;
+    if (Check(waited < 20, "waited " + std::to_string(waited) + " s") != 0) return 1;
+    Status again = comm.AllReduceSum(*t);
+    return Check(again.message() == s.message(), "a later call returned " + again.ToString());
+  }));
+}
+
+#endif  // TROUPE_HAVE_CUDA
+
+}  // namespace
+}  // namespace troupe

@@ -1,0 +1,49 @@
+// The NCCL communicators of one rank: one per group of ranks that reduces a
+// gradient bucket together (DualPipe's two copies of a stage, the data-
+// parallel replicas, ...). The ids travel over the process group (CURVE
+// ZeroMQ), so NCCL needs no rendezvous of its own.
+//
+// Joining is collective and blocking, so every rank joins its groups in one
+// global order (the groups sorted): like locks taken in one order, no two
+// ranks can wait on each other in a cycle.
+#pragma once
+
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "gpu/device_comm.h"
+#include "train/parallel/process_group.h"
+
+namespace troupe::parallel {
+
+class DeviceComms {
+ public:
+  // `groups`: the whole job's groups, the same list on every rank (any order;
+  // duplicates and groups of one are ignored). Joins those holding this
+  // rank. Fails, naming the group, when a member does not come within
+  // timeout_ms or NCCL refuses (two ranks on one GPU, say).
+  static Expected<std::unique_ptr<DeviceComms>> Connect(Backend& be, ProcessGroup& pg,
+                                                        std::vector<std::vector<int>> groups, int timeout_ms);
+  // The communicator of `members` (ascending world ranks); null for a group
+  // of one or one this rank is not in.
+  DeviceComm* Find(const std::vector<int>& members) const;
+  size_t size() const { return comms_.size(); }
+  // Waits for everything queued on every communicator (see DeviceComm::Wait).
+  Status WaitAll(int timeout_ms);
+
+ private:
+  std::map<std::vector<int>, std::unique_ptr<DeviceComm>> comms_;
+};
+
+// "nccl" / "host" for parallel.device_comm on this backend and layout, or why
+// "nccl" cannot run. `auto` picks nccl on CUDA when each rank has its own GPU
+// (world <= gpus): ranks sharing a GPU can reach each other only over NCCL's
+// socket transport, slower than our host path.
+Expected<std::string> ChooseDeviceComm(const std::string& setting, const Backend& be, int world, int gpus);
+
+// The GPU rank `rank` of a local job uses: rank % gpus.
+int GpuOfRank(int rank, int gpus);
+
+}  // namespace troupe::parallel
