@@ -29,6 +29,13 @@
 
 namespace troupe {
 
+// Rows [row, row + rows) of a matrix, to or from member `peer`.
+struct RowBlock {
+  int peer = 0;
+  int64_t row = 0;
+  int64_t rows = 0;
+};
+
 class DeviceComm {
  public:
   virtual ~DeviceComm() = default;
@@ -44,6 +51,14 @@ class DeviceComm {
   // The reverse: member i's chunk [bounds[i], bounds[i+1]) is copied into
   // every member's data.
   virtual Status AllGather(Tensor& data, const std::vector<int64_t>& bounds) = 0;
+  // Point to point, all at once: each block of `sends` (rows of src) goes to
+  // its peer, each block of `recvs` (rows of dst) comes from its peer. Between
+  // two members, the i-th block one sends the other is the i-th block the
+  // other receives from it, with the same row count (expert parallelism:
+  // both sides know the counts). src and dst are F32 with equal columns;
+  // blocks to oneself are allowed.
+  virtual Status ExchangeRows(const Tensor& src, const std::vector<RowBlock>& sends, Tensor& dst,
+                              const std::vector<RowBlock>& recvs) = 0;
   // Blocks until every queued call has finished, at most timeout_ms. IOError
   // naming the communicator on timeout (then aborted) or an NCCL error.
   virtual Status Wait(int timeout_ms) = 0;

@@ -95,6 +95,29 @@ class NcclComm final : public DeviceComm {
     });
   }
 
+  Status ExchangeRows(const Tensor& src, const std::vector<RowBlock>& sends, Tensor& dst,
+                      const std::vector<RowBlock>& recvs) override {
+    TROUPE_RETURN_IF_ERROR(CheckBlocks(src, sends, "send"));
+    TROUPE_RETURN_IF_ERROR(CheckBlocks(dst, recvs, "receive"));
+    if (src.cols() != dst.cols())
+      return Status::InvalidArgument(spec_.name + " row exchange: " + std::to_string(src.cols()) + " columns sent, " +
+                                     std::to_string(dst.cols()) + " received");
+    const size_t cols = static_cast<size_t>(src.cols());
+    const float* from = src.data<float>();
+    float* to = dst.data<float>();
+    return Issue("row exchange", [&] {
+      ncclResult_t r = ncclGroupStart();
+      for (size_t i = 0; r == ncclSuccess && i < sends.size(); ++i)
+        if (sends[i].rows > 0)
+          r = ncclSend(from + sends[i].row * cols, sends[i].rows * cols, ncclFloat32, sends[i].peer, comm_, stream_);
+      for (size_t i = 0; r == ncclSuccess && i < recvs.size(); ++i)
+        if (recvs[i].rows > 0)
+          r = ncclRecv(to + recvs[i].row * cols, recvs[i].rows * cols, ncclFloat32, recvs[i].peer, comm_, stream_);
+      const ncclResult_t end = ncclGroupEnd();
+      return r != ncclSuccess ? r : end;
+    });
+  }
+
   Status Wait(int timeout_ms) override {
     const auto deadline = Clock::now() + std::chrono::milliseconds(timeout_ms < 0 ? 1LL << 40 : timeout_ms);
     for (;;) {
@@ -148,6 +171,19 @@ class NcclComm final : public DeviceComm {
       return Status::InvalidArgument(spec_.name + " " + what + ": chunk bounds must be " +
                                      std::to_string(spec_.size + 1) + " ascending offsets from 0 to " +
                                      std::to_string(data.numel()));
+    return Status::Ok();
+  }
+
+  Status CheckBlocks(const Tensor& t, const std::vector<RowBlock>& blocks, const char* what) const {
+    if (t.dtype() != DType::kF32)
+      return Status::InvalidArgument(spec_.name + " row exchange: " + what + " tensor is " + DTypeName(t.dtype()));
+    for (const RowBlock& b : blocks) {
+      if (b.peer < 0 || b.peer >= spec_.size || b.row < 0 || b.rows < 0 || b.row + b.rows > t.rows())
+        return Status::InvalidArgument(spec_.name + " row exchange: " + what + " block (peer " +
+                                       std::to_string(b.peer) + ", rows " + std::to_string(b.row) + "+" +
+                                       std::to_string(b.rows) + ") is outside " + std::to_string(spec_.size) +
+                                       " members or " + std::to_string(t.rows()) + " rows");
+    }
     return Status::Ok();
   }
 

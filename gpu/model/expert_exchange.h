@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "common/status.h"
+#include "gpu/device_comm.h"
 
 namespace troupe {
 
@@ -49,6 +50,16 @@ class ExpertExchange {
   // finished (its step failed). This base version sends in Finish.
   virtual Status Start(std::vector<std::vector<uint8_t>> send, int phase);
   virtual Expected<std::vector<std::vector<uint8_t>>> Finish(int phase);
+
+  // Whether rows can travel device to device (NCCL). Then a layer sends
+  // only its counts through AllToAll/Start/Finish and the rows through
+  // ExchangeRows, which returns once they arrived (or failed within the
+  // exchange's timeout).
+  virtual bool moves_rows_on_device() const { return false; }
+  virtual Status ExchangeRows(const Tensor& src, const std::vector<RowBlock>& sends, Tensor& dst,
+                              const std::vector<RowBlock>& recvs) {
+    return Status::Unimplemented("this expert exchange moves rows through host memory");
+  }
 
   Status status() const {
     std::lock_guard<std::mutex> lock(status_mu_);

@@ -70,28 +70,28 @@ std::vector<std::vector<uint8_t>> PackDispatch(int ranks, const std::vector<uint
   return send;
 }
 
-// What the ranks dispatched here (`got`, by source) as rows expert-major;
-// the received counts are filled in. A source can send at most
-// `per_source_max` rows (its own token copies) and all together at most
-// `total_max` (the receive buffers' capacity): counts beyond either are
-// refused before any byte is placed.
-std::vector<uint8_t> ReceiveDispatch(ExpertExchange& ex, Expected<std::vector<std::vector<uint8_t>>> got,
-                                     size_t row_bytes, int experts, std::vector<int64_t>* recv_counts,
-                                     int64_t* recv_rows, int64_t per_source_max, int64_t total_max) {
+// The counts heading each source's message (`got`, by source), checked: a
+// source can send at most `per_source_max` rows (its own token copies) and
+// all together at most `total_max` (the receive buffers' capacity), and a
+// message must hold its rows (row_bytes each; 0 when the rows travel apart,
+// device to device). False, with the exchange failed, when they are wrong.
+bool ParseCounts(ExpertExchange& ex, const Expected<std::vector<std::vector<uint8_t>>>& got, size_t row_bytes,
+                 int experts, std::vector<int64_t>* recv_counts, int64_t* recv_rows, int64_t per_source_max,
+                 int64_t total_max) {
   const int ranks = ex.size();
   *recv_rows = 0;
   if (!got.ok()) {
     ex.Fail(got.status().WithContext("expert dispatch"));
-    return {};
+    return false;
   }
   const size_t header = experts * sizeof(int64_t);
   recv_counts->assign(static_cast<size_t>(ranks) * experts, 0);
   for (int src = 0; src < ranks; ++src) {
-    const std::vector<uint8_t>& m = (*got)[src];
+    const std::vector<uint8_t>& m = got.value()[src];
     if (m.size() < header) {
       ex.Fail(Status::Corruption("expert dispatch from rank " + std::to_string(src) + ": " + std::to_string(m.size()) +
                                  " bytes, shorter than its counts"));
-      return {};
+      return false;
     }
     int64_t rows = 0;
     for (int e = 0; e < experts; ++e) {
@@ -101,7 +101,7 @@ std::vector<uint8_t> ReceiveDispatch(ExpertExchange& ex, Expected<std::vector<st
         ex.Fail(Status::Corruption("expert dispatch from rank " + std::to_string(src) + ": row count " +
                                    std::to_string(c) + " for expert " + std::to_string(e) +
                                    " is out of range (at most " + std::to_string(per_source_max) + " rows per rank)"));
-        return {};
+        return false;
       }
       (*recv_counts)[src * experts + e] = c;
       rows += c;
@@ -109,18 +109,74 @@ std::vector<uint8_t> ReceiveDispatch(ExpertExchange& ex, Expected<std::vector<st
     if (rows > total_max - *recv_rows) {
       ex.Fail(Status::Corruption("expert dispatch: " + std::to_string(*recv_rows + rows) +
                                  " rows arrived, more than the " + std::to_string(total_max) + " the buffers hold"));
-      return {};
+      return false;
     }
     if (m.size() != header + static_cast<size_t>(rows) * row_bytes) {
       ex.Fail(Status::Corruption("expert dispatch from rank " + std::to_string(src) + ": " + std::to_string(m.size()) +
                                  " bytes for " + std::to_string(rows) + " rows"));
-      return {};
+      return false;
     }
     *recv_rows += rows;
   }
+  return true;
+}
+
+// What the ranks dispatched here (`got`, by source, counts and rows) as rows
+// expert-major; the received counts are filled in (ParseCounts' checks).
+std::vector<uint8_t> ReceiveDispatch(ExpertExchange& ex, Expected<std::vector<std::vector<uint8_t>>> got,
+                                     size_t row_bytes, int experts, std::vector<int64_t>* recv_counts,
+                                     int64_t* recv_rows, int64_t per_source_max, int64_t total_max) {
+  if (!ParseCounts(ex, got, row_bytes, experts, recv_counts, recv_rows, per_source_max, total_max)) return {};
   std::vector<uint8_t> expert_major(static_cast<size_t>(*recv_rows) * row_bytes);
-  Rearrange<true>(expert_major, *got, *recv_counts, ranks, experts, row_bytes, header);
+  Rearrange<true>(expert_major, *got, *recv_counts, ex.size(), experts, row_bytes, experts * sizeof(int64_t));
   return expert_major;
+}
+
+// Device path: the counts alone, one message per rank.
+std::vector<std::vector<uint8_t>> PackCounts(int ranks, const std::vector<int64_t>& send_counts) {
+  const int experts = static_cast<int>(send_counts.size()) / ranks;
+  std::vector<std::vector<uint8_t>> send(ranks);
+  for (int j = 0; j < ranks; ++j) send[j] = Pack(&send_counts[j * experts], experts, nullptr, 0, 0);
+  return send;
+}
+
+// Where each (rank, expert) block of rows sits, for ExchangeRows: in a
+// sender's rows sorted by global expert (rank-major, as MoePermute leaves
+// them) and in a receiver's expert-major rows. Both list a peer's blocks in
+// expert order, so the i-th block one side sends is the i-th the other
+// receives.
+std::vector<RowBlock> SortedBlocks(const std::vector<int64_t>& counts, int ranks) {
+  const int experts = static_cast<int>(counts.size()) / ranks;
+  std::vector<RowBlock> out;
+  int64_t row = 0;
+  for (int j = 0; j < ranks; ++j) {
+    for (int e = 0; e < experts; ++e) {
+      out.push_back({j, row, counts[j * experts + e]});
+      row += counts[j * experts + e];
+    }
+  }
+  return out;
+}
+
+std::vector<RowBlock> ExpertMajorBlocks(const std::vector<int64_t>& counts, int ranks) {
+  const int experts = static_cast<int>(counts.size()) / ranks;
+  std::vector<RowBlock> out;
+  int64_t row = 0;
+  for (int e = 0; e < experts; ++e) {
+    for (int src = 0; src < ranks; ++src) {
+      out.push_back({src, row, counts[src * experts + e]});
+      row += counts[src * experts + e];
+    }
+  }
+  return out;
+}
+
+// Device path: rows device to device; false (the exchange failed) on error.
+bool MoveRows(ExpertExchange& ex, const Tensor& src, const std::vector<RowBlock>& sends, Tensor& dst,
+              const std::vector<RowBlock>& recvs, const char* what) {
+  Status s = ex.ExchangeRows(src, sends, dst, recvs);
+  if (!s.ok()) ex.Fail(s.WithContext(what));
+  return s.ok();
 }
 
 // Both halves at once (the backward, which has nothing to compute meanwhile).
@@ -191,8 +247,10 @@ void StartRoutedExpertsForwardEp(Backend& be, const MoeParams& p, LayerActs& a, 
   RecordRouting(ex, ToHostDoubles(be, a.topk_idx), a.topk_idx.rows(), static_cast<int>(a.topk_idx.cols()), local);
   a.send_counts.assign(static_cast<size_t>(ranks) * local, 0);
   for (int e = 0; e < ranks * local; ++e) a.send_counts[e] = static_cast<int64_t>(offsets[e + 1] - offsets[e]);
-  Status sent = ex.Start(PackDispatch(ranks, HostRows(be, a.x_sorted, copies), row_bytes, a.send_counts),
-                         kDispatchForward);
+  Status sent =
+      ex.moves_rows_on_device()
+          ? ex.Start(PackCounts(ranks, a.send_counts), kDispatchForward)
+          : ex.Start(PackDispatch(ranks, HostRows(be, a.x_sorted, copies), row_bytes, a.send_counts), kDispatchForward);
   if (!sent.ok()) ex.Fail(sent.WithContext("expert dispatch"));
 }
 
@@ -205,14 +263,24 @@ void FinishRoutedExpertsForwardEp(Backend& be, const MoeParams& p, LayerActs& a,
   const int local = static_cast<int>(p.experts_gate_up.dim(0));
   const int64_t copies = a.x_sorted.rows(), d = a.x_sorted.cols();
   const size_t row_bytes = static_cast<size_t>(d) * DTypeSize(a.x_sorted.dtype());
+  const bool device = ex.moves_rows_on_device();
   int64_t rows = 0;
-  std::vector<uint8_t> mine = ReceiveDispatch(ex, ex.Finish(kDispatchForward), row_bytes, local, &a.recv_counts,
-                                              &rows, copies, a.x_recv.rows());
-  if (!ex.status().ok()) {
-    be.Zero(a.e_out);
-    return;
+  if (device) {
+    if (!ParseCounts(ex, ex.Finish(kDispatchForward), 0, local, &a.recv_counts, &rows, copies, a.x_recv.rows()) ||
+        !MoveRows(ex, a.x_sorted, SortedBlocks(a.send_counts, ranks), a.x_recv, ExpertMajorBlocks(a.recv_counts, ranks),
+                  "expert dispatch")) {
+      be.Zero(a.e_out);
+      return;
+    }
+  } else {
+    std::vector<uint8_t> mine = ReceiveDispatch(ex, ex.Finish(kDispatchForward), row_bytes, local, &a.recv_counts,
+                                                &rows, copies, a.x_recv.rows());
+    if (!ex.status().ok()) {
+      be.Zero(a.e_out);
+      return;
+    }
+    SetRows(be, a.x_recv, mine, rows);
   }
-  SetRows(be, a.x_recv, mine, rows);
   std::vector<int32_t> local_offsets(local + 1, 0);
   for (int e = 0; e < local; ++e) {
     int64_t n = 0;
@@ -226,6 +294,12 @@ void FinishRoutedExpertsForwardEp(Backend& be, const MoeParams& p, LayerActs& a,
   be.GroupedLinearForward(gate_up, x, p.experts_gate_up, a.offsets_local);
   be.SwiGluForward(act, gate_up);
   be.GroupedLinearForward(y, act, p.experts_down, a.offsets_local);
+  if (device) {
+    if (!MoveRows(ex, a.y_recv, ExpertMajorBlocks(a.recv_counts, ranks), a.e_out, SortedBlocks(a.send_counts, ranks),
+                  "expert combine"))
+      be.Zero(a.e_out);
+    return;
+  }
   std::vector<uint8_t> out =
       Combine(ex, HostRows(be, a.y_recv, rows), row_bytes, a.recv_counts, a.send_counts, kCombineForward);
   if (!ex.status().ok()) {
@@ -243,17 +317,29 @@ void RoutedExpertsBackwardEp(Backend& be, const MoeParams& p, MoeParams& g, Laye
   }
   const int64_t copies = s.d_y_sorted.rows(), d = s.d_y_sorted.cols(), f = p.experts_down.dim(2);
   const size_t row_bytes = static_cast<size_t>(d) * DTypeSize(s.d_y_sorted.dtype());
+  const int ranks = ex.size();
+  const bool device = ex.moves_rows_on_device();
   int64_t rows = 0;
-  std::vector<int64_t> counts_check;
-  std::vector<uint8_t> dy = Dispatch(ex, HostRows(be, s.d_y_sorted, copies), row_bytes, a.send_counts, &counts_check,
-                                     kDispatchBackward, &rows, copies, s.d_y_recv.rows());
-  be.Zero(s.d_x_sorted);
-  if (!ex.status().ok()) return;
-  if (counts_check != a.recv_counts) {
-    ex.Fail(Status::Internal("expert gradients arrived with other counts than the forward's"));
-    return;
+  if (device) {
+    // The forward's counts hold both ways: nothing to exchange but rows.
+    for (int64_t c : a.recv_counts) rows += c;
+    if (!MoveRows(ex, s.d_y_sorted, SortedBlocks(a.send_counts, ranks), s.d_y_recv,
+                  ExpertMajorBlocks(a.recv_counts, ranks), "expert gradient dispatch")) {
+      be.Zero(s.d_x_sorted);
+      return;
+    }
+  } else {
+    std::vector<int64_t> counts_check;
+    std::vector<uint8_t> dy = Dispatch(ex, HostRows(be, s.d_y_sorted, copies), row_bytes, a.send_counts, &counts_check,
+                                       kDispatchBackward, &rows, copies, s.d_y_recv.rows());
+    be.Zero(s.d_x_sorted);
+    if (!ex.status().ok()) return;
+    if (counts_check != a.recv_counts) {
+      ex.Fail(Status::Internal("expert gradients arrived with other counts than the forward's"));
+      return;
+    }
+    SetRows(be, s.d_y_recv, dy, rows);
   }
-  SetRows(be, s.d_y_recv, dy, rows);
   Tensor d_y = s.d_y_recv.Prefix({rows, d}), d_act = s.d_e_act.Prefix({rows, f});
   Tensor d_gate_up = s.d_e_gate_up.Prefix({rows, 2 * f}), d_x = s.d_x_recv.Prefix({rows, d});
   Tensor act = a.e_act.Prefix({rows, f}), gate_up = a.e_gate_up.Prefix({rows, 2 * f}), x = a.x_recv.Prefix({rows, d});
@@ -267,6 +353,12 @@ void RoutedExpertsBackwardEp(Backend& be, const MoeParams& p, MoeParams& g, Laye
   be.GroupedLinearBackward(d_x, defer ? no_weights : g.experts_gate_up, d_gate_up, x, p.experts_gate_up,
                            a.offsets_local);
   if (defer) defer->DeferGrouped(be, g.experts_gate_up, d_gate_up, x, p.experts_gate_up, a.offsets_local);
+  if (device) {
+    if (!MoveRows(ex, s.d_x_recv, ExpertMajorBlocks(a.recv_counts, ranks), s.d_x_sorted,
+                  SortedBlocks(a.send_counts, ranks), "expert gradient combine"))
+      be.Zero(s.d_x_sorted);
+    return;
+  }
   std::vector<uint8_t> back =
       Combine(ex, HostRows(be, s.d_x_recv, rows), row_bytes, a.recv_counts, a.send_counts, kCombineBackward);
   if (!ex.status().ok()) return;

@@ -159,9 +159,16 @@ Status DistributedTrainer::Init() {
   const int gpus = be_.device() == DeviceKind::kCuda ? CudaDeviceCount() : 0;
   TROUPE_ASSIGN_OR_RETURN(device_comm_, ChooseDeviceComm(job_.parallel.device_comm, be_, layout_.world(), gpus));
   if (device_comm_ == "nccl") {
+    // Every rank lists every group (the join order is global): the buckets' holders and the expert groups.
     std::vector<std::vector<int>> groups;
     for (const Bucket& b : buckets) groups.push_back(b.holders);
+    for (int r = 0; layout_.ep > 1 && r < layout_.world(); ++r) groups.push_back(layout_.ExpertGroupOf(r));
     TROUPE_ASSIGN_OR_RETURN(device_comms_, DeviceComms::Connect(be_, group_, std::move(groups), timeout_ms_));
+    if (expert_exchange_) {
+      std::vector<int> members = layout_.ExpertGroupOf(rank_);
+      std::sort(members.begin(), members.end());
+      expert_exchange_->SetDevice(device_comms_->Find(members));
+    }
   }
   TROUPE_ASSIGN_OR_RETURN(optimizer_, BucketOptimizer::Create(be_, group_, std::move(buckets), params, grads,
                                                               job_.parallel.zero1, timeout_ms_, device_comms_.get()));

@@ -8,8 +8,9 @@
 
 namespace troupe::parallel {
 
-GroupExpertExchange::GroupExpertExchange(ProcessGroup& group, std::vector<int> members, int timeout_ms)
-    : group_(group), members_(std::move(members)), timeout_ms_(timeout_ms) {
+GroupExpertExchange::GroupExpertExchange(ProcessGroup& group, std::vector<int> members, int timeout_ms,
+                                         DeviceComm* device)
+    : group_(group), members_(std::move(members)), timeout_ms_(timeout_ms), device_(device) {
   my_index_ = static_cast<int>(std::find(members_.begin(), members_.end(), group_.rank()) - members_.begin());
 }
 
@@ -38,6 +39,27 @@ Expected<std::vector<std::vector<uint8_t>>> GroupExpertExchange::Finish(int phas
   std::vector<uint8_t> own = std::move(*own_[phase]);
   own_[phase].reset();
   return AllToAllVRecv(group_, members_, std::move(own), PhaseTag(phase), timeout_ms_);
+}
+
+Status GroupExpertExchange::ExchangeRows(const Tensor& src, const std::vector<RowBlock>& sends, Tensor& dst,
+                                         const std::vector<RowBlock>& recvs) {
+  if (device_ == nullptr) return ExpertExchange::ExchangeRows(src, sends, dst, recvs);
+  // Blocks name peers by ep_rank; the communicator numbers its members in ascending world rank.
+  std::vector<int> sorted = members_;
+  std::sort(sorted.begin(), sorted.end());
+  auto to_comm = [&](std::vector<RowBlock> blocks) {
+    for (RowBlock& b : blocks) {
+      const bool known = b.peer >= 0 && b.peer < size();
+      b.peer = known
+                   ? static_cast<int>(std::lower_bound(sorted.begin(), sorted.end(), members_[b.peer]) - sorted.begin())
+                   : -1;  // refused by the communicator, with the block named
+    }
+    return blocks;
+  };
+  TROUPE_RETURN_IF_ERROR(device_->ExchangeRows(src, to_comm(sends), dst, to_comm(recvs)));
+  // The host waits here, so a member that died is an error within the timeout rather than a hang in the next
+  // kernel's sync; the layer's next step needs these rows anyway.
+  return device_->Wait(timeout_ms_);
 }
 
 }  // namespace troupe::parallel
