@@ -54,6 +54,12 @@ Expected<std::unique_ptr<DeviceComms>> DeviceComms::Connect(Backend& be, Process
   return out;
 }
 
+std::unique_ptr<DeviceComms> DeviceComms::Of(std::map<std::vector<int>, std::unique_ptr<DeviceComm>> comms) {
+  std::unique_ptr<DeviceComms> out(new DeviceComms());
+  out->comms_ = std::move(comms);
+  return out;
+}
+
 DeviceComm* DeviceComms::Find(const std::vector<int>& members) const {
   auto it = comms_.find(members);
   return it == comms_.end() ? nullptr : it->second.get();

@@ -26,6 +26,9 @@ class DeviceComms {
   // timeout_ms or NCCL refuses (two ranks on one GPU, say).
   static Expected<std::unique_ptr<DeviceComms>> Connect(Backend& be, ProcessGroup& pg,
                                                         std::vector<std::vector<int>> groups, int timeout_ms);
+  // Communicators made elsewhere, by their members (ascending world ranks):
+  // for tests, which drive the device paths with CPU stand-ins.
+  static std::unique_ptr<DeviceComms> Of(std::map<std::vector<int>, std::unique_ptr<DeviceComm>> comms);
   // The communicator of `members` (ascending world ranks); null for a group
   // of one or one this rank is not in.
   DeviceComm* Find(const std::vector<int>& members) const;

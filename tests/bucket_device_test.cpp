@@ -1,0 +1,161 @@
+// BucketOptimizer's device path (the one NCCL drives on GPUs) against its
+// host path: packing with local duplicates summed, all-reduce or ZeRO-1's
+// uneven reduce-scatter and all-gather, unpacking into every copy. Here the
+// device communicator is a CPU stand-in over two threads that sums in rank
+// order, as the host ring does for two ranks, so both paths must give the
+// same bits: gradients after the reduction, weights after the step.
+#include <gtest/gtest.h>
+
+#include <barrier>
+#include <random>
+#include <thread>
+
+#include "gpu/cpu/cpu_backend.h"
+#include "gpu/host_io.h"
+#include "gpu/model/params.h"
+#include "test_util.h"
+#include "train/parallel/bucket_optimizer.h"
+#include "train/parallel/collectives.h"
+#include "train/parallel/device_comms.h"
+
+namespace troupe {
+namespace {
+
+// Both ranks post their tensor, then each reads what it needs from both.
+class TwoThreadComm final : public DeviceComm {
+ public:
+  struct Board {
+    std::barrier<> sync{2};
+    Tensor* posted[2] = {nullptr, nullptr};
+  };
+  TwoThreadComm(Board& board, int rank) : board_(board), rank_(rank) {}
+  int rank() const override { return rank_; }
+  int size() const override { return 2; }
+  Status AllReduceSum(Tensor& data) override { return Reduce(data, {0, data.numel(), data.numel()}, true); }
+  Status ReduceScatterSum(Tensor& data, const std::vector<int64_t>& bounds) override {
+    return Reduce(data, bounds, false);
+  }
+  Status AllGather(Tensor& data, const std::vector<int64_t>& bounds) override {
+    board_.posted[rank_] = &data;
+    board_.sync.arrive_and_wait();
+    const int peer = 1 - rank_;
+    for (int64_t i = bounds[peer]; i < bounds[peer + 1]; ++i)
+      data.data<float>()[i] = board_.posted[peer]->data<float>()[i];
+    board_.sync.arrive_and_wait();
+    return Status::Ok();
+  }
+  Status ExchangeRows(const Tensor&, const std::vector<RowBlock>&, Tensor&, const std::vector<RowBlock>&) override {
+    return Status::Unimplemented("not used by buckets");
+  }
+  Status Wait(int) override { return Status::Ok(); }
+  void Abort(const std::string&) override {}
+  std::string Describe() const override { return "two threads"; }
+  int calls = 0;
+
+ private:
+  // Sums in rank order into every element this rank keeps: all of them
+  // (all-reduce) or its chunk [bounds[rank], bounds[rank + 1]).
+  Status Reduce(Tensor& data, const std::vector<int64_t>& bounds, bool everything) {
+    ++calls;
+    board_.posted[rank_] = &data;
+    board_.sync.arrive_and_wait();
+    const int64_t lo = everything ? 0 : bounds[rank_], hi = everything ? data.numel() : bounds[rank_ + 1];
+    std::vector<float> sum(static_cast<size_t>(hi - lo));
+    for (int64_t i = lo; i < hi; ++i)
+      sum[i - lo] = board_.posted[0]->data<float>()[i] + board_.posted[1]->data<float>()[i];
+    board_.sync.arrive_and_wait();  // both have read before either writes
+    for (int64_t i = lo; i < hi; ++i) data.data<float>()[i] = sum[i - lo];
+    return Status::Ok();
+  }
+  Board& board_;
+  int rank_;
+};
+
+struct Outcome {
+  std::vector<std::vector<double>> grads, weights;  // rank 0's first copy, by tensor
+  int device_calls = 0;
+};
+
+// Rank 0 holds the model twice (a local duplicate, as DualPipe's rank does),
+// rank 1 once; every tensor is in one bucket held by both.
+std::vector<Outcome> RunBoth(bool device, bool zero1) {
+  ModelConfig cfg = testing::TinyMoeModel();
+  auto groups = parallel::CreateLocalGroup(2);
+  TwoThreadComm::Board board;
+  std::vector<Outcome> out(2);
+  auto rank_main = [&](int r) {
+    CpuBackend be(1);
+    const int copies = r == 0 ? 2 : 1;
+    std::vector<ModelParams> params, grads;
+    for (int c = 0; c < copies; ++c) {
+      params.push_back(std::move(AllocateParams(be, cfg, DType::kF32).value()));
+      grads.push_back(std::move(AllocateParams(be, cfg, DType::kF32).value()));
+      ASSERT_TRUE(InitParams(be, cfg, 5, params.back()).ok());
+      std::mt19937 rng(100 * r + c);
+      std::normal_distribution<float> normal(0.0f, 1.0f);
+      for (ParamRef& g : ListParams(grads.back())) {
+        std::vector<float> v(static_cast<size_t>(g.tensor->numel()));
+        for (float& x : v) x = normal(rng);
+        FromHostFloats(be, *g.tensor, v);
+      }
+    }
+    parallel::Bucket bucket{{0, 1}, {}};
+    for (ParamRef& p : ListParams(params[0]))
+      if (p.trainable) bucket.names.push_back(p.name);
+    std::vector<ModelParams*> p_sets, g_sets;
+    for (int c = 0; c < copies; ++c) {
+      p_sets.push_back(&params[c]);
+      g_sets.push_back(&grads[c]);
+    }
+    std::map<std::vector<int>, std::unique_ptr<DeviceComm>> comms;
+    auto* comm = new TwoThreadComm(board, r);
+    comms.emplace(std::vector<int>{0, 1}, comm);
+    auto device_comms = parallel::DeviceComms::Of(std::move(comms));
+    auto opt = parallel::BucketOptimizer::Create(be, *groups[r], {bucket}, p_sets, g_sets, zero1, 10000,
+                                                 device ? device_comms.get() : nullptr);
+    ASSERT_TRUE(opt.ok()) << opt.status().message();
+    ASSERT_TRUE((*opt)->ReduceGradients().ok());
+    TrainConfig tc;
+    ASSERT_TRUE((*opt)->Step(tc, 1e-2, 1.0, 1).ok());
+    for (ParamRef& g : ListParams(grads[0]))
+      if (g.trainable) out[r].grads.push_back(testing::ToVector(be, *g.tensor));
+    for (ParamRef& p : ListParams(params[0]))
+      if (p.trainable) out[r].weights.push_back(testing::ToVector(be, *p.tensor));
+    if (copies == 2) {  // the duplicate's weights are the same bits
+      std::vector<ParamRef> a = ListParams(params[0]), b = ListParams(params[1]);
+      for (size_t i = 0; i < a.size(); ++i) {
+        if (a[i].trainable)
+          EXPECT_EQ(testing::ToVector(be, *a[i].tensor), testing::ToVector(be, *b[i].tensor)) << a[i].name;
+      }
+    }
+    out[r].device_calls = comm->calls;
+  };
+  std::thread t1(rank_main, 1);
+  rank_main(0);
+  t1.join();
+  return out;
+}
+
+class BucketDevicePath : public ::testing::TestWithParam<bool> {};
+
+TEST_P(BucketDevicePath, GivesTheHostPathsGradientsAndWeights) {
+  const bool zero1 = GetParam();
+  const std::vector<Outcome> host = RunBoth(false, zero1), device = RunBoth(true, zero1);
+  for (int r = 0; r < 2; ++r) {
+    EXPECT_EQ(host[r].device_calls, 0);
+    EXPECT_EQ(device[r].device_calls, 1) << "one reduction of the one bucket";
+    ASSERT_EQ(device[r].weights.size(), host[r].weights.size());
+    for (size_t i = 0; i < host[r].weights.size(); ++i) {
+      EXPECT_EQ(device[r].weights[i], host[r].weights[i]) << "rank " << r << " weight " << i;
+      if (!zero1) EXPECT_EQ(device[r].grads[i], host[r].grads[i]) << "rank " << r << " gradient " << i;
+    }
+  }
+  // Every rank ends with the same weights.
+  EXPECT_EQ(device[0].weights, device[1].weights);
+}
+
+INSTANTIATE_TEST_SUITE_P(Zero1, BucketDevicePath, ::testing::Bool(),
+                         [](const auto& info) { return info.param ? "zero1" : "plain"; });
+
+}  // namespace
+}  // namespace troupe
