@@ -67,31 +67,19 @@ class NcclComm final : public DeviceComm {
   // operation: uneven chunks, which ncclReduceScatter cannot express.
   Status ReduceScatterSum(Tensor& data, const std::vector<int64_t>& bounds) override {
     TROUPE_RETURN_IF_ERROR(CheckBounds(data, bounds, "reduce-scatter"));
-    float* base = data.data<float>();
     return Issue("reduce-scatter", [&] {
-      ncclResult_t r = ncclGroupStart();
-      for (int i = 0; r == ncclSuccess && i < spec_.size; ++i) {
-        float* chunk = base + bounds[i];
-        const size_t n = static_cast<size_t>(bounds[i + 1] - bounds[i]);
-        if (n > 0) r = ncclReduce(chunk, chunk, n, ncclFloat32, ncclSum, i, comm_, stream_);
-      }
-      const ncclResult_t end = ncclGroupEnd();
-      return r != ncclSuccess ? r : end;
+      return PerChunk(data, bounds, [&](float* chunk, size_t n, int owner) {
+        return ncclReduce(chunk, chunk, n, ncclFloat32, ncclSum, owner, comm_, stream_);
+      });
     });
   }
 
   Status AllGather(Tensor& data, const std::vector<int64_t>& bounds) override {
     TROUPE_RETURN_IF_ERROR(CheckBounds(data, bounds, "all-gather"));
-    float* base = data.data<float>();
     return Issue("all-gather", [&] {
-      ncclResult_t r = ncclGroupStart();
-      for (int i = 0; r == ncclSuccess && i < spec_.size; ++i) {
-        float* chunk = base + bounds[i];
-        const size_t n = static_cast<size_t>(bounds[i + 1] - bounds[i]);
-        if (n > 0) r = ncclBroadcast(chunk, chunk, n, ncclFloat32, i, comm_, stream_);
-      }
-      const ncclResult_t end = ncclGroupEnd();
-      return r != ncclSuccess ? r : end;
+      return PerChunk(data, bounds, [&](float* chunk, size_t n, int owner) {
+        return ncclBroadcast(chunk, chunk, n, ncclFloat32, owner, comm_, stream_);
+      });
     });
   }
 
@@ -161,6 +149,18 @@ class NcclComm final : public DeviceComm {
     if (e == cudaSuccess) e = cudaStreamWaitEvent(be_.stream(), done_, 0);
     if (e != cudaSuccess) return Fail(std::string(what) + ": CUDA: " + cudaGetErrorString(e));
     return Status::Ok();
+  }
+
+  // op(chunk, elements, owner) for every non-empty chunk, as one NCCL group.
+  template <typename Op>
+  ncclResult_t PerChunk(Tensor& data, const std::vector<int64_t>& bounds, Op&& op) {
+    ncclResult_t r = ncclGroupStart();
+    for (int i = 0; r == ncclSuccess && i < spec_.size; ++i) {
+      const size_t n = static_cast<size_t>(bounds[i + 1] - bounds[i]);
+      if (n > 0) r = op(data.data<float>() + bounds[i], n, i);
+    }
+    const ncclResult_t end = ncclGroupEnd();
+    return r != ncclSuccess ? r : end;
   }
 
   Status CheckBounds(const Tensor& data, const std::vector<int64_t>& bounds, const char* what) const {

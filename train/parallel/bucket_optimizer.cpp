@@ -30,21 +30,28 @@ std::vector<float> Flatten(Backend& be, const std::vector<std::vector<Tensor*>>&
   return flat;
 }
 
-// Writes flat elements [begin, end) back into every local copy.
-void Scatter(Backend& be, const std::vector<std::vector<Tensor*>>& copies, const std::vector<float>& flat,
-             int64_t begin, int64_t end) {
+// Calls write(part, lo, hi) for the part of every local copy that holds
+// flat elements [lo, hi), inside [begin, end).
+template <typename Write>
+void ForEachCopyPart(const std::vector<std::vector<Tensor*>>& copies, int64_t begin, int64_t end, Write&& write) {
   int64_t at = 0;
   for (const auto& c : copies) {
     const int64_t n = c[0]->numel();
     const int64_t lo = std::max(begin, at), hi = std::min(end, at + n);
-    if (lo < hi) {
-      for (Tensor* t : c) {
-        Tensor part = Elements(*t, lo - at, hi - at);
-        be.CopyFromHost(part, flat.data() + lo);
-      }
+    for (Tensor* t : c) {
+      if (lo >= hi) break;
+      Tensor part = Elements(*t, lo - at, hi - at);
+      write(part, lo, hi);
     }
     at += n;
   }
+}
+
+// Writes flat elements [begin, end) back into every local copy.
+void Scatter(Backend& be, const std::vector<std::vector<Tensor*>>& copies, const std::vector<float>& flat,
+             int64_t begin, int64_t end) {
+  ForEachCopyPart(copies, begin, end,
+                  [&](Tensor& part, int64_t lo, int64_t) { be.CopyFromHost(part, flat.data() + lo); });
 }
 
 // Device path: the bucket's tensors packed into `flat` (local duplicates
@@ -63,18 +70,8 @@ void Pack(Backend& be, const std::vector<std::vector<Tensor*>>& copies, Tensor& 
 // Writes flat elements [begin, end) back into every local copy, on the device.
 void Unpack(Backend& be, const std::vector<std::vector<Tensor*>>& copies, const Tensor& flat, int64_t begin,
             int64_t end) {
-  int64_t at = 0;
-  for (const auto& c : copies) {
-    const int64_t n = c[0]->numel();
-    const int64_t lo = std::max(begin, at), hi = std::min(end, at + n);
-    if (lo < hi) {
-      for (Tensor* t : c) {
-        Tensor part = Elements(*t, lo - at, hi - at);
-        be.Copy(part, Elements(flat, lo, hi));
-      }
-    }
-    at += n;
-  }
+  ForEachCopyPart(copies, begin, end,
+                  [&](Tensor& part, int64_t lo, int64_t hi) { be.Copy(part, Elements(flat, lo, hi)); });
 }
 
 std::vector<Tensor*> Copies(const std::vector<ModelParams*>& sets, const std::string& name, bool* weight_decay) {
