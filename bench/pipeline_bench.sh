@@ -2,7 +2,7 @@
 # Pipeline schedules on one model, measured: 1F1B, ZB1P, DualPipe, DualPipeV
 # as real processes (one per rank, CURVE ZeroMQ over loopback), CPU backend.
 #
-#   bench/pipeline_bench.sh [-c CONFIG] [-p PP] [-e EP] [-m MICRO_BATCHES] [-B BATCH] [-s STEPS] [-t THREADS_PER_RANK] [-d DEVICE] [-b TROUPE]
+#   bench/pipeline_bench.sh [-c CONFIG] [-p PP] [-e EP] [-m MICRO_BATCHES] [-B BATCH] [-s STEPS] [-t THREADS_PER_RANK] [-d DEVICE] [-n DEVICE_COMM] [-b TROUPE]
 #
 # Defaults: configs/small10m.toml, pp 4, ep 1, 8 micro-batches, 8 steps,
 # threads = nproc / (pp ep), device cpu, build/cli/troupe; -B overrides the config's
@@ -17,7 +17,9 @@
 # run twice: with parallel.overlap_pairs = "on" (pairs on two threads) and
 # "off" (F then B on one thread: the -serial rows). Prints a markdown table; "vs 1f1b" is
 # tokens/s over 1F1B's in the same run. Needs pp x ep x threads cores to mean
-# anything: ranks that share cores stretch each other's chunks.
+# anything: ranks that share cores stretch each other's chunks. On GPUs
+# (-d cuda) -n sets parallel.device_comm (auto, nccl, host): how gradient
+# buckets and expert rows travel (docs/parallel.md, "NCCL on GPU ranks").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -30,18 +32,20 @@ steps=8
 troupe=build/cli/troupe
 threads=""
 batch=""
-while getopts "c:p:e:m:s:t:d:b:B:h" opt; do
+device_comm=auto
+while getopts "c:p:e:m:s:t:d:n:b:B:h" opt; do
   case $opt in
     c) config=$OPTARG ;;
     p) pp=$OPTARG ;;
     e) ep=$OPTARG ;;
     d) device=$OPTARG ;;
+    n) device_comm=$OPTARG ;;
     m) micro=$OPTARG ;;
     s) steps=$OPTARG ;;
     t) threads=$OPTARG ;;
     b) troupe=$OPTARG ;;
     B) batch=$OPTARG ;;
-    *) sed -n '2,21p' "$0"; exit 2 ;;
+    *) sed -n '2,23p' "$0"; exit 2 ;;
   esac
 done
 ranks=$((pp * ep))
@@ -56,18 +60,18 @@ else
   config_name=$config
 fi
 
-# The config with parallel.overlap_pairs set to $1, into $out/pairs-$1.toml.
+# The config with parallel.overlap_pairs set to $1 (and device_comm), into $out/pairs-$1.toml.
 with_pairs() {
   if grep -q '^\[parallel\]' "$config"; then
-    sed -E "/^\[parallel\]/a overlap_pairs = \"$1\"" "$config" >"$out/pairs-$1.toml"
+    sed -E "/^\[parallel\]/a overlap_pairs = \"$1\"\ndevice_comm = \"$device_comm\"" "$config" >"$out/pairs-$1.toml"
   else
-    { cat "$config"; printf '\n[parallel]\noverlap_pairs = "%s"\n' "$1"; } >"$out/pairs-$1.toml"
+    { cat "$config"; printf '\n[parallel]\noverlap_pairs = "%s"\ndevice_comm = "%s"\n' "$1" "$device_comm"; } >"$out/pairs-$1.toml"
   fi
 }
 with_pairs on
 with_pairs off
 
-echo "config $config_name, device $device, pp $pp, ep $ep, $micro micro-batches, $steps steps, $threads threads per rank, $(nproc) cores, load $(cut -d' ' -f1 /proc/loadavg)"
+echo "config $config_name, device $device (device_comm $device_comm), pp $pp, ep $ep, $micro micro-batches, $steps steps, $threads threads per rank, $(nproc) cores, load $(cut -d' ' -f1 /proc/loadavg)"
 echo
 echo "| schedule | bubble measured | formula | simulated | chunk times (ms) | chunk waits (ms/step, all ranks) | hidden by pairs | tokens/s | vs 1f1b |"
 echo "|---|---|---|---|---|---|---|---|---|"
