@@ -1,12 +1,11 @@
 // BucketOptimizer's device path (the one NCCL drives on GPUs) against its
 // host path: packing with local duplicates summed, all-reduce or ZeRO-1's
 // uneven reduce-scatter and all-gather, unpacking into every copy. Here the
-// device communicator is a CPU stand-in over two threads that sums in rank
-// order, as the host ring does for two ranks, so both paths must give the
+// device communicator is a CPU stand-in over two threads (tests/
+// thread_comm.h) that sums in rank order, as the host ring does for two ranks, so both paths must give the
 // same bits: gradients after the reduction, weights after the step.
 #include <gtest/gtest.h>
 
-#include <barrier>
 #include <random>
 #include <thread>
 
@@ -14,62 +13,13 @@
 #include "gpu/host_io.h"
 #include "gpu/model/params.h"
 #include "test_util.h"
+#include "thread_comm.h"
 #include "train/parallel/bucket_optimizer.h"
 #include "train/parallel/collectives.h"
 #include "train/parallel/device_comms.h"
 
 namespace troupe {
 namespace {
-
-// Both ranks post their tensor, then each reads what it needs from both.
-class TwoThreadComm final : public DeviceComm {
- public:
-  struct Board {
-    std::barrier<> sync{2};
-    Tensor* posted[2] = {nullptr, nullptr};
-  };
-  TwoThreadComm(Board& board, int rank) : board_(board), rank_(rank) {}
-  int rank() const override { return rank_; }
-  int size() const override { return 2; }
-  Status AllReduceSum(Tensor& data) override { return Reduce(data, {0, data.numel(), data.numel()}, true); }
-  Status ReduceScatterSum(Tensor& data, const std::vector<int64_t>& bounds) override {
-    return Reduce(data, bounds, false);
-  }
-  Status AllGather(Tensor& data, const std::vector<int64_t>& bounds) override {
-    board_.posted[rank_] = &data;
-    board_.sync.arrive_and_wait();
-    const int peer = 1 - rank_;
-    for (int64_t i = bounds[peer]; i < bounds[peer + 1]; ++i)
-      data.data<float>()[i] = board_.posted[peer]->data<float>()[i];
-    board_.sync.arrive_and_wait();
-    return Status::Ok();
-  }
-  Status ExchangeRows(const Tensor&, const std::vector<RowBlock>&, Tensor&, const std::vector<RowBlock>&) override {
-    return Status::Unimplemented("not used by buckets");
-  }
-  Status Wait(int) override { return Status::Ok(); }
-  void Abort(const std::string&) override {}
-  std::string Describe() const override { return "two threads"; }
-  int calls = 0;
-
- private:
-  // Sums in rank order into every element this rank keeps: all of them
-  // (all-reduce) or its chunk [bounds[rank], bounds[rank + 1]).
-  Status Reduce(Tensor& data, const std::vector<int64_t>& bounds, bool everything) {
-    ++calls;
-    board_.posted[rank_] = &data;
-    board_.sync.arrive_and_wait();
-    const int64_t lo = everything ? 0 : bounds[rank_], hi = everything ? data.numel() : bounds[rank_ + 1];
-    std::vector<float> sum(static_cast<size_t>(hi - lo));
-    for (int64_t i = lo; i < hi; ++i)
-      sum[i - lo] = board_.posted[0]->data<float>()[i] + board_.posted[1]->data<float>()[i];
-    board_.sync.arrive_and_wait();  // both have read before either writes
-    for (int64_t i = lo; i < hi; ++i) data.data<float>()[i] = sum[i - lo];
-    return Status::Ok();
-  }
-  Board& board_;
-  int rank_;
-};
 
 struct Outcome {
   std::vector<std::vector<double>> grads, weights;  // rank 0's first copy, by tensor
@@ -81,7 +31,7 @@ struct Outcome {
 std::vector<Outcome> RunBoth(bool device, bool zero1) {
   ModelConfig cfg = testing::TinyMoeModel();
   auto groups = parallel::CreateLocalGroup(2);
-  TwoThreadComm::Board board;
+  auto board = std::make_shared<testing::ThreadCommBoard>(2);
   std::vector<Outcome> out(2);
   auto rank_main = [&](int r) {
     CpuBackend be(1);
@@ -108,8 +58,7 @@ std::vector<Outcome> RunBoth(bool device, bool zero1) {
       g_sets.push_back(&grads[c]);
     }
     std::map<std::vector<int>, std::unique_ptr<DeviceComm>> comms;
-    auto* comm = new TwoThreadComm(board, r);
-    comms.emplace(std::vector<int>{0, 1}, comm);
+    comms.emplace(std::vector<int>{0, 1}, std::make_unique<testing::ThreadComm>(board, r, 2));
     auto device_comms = parallel::DeviceComms::Of(std::move(comms));
     auto opt = parallel::BucketOptimizer::Create(be, *groups[r], {bucket}, p_sets, g_sets, zero1, 10000,
                                                  device ? device_comms.get() : nullptr);
@@ -128,11 +77,11 @@ std::vector<Outcome> RunBoth(bool device, bool zero1) {
           EXPECT_EQ(testing::ToVector(be, *a[i].tensor), testing::ToVector(be, *b[i].tensor)) << a[i].name;
       }
     }
-    out[r].device_calls = comm->calls;
   };
   std::thread t1(rank_main, 1);
   rank_main(0);
   t1.join();
+  out[0].device_calls = out[1].device_calls = board->reductions / 2;
   return out;
 }
 

@@ -8,7 +8,6 @@
 #include <gtest/gtest.h>
 
 #include <chrono>
-
 #include <cmath>
 #include <thread>
 
@@ -16,6 +15,7 @@
 #include "gpu/host_io.h"
 #include "small_job.h"
 #include "test_util.h"
+#include "thread_comm.h"
 #include "train/parallel/collectives.h"
 #include "train/parallel/tags.h"
 #include "train/trainer.h"
@@ -35,6 +35,7 @@ struct RunResult {
   int ep_max_ranks = 0;                               // expert parallelism: most ranks one token reached
   double ep_remote_share = 0;                         // and the share of token copies that travelled
   bool pairs_overlapped = false;                      // rank 0 ran F&B pairs on two threads
+  std::string device_comm;                            // rank 0's gradient path
 };
 
 JobConfig EquivalenceJob(const std::filesystem::path& dir) { return testing::SmallPipelineJob(dir); }
@@ -74,20 +75,25 @@ void MergeCopies(Tensors& into, const Tensors& tensors, const std::string& what)
 
 // Every rank on its own thread; returns rank 0's losses and every rank's
 // tensors (copies held twice must agree bit for bit).
-RunResult RunDistributed(const JobConfig& job, const Layout& layout, int steps, bool zero1) {
+// `device`: buckets and expert rows take the device paths, over CPU
+// stand-ins for NCCL (tests/thread_comm.h).
+RunResult RunDistributed(const JobConfig& job, const Layout& layout, int steps, bool zero1, bool device = false) {
   auto group = parallel::CreateLocalGroup(layout.world());
+  testing::ThreadCommFactory stand_ins;
   std::vector<RunResult> per_rank(layout.world());
   std::vector<std::string> errors(layout.world());
   std::vector<std::thread> threads;
   for (int r = 0; r < layout.world(); ++r) {
     threads.emplace_back([&, r] {
       CpuBackend be(1);
-      auto t = DistributedTrainer::Create(be, job, layout, *group[r], 20000);
+      auto t = DistributedTrainer::Create(be, job, layout, *group[r], 20000,
+                                          device ? stand_ins.MakerFor(r) : parallel::DeviceCommsMaker());
       if (!t.ok()) {
         errors[r] = t.status().message();
         group[r]->Abort("rank failed");
         return;
       }
+      per_rank[r].device_comm = (*t)->device_comm();
       per_rank[r].optimizer_bytes = (*t)->optimizer_state_bytes();
       per_rank[r].pairs_overlapped = (*t)->overlaps_pairs();
       for (int s = 0; s < steps; ++s) {
@@ -118,12 +124,17 @@ RunResult RunDistributed(const JobConfig& job, const Layout& layout, int steps, 
   }
   for (auto& t : threads) t.join();
   for (int r = 0; r < layout.world(); ++r) EXPECT_EQ(errors[r], "") << "rank " << r;
+  if (device) {
+    EXPECT_GT(stand_ins.reductions(), 0) << "no bucket took the device path";
+    if (layout.ep > 1) EXPECT_GT(stand_ins.row_exchanges(), 0) << "no expert rows took the device path";
+  }
   RunResult all;
   all.losses = per_rank[0].losses;
   all.grad_norms = per_rank[0].grad_norms;
   all.ep_max_ranks = per_rank[0].ep_max_ranks;
   all.ep_remote_share = per_rank[0].ep_remote_share;
   all.pairs_overlapped = per_rank[0].pairs_overlapped;
+  all.device_comm = per_rank[0].device_comm;
   // Routed-expert tensors are shards (ep_rank's share of the experts): kept
   // apart per ep_rank, then joined in expert order.
   auto keyed = [&](const Tensors& tensors, int r) {
@@ -188,6 +199,8 @@ struct Case {
   bool split_w = true;  // zb1p / dualpipe / dualpipev only
   int ep = 1;
   const char* overlap_pairs = "auto";
+  bool device = false;  // the device paths (NCCL's, over CPU stand-ins); their calls are not thread-safe, so no pairs
+                        // on two threads
 };
 
 class DistributedEquivalence : public ::testing::TestWithParam<Case> {};
@@ -209,8 +222,9 @@ TEST_P(DistributedEquivalence, MatchesTheSingleProcessRun) {
   const RunResult want = RunSingle(job, job.train.steps);
   JobConfig dist = job;
   dist.parallel = par;
-  const RunResult got = RunDistributed(dist, *layout, job.train.steps, c.zero1);
+  const RunResult got = RunDistributed(dist, *layout, job.train.steps, c.zero1, c.device);
   ExpectSameRun(got, want);
+  EXPECT_EQ(got.device_comm, c.device ? "injected" : "host");
   // Pairs ran on two threads exactly where asked ("auto": with ep > 1).
   const bool pairs = std::string(c.schedule).rfind("dualpipe", 0) == 0;
   EXPECT_EQ(got.pairs_overlapped, pairs && parallel::OverlapsPairs(par, *layout));
@@ -230,29 +244,28 @@ TEST_P(DistributedEquivalence, MatchesTheSingleProcessRun) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Layouts, DistributedEquivalence,
-                         ::testing::Values(Case{1, 2, "1f1b"}, Case{2, 1, "1f1b"}, Case{2, 2, "1f1b"},
-                                           Case{4, 1, "1f1b"}, Case{4, 2, "1f1b"}, Case{2, 1, "dualpipe"},
-                                           Case{2, 2, "dualpipe"}, Case{4, 1, "dualpipe"}, Case{4, 2, "dualpipe"},
-                                           Case{2, 1, "dualpipev"}, Case{2, 2, "dualpipev"}, Case{1, 2, "1f1b", true},
-                                           Case{2, 2, "1f1b", true}, Case{4, 2, "dualpipe", true},
-                                           Case{2, 2, "dualpipev", true}, Case{2, 1, "zb1p"}, Case{4, 2, "zb1p", true},
-                                           Case{4, 1, "dualpipe", false, false}, Case{2, 2, "dualpipev", false, false},
-                                           Case{1, 1, "1f1b", false, true, 2}, Case{2, 1, "1f1b", false, true, 2},
-                                           Case{2, 2, "dualpipe", true, true, 2}, Case{4, 1, "zb1p", true, true, 2},
-                                           Case{2, 1, "dualpipev", false, true, 2},
-                                           Case{4, 2, "dualpipe", true, true, 1, "on"},
-                                           Case{2, 1, "dualpipev", false, false, 1, "on"},
-                                           Case{2, 2, "dualpipe", true, true, 2, "off"}),
-                         [](const auto& info) {
-                           return std::string(info.param.schedule) + "_pp" + std::to_string(info.param.pp) + "_dp" +
-                                  std::to_string(info.param.dp) + (info.param.zero1 ? "_zero1" : "") +
-                                  (info.param.split_w ? "" : "_fused") +
-                                  (info.param.ep > 1 ? "_ep" + std::to_string(info.param.ep) : "") +
-                                  (std::string(info.param.overlap_pairs) == "auto"
-                                       ? ""
-                                       : std::string("_pairs_") + info.param.overlap_pairs);
-                         });
+INSTANTIATE_TEST_SUITE_P(
+    Layouts, DistributedEquivalence,
+    ::testing::Values(
+        Case{1, 2, "1f1b"}, Case{2, 1, "1f1b"}, Case{2, 2, "1f1b"}, Case{4, 1, "1f1b"}, Case{4, 2, "1f1b"},
+        Case{2, 1, "dualpipe"}, Case{2, 2, "dualpipe"}, Case{4, 1, "dualpipe"}, Case{4, 2, "dualpipe"},
+        Case{2, 1, "dualpipev"}, Case{2, 2, "dualpipev"}, Case{1, 2, "1f1b", true}, Case{2, 2, "1f1b", true},
+        Case{4, 2, "dualpipe", true}, Case{2, 2, "dualpipev", true}, Case{2, 1, "zb1p"}, Case{4, 2, "zb1p", true},
+        Case{4, 1, "dualpipe", false, false}, Case{2, 2, "dualpipev", false, false}, Case{1, 1, "1f1b", false, true, 2},
+        Case{2, 1, "1f1b", false, true, 2}, Case{2, 2, "dualpipe", true, true, 2}, Case{4, 1, "zb1p", true, true, 2},
+        Case{2, 1, "dualpipev", false, true, 2}, Case{4, 2, "dualpipe", true, true, 1, "on"},
+        Case{2, 1, "dualpipev", false, false, 1, "on"}, Case{2, 2, "dualpipe", true, true, 2, "off"},
+        Case{1, 2, "1f1b", false, true, 1, "auto", true}, Case{4, 2, "dualpipe", true, true, 1, "auto", true},
+        Case{2, 2, "dualpipe", true, true, 2, "off", true}, Case{2, 1, "dualpipev", false, true, 2, "off", true},
+        Case{1, 1, "1f1b", true, true, 2, "auto", true}),
+    [](const auto& info) {
+      return std::string(info.param.schedule) + "_pp" + std::to_string(info.param.pp) + "_dp" +
+             std::to_string(info.param.dp) + (info.param.zero1 ? "_zero1" : "") + (info.param.split_w ? "" : "_fused") +
+             (info.param.ep > 1 ? "_ep" + std::to_string(info.param.ep) : "") +
+             (std::string(info.param.overlap_pairs) == "auto" ? ""
+                                                              : std::string("_pairs_") + info.param.overlap_pairs) +
+             (info.param.device ? "_device" : "");
+    });
 
 // A peer that sends an activation of the wrong size (a bug or an attacker
 // with a key) fails the step with Corruption naming it; nothing is read
@@ -305,10 +318,10 @@ TEST(DistributedTrainer, AFailingLaneOfAPairStopsTheOtherAtOnce) {
   const size_t activation = (*t)->modules()[0]->StageInput(0).bytes();  // rank 1's module 0 is stage 1
   std::thread impostor([&] {  // plays rank 0: a good activation for F0, a 3-byte one for F1, no gradients
     ASSERT_TRUE(parallel::Barrier(*group[0], {0, 1}, parallel::Tag(parallel::TagKind::kBarrier), 30000).ok());
-    ASSERT_TRUE(group[0]
-                    ->Send(1, parallel::ChunkTag(parallel::TagKind::kActivation, 0, 1),
-                           std::vector<uint8_t>(activation, 0))
-                    .ok());
+    ASSERT_TRUE(
+        group[0]
+            ->Send(1, parallel::ChunkTag(parallel::TagKind::kActivation, 0, 1), std::vector<uint8_t>(activation, 0))
+            .ok());
     ASSERT_TRUE(group[0]->Send(1, parallel::ChunkTag(parallel::TagKind::kActivation, 1, 1), {1, 2, 3}).ok());
   });
   const auto start = std::chrono::steady_clock::now();

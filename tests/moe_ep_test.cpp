@@ -6,7 +6,6 @@
 // bits as the host path.
 #include <gtest/gtest.h>
 
-#include <barrier>
 #include <cstring>
 #include <random>
 #include <thread>
@@ -14,6 +13,7 @@
 #include "gpu/cpu/cpu_backend.h"
 #include "gpu/model/model.h"
 #include "test_util.h"
+#include "thread_comm.h"
 #include "train/parallel/ep_exchange.h"
 
 namespace troupe {
@@ -82,64 +82,6 @@ TEST_F(MoeEpHostile, PayloadDisagreesWithTheCounts) { Run(Counts({2, 1}, 2 * kRo
 
 TEST_F(MoeEpHostile, ShorterThanItsCounts) { Run(std::vector<uint8_t>(5, 0), "shorter than its counts"); }
 
-// Stands in for NCCL on the CPU: the counts go through a real
-// GroupExpertExchange, the rows by RowBlock lists between the threads'
-// tensors, matched the way NCCL matches point-to-point calls (the i-th block
-// one rank sends another is the i-th that one receives from it).
-class BlockBoard {
- public:
-  explicit BlockBoard(int ranks) : sync_(ranks), posted_(ranks) {}
-  void Exchange(int rank, const Tensor& src, const std::vector<RowBlock>& sends, Tensor& dst,
-                const std::vector<RowBlock>& recvs) {
-    posted_[rank] = {&src, sends};
-    sync_.arrive_and_wait();
-    const int64_t cols = dst.cols();
-    std::vector<size_t> next(posted_.size(), 0);  // per source: its next block to this rank
-    for (const RowBlock& r : recvs) {
-      const auto& [from, blocks] = posted_[r.peer];
-      while (next[r.peer] < blocks.size() && blocks[next[r.peer]].peer != rank) ++next[r.peer];
-      ASSERT_LT(next[r.peer], blocks.size()) << "rank " << rank << " expects a block rank " << r.peer << " never sent";
-      const RowBlock& s = blocks[next[r.peer]++];
-      ASSERT_EQ(s.rows, r.rows) << "block sizes disagree between ranks " << r.peer << " and " << rank;
-      std::memcpy(dst.data<float>() + r.row * cols, from->data<float>() + s.row * cols,
-                  static_cast<size_t>(r.rows * cols) * sizeof(float));
-    }
-    sync_.arrive_and_wait();  // the senders' rows stay put until everyone has copied
-  }
-
- private:
-  std::barrier<> sync_;
-  std::vector<std::pair<const Tensor*, std::vector<RowBlock>>> posted_;
-};
-
-class BoardExchange final : public ExpertExchange {
- public:
-  BoardExchange(parallel::ProcessGroup& group, BlockBoard& board)
-      : counts_(group, {0, 1}, 10000), board_(board), rank_(group.rank()) {}
-  int size() const override { return 2; }
-  int rank() const override { return rank_; }
-  Expected<std::vector<std::vector<uint8_t>>> AllToAll(std::vector<std::vector<uint8_t>> send, int phase) override {
-    return counts_.AllToAll(std::move(send), phase);
-  }
-  Status Start(std::vector<std::vector<uint8_t>> send, int phase) override {
-    return counts_.Start(std::move(send), phase);
-  }
-  Expected<std::vector<std::vector<uint8_t>>> Finish(int phase) override { return counts_.Finish(phase); }
-  bool moves_rows_on_device() const override { return true; }
-  Status ExchangeRows(const Tensor& src, const std::vector<RowBlock>& sends, Tensor& dst,
-                      const std::vector<RowBlock>& recvs) override {
-    ++row_exchanges;
-    board_.Exchange(rank_, src, sends, dst, recvs);
-    return Status::Ok();
-  }
-  int row_exchanges = 0;
-
- private:
-  parallel::GroupExpertExchange counts_;
-  BlockBoard& board_;
-  int rank_;
-};
-
 struct RankResult {
   double loss = 0;
   std::vector<std::vector<double>> grads;
@@ -150,7 +92,7 @@ struct RankResult {
 // every layer, through the host path or the board.
 std::vector<RankResult> RunTwoRanks(bool device_path) {
   auto groups = parallel::CreateLocalGroup(2);
-  BlockBoard board(2);
+  auto board = std::make_shared<testing::ThreadCommBoard>(2);
   std::vector<RankResult> out(2);
   auto rank_main = [&](int r) {
     CpuBackend be(1);
@@ -166,9 +108,9 @@ std::vector<RankResult> RunTwoRanks(bool device_path) {
     auto model = Model::Create(be, cfg, DType::kF32, 2, 4, span);
     ASSERT_TRUE(model.ok()) << model.status().message();
     ASSERT_TRUE(InitParams(be, cfg, 3, (*model)->params()).ok());
-    parallel::GroupExpertExchange host(*groups[r], {0, 1}, 10000);
-    BoardExchange rows(*groups[r], board);
-    ExpertExchange& ex = device_path ? static_cast<ExpertExchange&>(rows) : host;
+    // The device path: counts over the group, rows through the stand-in (as through NCCL on GPUs).
+    testing::ThreadComm comm(board, r, 2);
+    parallel::GroupExpertExchange ex(*groups[r], {0, 1}, 10000, device_path ? &comm : nullptr);
     (*model)->SetExpertExchange(&ex);
     std::mt19937 rng(11 + r);
     std::vector<int32_t> tokens(2 * (*model)->window());
@@ -182,11 +124,11 @@ std::vector<RankResult> RunTwoRanks(bool device_path) {
     ASSERT_TRUE(ex.status().ok()) << ex.status().message();
     out[r].loss = loss->main_sum;
     for (ParamRef& p : ListParams((*model)->grads())) out[r].grads.push_back(testing::ToVector(be, *p.tensor));
-    out[r].row_exchanges = rows.row_exchanges;
   };
   std::thread t1(rank_main, 1);
   rank_main(0);
   t1.join();
+  out[0].row_exchanges = out[1].row_exchanges = board->row_exchanges / 2;
   return out;
 }
 

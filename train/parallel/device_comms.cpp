@@ -17,16 +17,17 @@ std::string Name(const std::vector<int>& members) {
 
 Expected<std::unique_ptr<DeviceComms>> DeviceComms::Connect(Backend& be, ProcessGroup& pg,
                                                             std::vector<std::vector<int>> groups, int timeout_ms) {
+  const int me = pg.rank();
+  const std::vector<std::vector<int>> mine = GroupsOfRank(groups, me);
   for (auto& g : groups) std::sort(g.begin(), g.end());
   std::sort(groups.begin(), groups.end());
   groups.erase(std::unique(groups.begin(), groups.end()), groups.end());
-  const int me = pg.rank();
   std::unique_ptr<DeviceComms> out(new DeviceComms());
   // First every id (ZeroMQ queues them all), then the joins in order.
   std::vector<std::pair<size_t, std::vector<uint8_t>>> ids;  // (group index, id) of the groups holding me
   for (size_t gi = 0; gi < groups.size(); ++gi) {
     const std::vector<int>& g = groups[gi];
-    if (g.size() < 2 || !std::binary_search(g.begin(), g.end(), me)) continue;
+    if (!std::binary_search(mine.begin(), mine.end(), g)) continue;
     const uint64_t tag = Tag(TagKind::kDeviceComm, gi);
     std::vector<uint8_t> id;
     if (g.front() == me) {
@@ -83,6 +84,16 @@ Expected<std::string> ChooseDeviceComm(const std::string& setting, const Backend
   }
   if (setting == "auto") return std::string(cuda && world > 1 && world <= gpus ? "nccl" : "host");
   return Status::InvalidArgument("parallel.device_comm must be auto, nccl or host, not '" + setting + "'");
+}
+
+std::vector<std::vector<int>> GroupsOfRank(std::vector<std::vector<int>> groups, int rank) {
+  for (auto& g : groups) std::sort(g.begin(), g.end());
+  std::sort(groups.begin(), groups.end());
+  groups.erase(std::unique(groups.begin(), groups.end()), groups.end());
+  std::vector<std::vector<int>> out;
+  for (auto& g : groups)
+    if (g.size() > 1 && std::binary_search(g.begin(), g.end(), rank)) out.push_back(std::move(g));
+  return out;
 }
 
 int GpuOfRank(int rank, int gpus) { return gpus > 0 ? rank % gpus : 0; }

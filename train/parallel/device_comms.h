@@ -8,6 +8,7 @@
 // ranks can wait on each other in a cycle.
 #pragma once
 
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -39,6 +40,15 @@ class DeviceComms {
  private:
   std::map<std::vector<int>, std::unique_ptr<DeviceComm>> comms_;
 };
+
+// Makes this rank's communicators for the job's `groups` (the list Connect
+// takes). The default joins NCCL (Connect); tests hand DistributedTrainer a
+// maker of CPU stand-ins to run the device paths without a GPU.
+using DeviceCommsMaker = std::function<Expected<std::unique_ptr<DeviceComms>>(std::vector<std::vector<int>> groups)>;
+
+// The groups `rank` joins, as Connect sees them: each sorted, duplicates and
+// groups of one dropped, in one global order.
+std::vector<std::vector<int>> GroupsOfRank(std::vector<std::vector<int>> groups, int rank);
 
 // "nccl" / "host" for parallel.device_comm on this backend and layout, or why
 // "nccl" cannot run. `auto` picks nccl on CUDA when each rank has its own GPU

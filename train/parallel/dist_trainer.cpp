@@ -79,12 +79,13 @@ DistributedTrainer::DistributedTrainer(Backend& be, JobConfig job, Layout layout
 
 Expected<std::unique_ptr<DistributedTrainer>> DistributedTrainer::Create(Backend& be, const JobConfig& job,
                                                                          const Layout& layout, ProcessGroup& group,
-                                                                         int timeout_ms) {
+                                                                         int timeout_ms,
+                                                                         DeviceCommsMaker device_comms) {
   if (group.size() != layout.world())
     return Status::InvalidArgument("the layout has " + std::to_string(layout.world()) + " ranks; the group has " +
                                    std::to_string(group.size()));
   std::unique_ptr<DistributedTrainer> t(new DistributedTrainer(be, job, layout, group, timeout_ms));
-  TROUPE_RETURN_IF_ERROR(t->Init());
+  TROUPE_RETURN_IF_ERROR(t->Init(device_comms));
   return t;
 }
 
@@ -94,7 +95,7 @@ std::vector<Model*> DistributedTrainer::modules() {
   return out;
 }
 
-Status DistributedTrainer::Init() {
+Status DistributedTrainer::Init(const DeviceCommsMaker& device_comms) {
   const ModelConfig& mc = job_.model;
   const TrainConfig& tc = job_.train;
   rank_ = group_.rank();
@@ -156,14 +157,20 @@ Status DistributedTrainer::Init() {
     params.push_back(&m->params());
     grads.push_back(&m->grads());
   }
-  const int gpus = be_.device() == DeviceKind::kCuda ? CudaDeviceCount() : 0;
-  TROUPE_ASSIGN_OR_RETURN(device_comm_, ChooseDeviceComm(job_.parallel.device_comm, be_, layout_.world(), gpus));
-  if (device_comm_ == "nccl") {
+  if (device_comms) {
+    device_comm_ = "injected";
+  } else {
+    const int gpus = be_.device() == DeviceKind::kCuda ? CudaDeviceCount() : 0;
+    TROUPE_ASSIGN_OR_RETURN(device_comm_, ChooseDeviceComm(job_.parallel.device_comm, be_, layout_.world(), gpus));
+  }
+  if (device_comm_ != "host") {
     // Every rank lists every group (the join order is global): the buckets' holders and the expert groups.
     std::vector<std::vector<int>> groups;
     for (const Bucket& b : buckets) groups.push_back(b.holders);
     for (int r = 0; layout_.ep > 1 && r < layout_.world(); ++r) groups.push_back(layout_.ExpertGroupOf(r));
-    TROUPE_ASSIGN_OR_RETURN(device_comms_, DeviceComms::Connect(be_, group_, std::move(groups), timeout_ms_));
+    TROUPE_ASSIGN_OR_RETURN(device_comms_, device_comms
+                                               ? device_comms(std::move(groups))
+                                               : DeviceComms::Connect(be_, group_, std::move(groups), timeout_ms_));
     if (expert_exchange_) {
       std::vector<int> members = layout_.ExpertGroupOf(rank_);
       std::sort(members.begin(), members.end());

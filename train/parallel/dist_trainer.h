@@ -29,6 +29,7 @@
 #include "gpu/backend.h"
 #include "gpu/model/model.h"
 #include "train/parallel/bucket_optimizer.h"
+#include "train/parallel/device_comms.h"
 #include "train/parallel/ep_exchange.h"
 #include "train/parallel/layout.h"
 #include "train/parallel/pipeline_runner.h"
@@ -47,7 +48,7 @@ struct StepTiming {
   // transfers and expert all-to-alls), and the part of them during which the
   // other chunk of an F&B pair computed (parallel.overlap_pairs).
   double comm_waited_s = 0, comm_hidden_s = 0;
-  double sync_s = 0;        // gradient, loss and load reductions after the pipeline
+  double sync_s = 0;  // gradient, loss and load reductions after the pipeline
   // Mean op durations over all ranks (s): a forward chunk, a backward chunk
   // (input gradients only when split), an F&B pair, a W chunk (0 when the
   // schedule has none).
@@ -67,8 +68,12 @@ class DistributedTrainer {
  public:
   // `group` has layout.world() ranks; this process is group.rank(). Fails
   // with a clear Status on a layout the runtime cannot run.
+  // `device_comms` (optional) makes the communicators of the device paths
+  // instead of NCCL, which parallel.device_comm then no longer decides:
+  // tests drive those paths with CPU stand-ins.
   static Expected<std::unique_ptr<DistributedTrainer>> Create(Backend& be, const JobConfig& job, const Layout& layout,
-                                                              ProcessGroup& group, int timeout_ms = 60000);
+                                                              ProcessGroup& group, int timeout_ms = 60000,
+                                                              DeviceCommsMaker device_comms = nullptr);
 
   // One optimizer step. Every rank returns the same report.
   Expected<StepReport> Step();
@@ -113,14 +118,15 @@ class DistributedTrainer {
   const StepTiming& timing() const { return timing_; }
   // Whether F&B pairs run their two chunks at once (PipelineRunner).
   bool overlaps_pairs() const { return runner_->overlaps_pairs(); }
-  // How gradient buckets travel: "nccl" (device to device) or "host".
+  // How gradient buckets travel: "nccl" (device to device), "host", or
+  // "injected" (Create's device_comms).
   const std::string& device_comm() const { return device_comm_; }
   // Bytes of AdamW state on this rank (ZeRO-1 divides it among the copies).
   size_t optimizer_state_bytes() const { return optimizer_->state_bytes(); }
 
  private:
   DistributedTrainer(Backend& be, JobConfig job, Layout layout, ProcessGroup& group, int timeout_ms);
-  Status Init();
+  Status Init(const DeviceCommsMaker& device_comms);
   Status UpdateRoutingBiases(double* max_load_ratio);
   Expected<double> SumOverWorld(double v, uint64_t tag);
   // This rank's micro-batches of a global batch (its shard's rows).

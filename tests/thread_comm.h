@@ -1,0 +1,137 @@
+// A DeviceComm stand-in for CPU tests: the members are threads of one
+// process that meet on a shared board, so the device paths (gradient buckets,
+// expert rows) run without a GPU. Like NCCL, every member must make the same
+// calls in the same order; unlike NCCL, the sums run in member order, so two
+// members give the host path's bits. Calls block until every member came
+// (a barrier), which a test run in the wrong order shows as a hang.
+#pragma once
+
+#include <algorithm>
+#include <atomic>
+#include <barrier>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "gpu/device_comm.h"
+#include "train/parallel/device_comms.h"
+
+namespace troupe::testing {
+
+struct ThreadCommBoard {
+  explicit ThreadCommBoard(int members) : sync(members), posted(members), sends(members) {}
+  std::barrier<> sync;
+  std::vector<const Tensor*> posted;                 // each member's tensor of the current call
+  std::vector<std::vector<RowBlock>> sends;          // ExchangeRows: each member's send blocks
+  std::atomic<int> reductions{0}, row_exchanges{0};  // calls, summed over members
+};
+
+class ThreadComm final : public DeviceComm {
+ public:
+  ThreadComm(std::shared_ptr<ThreadCommBoard> board, int rank, int size)
+      : board_(std::move(board)), rank_(rank), size_(size) {}
+  int rank() const override { return rank_; }
+  int size() const override { return size_; }
+  Status AllReduceSum(Tensor& data) override { return Reduce(data, 0, data.numel()); }
+  Status ReduceScatterSum(Tensor& data, const std::vector<int64_t>& bounds) override {
+    return Reduce(data, bounds[rank_], bounds[rank_ + 1]);
+  }
+  Status AllGather(Tensor& data, const std::vector<int64_t>& bounds) override {
+    Post(&data);
+    for (int m = 0; m < size_; ++m) {
+      if (m == rank_) continue;
+      const float* from = board_->posted[m]->data<float>();
+      std::memcpy(data.data<float>() + bounds[m], from + bounds[m], (bounds[m + 1] - bounds[m]) * sizeof(float));
+    }
+    board_->sync.arrive_and_wait();
+    return Status::Ok();
+  }
+  Status ExchangeRows(const Tensor& src, const std::vector<RowBlock>& sends, Tensor& dst,
+                      const std::vector<RowBlock>& recvs) override {
+    ++board_->row_exchanges;
+    board_->sends[rank_] = sends;
+    Post(&src);
+    const int64_t cols = dst.cols();
+    std::vector<size_t> next(size_, 0);  // per source: its next block to this member
+    for (const RowBlock& r : recvs) {
+      const std::vector<RowBlock>& theirs = board_->sends[r.peer];
+      while (next[r.peer] < theirs.size() && theirs[next[r.peer]].peer != rank_) ++next[r.peer];
+      if (next[r.peer] == theirs.size() || theirs[next[r.peer]].rows != r.rows) {
+        board_->sync.arrive_and_wait();
+        return Status::Internal("member " + std::to_string(rank_) + " expects a block of " + std::to_string(r.rows) +
+                                " rows that member " + std::to_string(r.peer) + " did not send");
+      }
+      const RowBlock& s = theirs[next[r.peer]++];
+      std::memcpy(dst.data<float>() + r.row * cols, board_->posted[r.peer]->data<float>() + s.row * cols,
+                  static_cast<size_t>(r.rows * cols) * sizeof(float));
+    }
+    board_->sync.arrive_and_wait();  // the senders' rows stay put until everyone has copied
+    return Status::Ok();
+  }
+  Status Wait(int) override { return Status::Ok(); }
+  void Abort(const std::string&) override {}
+  std::string Describe() const override { return "thread stand-in, member " + std::to_string(rank_); }
+
+ private:
+  void Post(const Tensor* t) {
+    board_->posted[rank_] = t;
+    board_->sync.arrive_and_wait();
+  }
+  // Elements [lo, hi) := the sum over members, added in member order.
+  Status Reduce(Tensor& data, int64_t lo, int64_t hi) {
+    ++board_->reductions;
+    Post(&data);
+    std::vector<float> sum(static_cast<size_t>(hi - lo), 0.0f);
+    for (int m = 0; m < size_; ++m) {
+      const float* from = board_->posted[m]->data<float>();
+      for (int64_t i = lo; i < hi; ++i) sum[i - lo] = m == 0 ? from[i] : sum[i - lo] + from[i];
+    }
+    board_->sync.arrive_and_wait();  // everyone has read before anyone writes
+    std::memcpy(data.data<float>() + lo, sum.data(), sum.size() * sizeof(float));
+    return Status::Ok();
+  }
+
+  std::shared_ptr<ThreadCommBoard> board_;
+  int rank_, size_;
+};
+
+// Hands each rank of a threaded job its stand-ins: one board per group,
+// shared by the group's members (DistributedTrainer::Create's maker).
+class ThreadCommFactory {
+ public:
+  parallel::DeviceCommsMaker MakerFor(int rank) {
+    return [this, rank](std::vector<std::vector<int>> groups) -> Expected<std::unique_ptr<parallel::DeviceComms>> {
+      std::map<std::vector<int>, std::unique_ptr<DeviceComm>> comms;
+      for (std::vector<int>& g : parallel::GroupsOfRank(std::move(groups), rank)) {
+        const int index = static_cast<int>(std::find(g.begin(), g.end(), rank) - g.begin());
+        comms.emplace(g, std::make_unique<ThreadComm>(BoardOf(g), index, static_cast<int>(g.size())));
+      }
+      return parallel::DeviceComms::Of(std::move(comms));
+    };
+  }
+
+  // Calls made so far over every stand-in handed out, summed over members.
+  int reductions() { return Sum(&ThreadCommBoard::reductions); }
+  int row_exchanges() { return Sum(&ThreadCommBoard::row_exchanges); }
+
+ private:
+  int Sum(std::atomic<int> ThreadCommBoard::*counter) {
+    std::lock_guard<std::mutex> lock(mu_);
+    int n = 0;
+    for (auto& [group, board] : boards_) n += (*board.*counter).load();
+    return n;
+  }
+  std::shared_ptr<ThreadCommBoard> BoardOf(const std::vector<int>& group) {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto& board = boards_[group];
+    if (!board) board = std::make_shared<ThreadCommBoard>(static_cast<int>(group.size()));
+    return board;
+  }
+  std::mutex mu_;
+  std::map<std::vector<int>, std::shared_ptr<ThreadCommBoard>> boards_;
+};
+
+}  // namespace troupe::testing
