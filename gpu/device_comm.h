@@ -79,7 +79,8 @@ struct DeviceCommSpec {
 };
 
 // Joins the communicator; returns once every member has joined, or fails
-// after timeout_ms naming `spec.name` (a member that never came, two members
+// after timeout_ms naming `spec.name`. Later calls wait up to timeout_ms too
+// for NCCL to connect to a peer (it connects at a peer's first operation) (a member that never came, two members
 // on one GPU, a network error).
 Expected<std::unique_ptr<DeviceComm>> CreateDeviceComm(Backend& be, const DeviceCommSpec& spec, int timeout_ms);
 

@@ -29,8 +29,14 @@ std::string NcclVersion() {
 class NcclComm final : public DeviceComm {
  public:
   NcclComm(CudaBackend& be, ncclComm_t comm, cudaStream_t stream, cudaEvent_t ready, cudaEvent_t done,
-           DeviceCommSpec spec)
-      : be_(be), comm_(comm), stream_(stream), ready_(ready), done_(done), spec_(std::move(spec)) {}
+           DeviceCommSpec spec, int timeout_ms)
+      : be_(be),
+        comm_(comm),
+        stream_(stream),
+        ready_(ready),
+        done_(done),
+        spec_(std::move(spec)),
+        timeout_ms_(timeout_ms) {}
 
   ~NcclComm() override {
     if (!aborted_) {
@@ -138,12 +144,16 @@ class NcclComm final : public DeviceComm {
     if (e == cudaSuccess) e = cudaStreamWaitEvent(stream_, ready_, 0);
     if (e != cudaSuccess) return Fail(std::string(what) + ": CUDA: " + cudaGetErrorString(e));
     ncclResult_t r = call();
-    // A non-blocking communicator may still be connecting peers: let it finish.
-    const auto deadline = Clock::now() + std::chrono::seconds(60);
+    // A non-blocking communicator may still be connecting peers (NCCL connects
+    // lazily, at a peer's first operation): let it, within the join deadline.
+    const auto deadline = Clock::now() + std::chrono::milliseconds(timeout_ms_);
     while (r == ncclInProgress && Clock::now() < deadline) {
       std::this_thread::sleep_for(std::chrono::microseconds(100));
       ncclCommGetAsyncError(comm_, &r);
     }
+    if (r == ncclInProgress)
+      return Fail(std::string(what) + ": still connecting after " + std::to_string(timeout_ms_) +
+                  " ms (a member stopped or is stuck)");
     if (r != ncclSuccess) return Fail(std::string(what) + ": " + Explain(r));
     e = cudaEventRecord(done_, stream_);
     if (e == cudaSuccess) e = cudaStreamWaitEvent(be_.stream(), done_, 0);
@@ -218,6 +228,7 @@ class NcclComm final : public DeviceComm {
   cudaStream_t stream_;
   cudaEvent_t ready_, done_;
   DeviceCommSpec spec_;
+  int timeout_ms_;  // how long a call may wait for peers to connect
   mutable std::mutex mu_;
   Status failed_;
   bool aborted_ = false;
@@ -311,5 +322,5 @@ extern "C" troupe::DeviceComm* troupe_nccl_create_comm(troupe::Backend* backend,
   spec.size = size;
   spec.rank = rank;
   spec.name = label;
-  return new NcclComm(*be, comm, stream, ready, done, std::move(spec));
+  return new NcclComm(*be, comm, stream, ready, done, std::move(spec), timeout_ms);
 }
