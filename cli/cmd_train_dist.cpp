@@ -162,6 +162,7 @@ int RunRank(const RankFlags& f) {
     // instead: slow, but real NCCL, which is how its path is tested on one GPU.
     ::setenv("NCCL_HOSTID", ("troupe-rank-" + std::to_string(f.rank)).c_str(), 1);
     ::setenv("NCCL_SOCKET_IFNAME", "lo", 0);
+    ::setenv("NCCL_IB_DISABLE", "1", 0);  // InfiniBand/RoCE cards would be picked before loopback sockets
   }
   parallel::FileRendezvous rendezvous(f.run_dir + "/rendezvous");
   auto group =

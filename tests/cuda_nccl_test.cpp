@@ -72,6 +72,7 @@ int RankMain(int rank, int world, const std::string& dir, const Scenario& scenar
   if (gpus < world) {  // as `troupe rank` does for ranks that share a GPU
     ::setenv("NCCL_HOSTID", ("troupe-test-rank-" + std::to_string(rank)).c_str(), 1);
     ::setenv("NCCL_SOCKET_IFNAME", "lo", 0);
+    ::setenv("NCCL_IB_DISABLE", "1", 0);
   }
   auto be = CudaBackend::Create(parallel::GpuOfRank(rank, gpus), MatmulPrecision::kFp32);
   if (!be.ok()) return kSkip;

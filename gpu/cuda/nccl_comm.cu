@@ -40,11 +40,13 @@ class NcclComm final : public DeviceComm {
 
   ~NcclComm() override {
     if (!aborted_) {
-      // Finalize flushes what peers may still need from us; a peer that is
-      // gone must not hold up our exit, hence the deadline and the abort.
-      cudaStreamSynchronize(stream_);
-      ncclResult_t state = ncclCommFinalize(comm_);
+      // Our queued calls, then finalize (it flushes what peers may still need
+      // from us). A peer that is gone must not hold up our exit: a deadline
+      // for both, then the abort, which ends kernels that wait on it.
       const auto deadline = Clock::now() + std::chrono::seconds(5);
+      while (cudaStreamQuery(stream_) == cudaErrorNotReady && Clock::now() < deadline)
+        std::this_thread::sleep_for(std::chrono::milliseconds(1));
+      ncclResult_t state = cudaStreamQuery(stream_) == cudaSuccess ? ncclCommFinalize(comm_) : ncclInternalError;
       while (state == ncclInProgress && Clock::now() < deadline) {
         std::this_thread::sleep_for(std::chrono::milliseconds(1));
         ncclCommGetAsyncError(comm_, &state);

@@ -177,7 +177,10 @@ Status BucketOptimizer::ReduceGradientsOnDevice() {
   for (Local& l : mine_) {
     if (l.comm == nullptr) continue;
     Status s = zero1_ ? l.comm->ReduceScatterSum(l.flat, l.bounds) : l.comm->AllReduceSum(l.flat);
-    TROUPE_RETURN_IF_ERROR(s.WithContext("gradient reduction of bucket " + std::to_string(l.index)));
+    if (!s.ok()) {
+      device_->AbortAll(s.message());  // the reductions queued before it must not be left waiting
+      return s.WithContext("gradient reduction of bucket " + std::to_string(l.index));
+    }
   }
   for (Local& l : mine_) Unpack(be_, l.grads, l.flat, l.chunk_begin, l.chunk_end);
   // Here, not in the next kernel's sync: a dead holder must surface as an error within the timeout.
@@ -194,8 +197,11 @@ Status BucketOptimizer::GatherWeightsOnDevice() {
     for (const auto& c : l.params) firsts.push_back({c[0]});
     Pack(be_, firsts, l.flat);
     if (gather) {
-      TROUPE_RETURN_IF_ERROR(
-          l.comm->AllGather(l.flat, l.bounds).WithContext("weight all-gather of bucket " + std::to_string(l.index)));
+      Status s = l.comm->AllGather(l.flat, l.bounds);
+      if (!s.ok()) {
+        device_->AbortAll(s.message());
+        return s.WithContext("weight all-gather of bucket " + std::to_string(l.index));
+      }
       queued = true;
     }
     Unpack(be_, l.params, l.flat, 0, l.length);

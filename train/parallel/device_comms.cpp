@@ -67,8 +67,18 @@ DeviceComm* DeviceComms::Find(const std::vector<int>& members) const {
 }
 
 Status DeviceComms::WaitAll(int timeout_ms) {
-  for (auto& [members, comm] : comms_) TROUPE_RETURN_IF_ERROR(comm->Wait(timeout_ms));
+  for (auto& [members, comm] : comms_) {
+    Status s = comm->Wait(timeout_ms);
+    if (!s.ok()) {
+      AbortAll(s.message());
+      return s;
+    }
+  }
   return Status::Ok();
+}
+
+void DeviceComms::AbortAll(const std::string& why) {
+  for (auto& [members, comm] : comms_) comm->Abort(why);
 }
 
 Expected<std::string> ChooseDeviceComm(const std::string& setting, const Backend& be, int world, int gpus) {

@@ -35,7 +35,12 @@ class DeviceComms {
   DeviceComm* Find(const std::vector<int>& members) const;
   size_t size() const { return comms_.size(); }
   // Waits for everything queued on every communicator (see DeviceComm::Wait).
+  // On the first failure every communicator is aborted: calls queued on the
+  // others may wait on the failed member too, and the backend's stream on
+  // them, which would hang the next device sync.
   Status WaitAll(int timeout_ms);
+  // Fails every communicator's queued and later calls with `why`.
+  void AbortAll(const std::string& why);
 
  private:
   std::map<std::vector<int>, std::unique_ptr<DeviceComm>> comms_;

@@ -28,10 +28,11 @@ constexpr int kPairWays = 2;
 // it, and a fresh thread would build a fresh team each time.
 class PipelineRunner::PairThread {
  public:
-  PairThread(Backend& be, int ways) : thread_([this, &be, ways] {
-                                          be.SetCallerShare(ways);
-                                          Loop();
-                                        }) {}
+  PairThread(Backend& be, int ways)
+      : thread_([this, &be, ways] {
+          be.SetCallerShare(ways);
+          Loop();
+        }) {}
   ~PairThread() {
     {
       std::lock_guard<std::mutex> lock(mu_);
@@ -244,8 +245,7 @@ Status PipelineRunner::Weight(ChunkRef c) {
   return Status::Ok();
 }
 
-Status PipelineRunner::RunPair(const Op& op, const MicroTokens& tokens, const LossWeights& w,
-                               const LossScale& scale) {
+Status PipelineRunner::RunPair(const Op& op, const MicroTokens& tokens, const LossWeights& w, const LossScale& scale) {
   if (!pair_thread_) {
     // One thread: the pair's transfers still overlap each other's compute
     // through the group's threads (F's output is queued before B starts, and
