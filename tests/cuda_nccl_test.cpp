@@ -14,6 +14,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <functional>
+#include <map>
 #include <thread>
 #include <vector>
 
@@ -54,6 +55,42 @@ TEST(DeviceCommTest, TheCpuBackendIsRefusedByName) {
   EXPECT_EQ((*none)->size(), 0u);
   EXPECT_EQ(parallel::GpuOfRank(5, 2), 1);
   EXPECT_EQ(parallel::GpuOfRank(5, 0), 0);
+}
+
+// A communicator that only records: its Wait fails when told to.
+class RecordingComm final : public DeviceComm {
+ public:
+  explicit RecordingComm(bool fails) : fails_(fails) {}
+  int rank() const override { return 0; }
+  int size() const override { return 2; }
+  Status AllReduceSum(Tensor&) override { return Status::Ok(); }
+  Status ReduceScatterSum(Tensor&, const std::vector<int64_t>&) override { return Status::Ok(); }
+  Status AllGather(Tensor&, const std::vector<int64_t>&) override { return Status::Ok(); }
+  Status ExchangeRows(const Tensor&, const std::vector<RowBlock>&, Tensor&, const std::vector<RowBlock>&) override {
+    return Status::Ok();
+  }
+  Status Wait(int) override { return fails_ ? Status::IOError("rank 2 is gone") : Status::Ok(); }
+  void Abort(const std::string& why) override { aborted = why; }
+  std::string Describe() const override { return "recording"; }
+  std::string aborted;
+
+ private:
+  bool fails_;
+};
+
+// Calls queued on the other communicators may wait on the same dead member
+// (and the backend's stream on them): one failure must abort them all.
+TEST(DeviceCommTest, OneFailedWaitAbortsEveryCommunicator) {
+  auto first = std::make_unique<RecordingComm>(false), second = std::make_unique<RecordingComm>(true);
+  RecordingComm *a = first.get(), *b = second.get();
+  std::map<std::vector<int>, std::unique_ptr<DeviceComm>> comms;
+  comms.emplace(std::vector<int>{0, 1}, std::move(first));
+  comms.emplace(std::vector<int>{0, 2}, std::move(second));
+  auto all = parallel::DeviceComms::Of(std::move(comms));
+  Status s = all->WaitAll(10);
+  EXPECT_TRUE(s.IsIOError()) << s.ToString();
+  EXPECT_EQ(a->aborted, "rank 2 is gone");
+  EXPECT_EQ(b->aborted, "rank 2 is gone");
 }
 
 #if defined(TROUPE_HAVE_CUDA)
