@@ -79,9 +79,9 @@ struct DeviceCommSpec {
 };
 
 // Joins the communicator; returns once every member has joined, or fails
-// after timeout_ms naming `spec.name`. Later calls wait up to timeout_ms too
-// for NCCL to connect to a peer (it connects at a peer's first operation) (a member that never came, two members
-// on one GPU, a network error).
+// after timeout_ms naming `spec.name` (a member that never came, two members
+// on one GPU, a network error). Later calls also wait up to timeout_ms for
+// NCCL to connect to a peer (it connects at a peer's first operation).
 Expected<std::unique_ptr<DeviceComm>> CreateDeviceComm(Backend& be, const DeviceCommSpec& spec, int timeout_ms);
 
 }  // namespace troupe

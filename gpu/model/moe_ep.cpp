@@ -32,24 +32,37 @@ std::vector<uint8_t> Pack(const int64_t* counts, int experts, const uint8_t* row
   return m;
 }
 
+// The (source, expert) blocks of a receiver's expert-major rows, in order:
+// expert by expert, each expert's rows by source. ExchangeRows moves rows
+// into them on the device path; Rearrange walks them on the host path.
+std::vector<RowBlock> ExpertMajorBlocks(const std::vector<int64_t>& counts, int ranks) {
+  const int experts = static_cast<int>(counts.size()) / ranks;
+  std::vector<RowBlock> out;
+  int64_t row = 0;
+  for (int e = 0; e < experts; ++e) {
+    for (int src = 0; src < ranks; ++src) {
+      out.push_back({src, row, counts[src * experts + e]});
+      row += counts[src * experts + e];
+    }
+  }
+  return out;
+}
+
 // Sources' blocks (each sorted by expert, counts[src][e] rows) -> one
 // expert-major buffer, and back. Both directions share the walk.
 template <bool kToExpertMajor>
 void Rearrange(std::vector<uint8_t>& expert_major, std::vector<std::vector<uint8_t>>& blocks,
-               const std::vector<int64_t>& counts, int ranks, int experts, size_t row_bytes, size_t header) {
+               const std::vector<int64_t>& counts, int ranks, size_t row_bytes, size_t header) {
   std::vector<size_t> at(ranks, header);
-  size_t out = 0;
-  for (int e = 0; e < experts; ++e) {
-    for (int src = 0; src < ranks; ++src) {
-      const size_t n = static_cast<size_t>(counts[src * experts + e]) * row_bytes;
-      if (n == 0) continue;
-      if (kToExpertMajor)
-        std::memcpy(expert_major.data() + out, blocks[src].data() + at[src], n);
-      else
-        std::memcpy(blocks[src].data() + at[src], expert_major.data() + out, n);
-      at[src] += n;
-      out += n;
-    }
+  for (const RowBlock& b : ExpertMajorBlocks(counts, ranks)) {
+    const size_t n = static_cast<size_t>(b.rows) * row_bytes;
+    uint8_t* major = expert_major.data() + static_cast<size_t>(b.row) * row_bytes;
+    if (n == 0) continue;
+    if (kToExpertMajor)
+      std::memcpy(major, blocks[b.peer].data() + at[b.peer], n);
+    else
+      std::memcpy(blocks[b.peer].data() + at[b.peer], major, n);
+    at[b.peer] += n;
   }
 }
 
@@ -128,7 +141,7 @@ std::vector<uint8_t> ReceiveDispatch(ExpertExchange& ex, Expected<std::vector<st
                                      int64_t* recv_rows, int64_t per_source_max, int64_t total_max) {
   if (!ParseCounts(ex, got, row_bytes, experts, recv_counts, recv_rows, per_source_max, total_max)) return {};
   std::vector<uint8_t> expert_major(static_cast<size_t>(*recv_rows) * row_bytes);
-  Rearrange<true>(expert_major, *got, *recv_counts, ex.size(), experts, row_bytes, experts * sizeof(int64_t));
+  Rearrange<true>(expert_major, *got, *recv_counts, ex.size(), row_bytes, experts * sizeof(int64_t));
   return expert_major;
 }
 
@@ -140,11 +153,10 @@ std::vector<std::vector<uint8_t>> PackCounts(int ranks, const std::vector<int64_
   return send;
 }
 
-// Where each (rank, expert) block of rows sits, for ExchangeRows: in a
-// sender's rows sorted by global expert (rank-major, as MoePermute leaves
-// them) and in a receiver's expert-major rows. Both list a peer's blocks in
-// expert order, so the i-th block one side sends is the i-th the other
-// receives.
+// Where each (rank, expert) block of rows sits in a sender's rows sorted by
+// global expert (rank-major, as MoePermute leaves them), for ExchangeRows.
+// It and ExpertMajorBlocks list a peer's blocks in expert order, so the i-th
+// block one side sends is the i-th the other receives.
 std::vector<RowBlock> SortedBlocks(const std::vector<int64_t>& counts, int ranks) {
   const int experts = static_cast<int>(counts.size()) / ranks;
   std::vector<RowBlock> out;
@@ -153,19 +165,6 @@ std::vector<RowBlock> SortedBlocks(const std::vector<int64_t>& counts, int ranks
     for (int e = 0; e < experts; ++e) {
       out.push_back({j, row, counts[j * experts + e]});
       row += counts[j * experts + e];
-    }
-  }
-  return out;
-}
-
-std::vector<RowBlock> ExpertMajorBlocks(const std::vector<int64_t>& counts, int ranks) {
-  const int experts = static_cast<int>(counts.size()) / ranks;
-  std::vector<RowBlock> out;
-  int64_t row = 0;
-  for (int e = 0; e < experts; ++e) {
-    for (int src = 0; src < ranks; ++src) {
-      out.push_back({src, row, counts[src * experts + e]});
-      row += counts[src * experts + e];
     }
   }
   return out;
@@ -200,7 +199,7 @@ std::vector<uint8_t> Combine(ExpertExchange& ex, std::vector<uint8_t> expert_maj
     for (int e = 0; e < experts; ++e) n += recv_counts[src * experts + e];
     back[src].resize(static_cast<size_t>(n) * row_bytes);
   }
-  Rearrange<false>(expert_major, back, recv_counts, ranks, experts, row_bytes, 0);
+  Rearrange<false>(expert_major, back, recv_counts, ranks, row_bytes, 0);
   auto got = ex.AllToAll(std::move(back), phase);
   if (!got.ok()) {
     ex.Fail(got.status().WithContext("expert combine"));

@@ -74,6 +74,18 @@ void Unpack(Backend& be, const std::vector<std::vector<Tensor*>>& copies, const 
                   [&](Tensor& part, int64_t lo, int64_t hi) { be.Copy(part, Elements(flat, lo, hi)); });
 }
 
+// Whether some tensor is held twice here (its copies are refreshed after AdamW).
+bool HasDuplicates(const std::vector<std::vector<Tensor*>>& copies) {
+  return std::any_of(copies.begin(), copies.end(), [](const auto& c) { return c.size() > 1; });
+}
+
+// The first copy of each tensor: the one AdamW updates.
+std::vector<std::vector<Tensor*>> FirstCopies(const std::vector<std::vector<Tensor*>>& copies) {
+  std::vector<std::vector<Tensor*>> firsts;
+  for (const auto& c : copies) firsts.push_back({c[0]});
+  return firsts;
+}
+
 std::vector<Tensor*> Copies(const std::vector<ModelParams*>& sets, const std::string& name, bool* weight_decay) {
   std::vector<Tensor*> out;
   for (ModelParams* p : sets) {
@@ -190,12 +202,9 @@ Status BucketOptimizer::ReduceGradientsOnDevice() {
 Status BucketOptimizer::GatherWeightsOnDevice() {
   bool queued = false;
   for (Local& l : mine_) {
-    const bool gather = zero1_ && l.comm != nullptr;
-    const bool duplicates = std::any_of(l.params.begin(), l.params.end(), [](const auto& c) { return c.size() > 1; });
-    if (!gather && !duplicates) continue;
-    std::vector<std::vector<Tensor*>> firsts;
-    for (const auto& c : l.params) firsts.push_back({c[0]});
-    Pack(be_, firsts, l.flat);
+    const bool gather = zero1_ && l.bucket->holders.size() > 1;
+    if (!gather && !HasDuplicates(l.params)) continue;
+    Pack(be_, FirstCopies(l.params), l.flat);
     if (gather) {
       Status s = l.comm->AllGather(l.flat, l.bounds);
       if (!s.ok()) {
@@ -231,11 +240,8 @@ Status BucketOptimizer::Step(const TrainConfig& tc, double lr, double clip_scale
     }
     if (device_ != nullptr) continue;
     const bool gather = zero1_ && l.bucket->holders.size() > 1;
-    const bool duplicates = std::any_of(l.params.begin(), l.params.end(), [](const auto& c) { return c.size() > 1; });
-    if (!gather && !duplicates) continue;
-    std::vector<std::vector<Tensor*>> firsts;
-    for (const auto& c : l.params) firsts.push_back({c[0]});
-    std::vector<float> flat = Flatten(be_, firsts, l.length);
+    if (!gather && !HasDuplicates(l.params)) continue;
+    std::vector<float> flat = Flatten(be_, FirstCopies(l.params), l.length);
     if (gather)
       TROUPE_RETURN_IF_ERROR(AllGather(group_, l.bucket->holders, flat, Tag(TagKind::kWeights, l.index), timeout_ms_)
                                  .WithContext("weight all-gather"));

@@ -20,8 +20,9 @@
 // (given DeviceComms, i.e. NCCL): each bucket is packed into one flat device
 // buffer, reduced by NCCL on its own stream (all-reduce, or per-chunk reduce
 // and broadcast under ZeRO-1, whose chunks are uneven) and unpacked, never
-// leaving the GPU; every bucket is packed before the first reduction is
-// queued, so NCCL's transfers overlap the remaining packing.
+// leaving the GPU. Every bucket is packed before the first reduction is
+// queued: the backend's stream waits for each reduction, so packing between
+// them would wait too.
 #pragma once
 
 #include <functional>

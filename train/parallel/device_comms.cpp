@@ -7,6 +7,19 @@
 namespace troupe::parallel {
 namespace {
 
+// Each group sorted, then the list sorted and without duplicates: the one
+// global order every rank joins in (a group's position is its id's tag).
+std::vector<std::vector<int>> Normalized(std::vector<std::vector<int>> groups) {
+  for (auto& g : groups) std::sort(g.begin(), g.end());
+  std::sort(groups.begin(), groups.end());
+  groups.erase(std::unique(groups.begin(), groups.end()), groups.end());
+  return groups;
+}
+
+bool Joins(const std::vector<int>& sorted_group, int rank) {
+  return sorted_group.size() > 1 && std::binary_search(sorted_group.begin(), sorted_group.end(), rank);
+}
+
 std::string Name(const std::vector<int>& members) {
   std::string s = "group of ranks ";
   for (size_t i = 0; i < members.size(); ++i) s += (i ? "," : "") + std::to_string(members[i]);
@@ -18,16 +31,13 @@ std::string Name(const std::vector<int>& members) {
 Expected<std::unique_ptr<DeviceComms>> DeviceComms::Connect(Backend& be, ProcessGroup& pg,
                                                             std::vector<std::vector<int>> groups, int timeout_ms) {
   const int me = pg.rank();
-  const std::vector<std::vector<int>> mine = GroupsOfRank(groups, me);
-  for (auto& g : groups) std::sort(g.begin(), g.end());
-  std::sort(groups.begin(), groups.end());
-  groups.erase(std::unique(groups.begin(), groups.end()), groups.end());
+  groups = Normalized(std::move(groups));
   std::unique_ptr<DeviceComms> out(new DeviceComms());
   // First every id (ZeroMQ queues them all), then the joins in order.
   std::vector<std::pair<size_t, std::vector<uint8_t>>> ids;  // (group index, id) of the groups holding me
   for (size_t gi = 0; gi < groups.size(); ++gi) {
     const std::vector<int>& g = groups[gi];
-    if (!std::binary_search(mine.begin(), mine.end(), g)) continue;
+    if (!Joins(g, me)) continue;
     const uint64_t tag = Tag(TagKind::kDeviceComm, gi);
     std::vector<uint8_t> id;
     if (g.front() == me) {
@@ -97,12 +107,9 @@ Expected<std::string> ChooseDeviceComm(const std::string& setting, const Backend
 }
 
 std::vector<std::vector<int>> GroupsOfRank(std::vector<std::vector<int>> groups, int rank) {
-  for (auto& g : groups) std::sort(g.begin(), g.end());
-  std::sort(groups.begin(), groups.end());
-  groups.erase(std::unique(groups.begin(), groups.end()), groups.end());
   std::vector<std::vector<int>> out;
-  for (auto& g : groups)
-    if (g.size() > 1 && std::binary_search(g.begin(), g.end(), rank)) out.push_back(std::move(g));
+  for (auto& g : Normalized(std::move(groups)))
+    if (Joins(g, rank)) out.push_back(std::move(g));
   return out;
 }
 

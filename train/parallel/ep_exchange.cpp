@@ -12,6 +12,10 @@ GroupExpertExchange::GroupExpertExchange(ProcessGroup& group, std::vector<int> m
                                          DeviceComm* device)
     : group_(group), members_(std::move(members)), timeout_ms_(timeout_ms), device_(device) {
   my_index_ = static_cast<int>(std::find(members_.begin(), members_.end(), group_.rank()) - members_.begin());
+  std::vector<int> sorted = members_;
+  std::sort(sorted.begin(), sorted.end());
+  for (int m : members_)
+    comm_rank_.push_back(static_cast<int>(std::lower_bound(sorted.begin(), sorted.end(), m) - sorted.begin()));
 }
 
 namespace {
@@ -45,15 +49,9 @@ Status GroupExpertExchange::ExchangeRows(const Tensor& src, const std::vector<Ro
                                          const std::vector<RowBlock>& recvs) {
   if (device_ == nullptr) return ExpertExchange::ExchangeRows(src, sends, dst, recvs);
   // Blocks name peers by ep_rank; the communicator numbers its members in ascending world rank.
-  std::vector<int> sorted = members_;
-  std::sort(sorted.begin(), sorted.end());
   auto to_comm = [&](std::vector<RowBlock> blocks) {
-    for (RowBlock& b : blocks) {
-      const bool known = b.peer >= 0 && b.peer < size();
-      b.peer = known
-                   ? static_cast<int>(std::lower_bound(sorted.begin(), sorted.end(), members_[b.peer]) - sorted.begin())
-                   : -1;  // refused by the communicator, with the block named
-    }
+    for (RowBlock& b : blocks)
+      b.peer = b.peer >= 0 && b.peer < size() ? comm_rank_[b.peer] : -1;  // -1: refused, with the block named
     return blocks;
   };
   TROUPE_RETURN_IF_ERROR(device_->ExchangeRows(src, to_comm(sends), dst, to_comm(recvs)));
