@@ -231,6 +231,23 @@ TEST(NcclTest, AMemberThatLeavesIsAnErrorNotAHang) {
   }));
 }
 
+// An id of the wrong size (a broken or hostile peer sent it over the group)
+// is refused before NCCL sees it. Last in the file: it initialises CUDA in
+// this process, which the forking tests above must not inherit.
+TEST(NcclTest, AnIdOfTheWrongSizeIsRefused) {
+  auto be = CudaBackend::Create(0, MatmulPrecision::kFp32);
+  if (!be.ok()) GTEST_SKIP() << "no CUDA device";
+  DeviceCommSpec spec;
+  spec.id = {1, 2, 3, 4, 5};
+  spec.size = 2;
+  spec.rank = 0;
+  spec.name = "group of ranks 0,1";
+  auto comm = CreateDeviceComm(**be, spec, 1000);
+  ASSERT_FALSE(comm.ok());
+  EXPECT_NE(comm.status().message().find("an id of 5 bytes is not an NCCL id"), std::string::npos)
+      << comm.status().message();
+}
+
 #endif  // TROUPE_HAVE_CUDA
 
 }  // namespace

@@ -19,10 +19,18 @@
 namespace troupe {
 namespace {
 
-// Rank 0 of 2; rank 1's messages are whatever the test scripts.
+// Rank 0 of 2; rank 1's messages are whatever the test scripts. With
+// `device_rows`, it claims the device path (counts only in the messages);
+// moving rows then counts as a use of the network.
 class ScriptedPeer final : public ExpertExchange {
  public:
-  explicit ScriptedPeer(std::vector<uint8_t> from_peer) : from_peer_(std::move(from_peer)) {}
+  ScriptedPeer(std::vector<uint8_t> from_peer, bool device_rows)
+      : from_peer_(std::move(from_peer)), device_rows_(device_rows) {}
+  bool moves_rows_on_device() const override { return device_rows_; }
+  Status ExchangeRows(const Tensor&, const std::vector<RowBlock>&, Tensor&, const std::vector<RowBlock>&) override {
+    ++calls;
+    return Status::Ok();
+  }
   int size() const override { return 2; }
   int rank() const override { return 0; }
   Expected<std::vector<std::vector<uint8_t>>> AllToAll(std::vector<std::vector<uint8_t>> send, int) override {
@@ -33,6 +41,7 @@ class ScriptedPeer final : public ExpertExchange {
 
  private:
   std::vector<uint8_t> from_peer_;
+  bool device_rows_;
 };
 
 std::vector<uint8_t> Counts(std::vector<int64_t> counts, size_t payload_bytes) {
@@ -44,7 +53,7 @@ std::vector<uint8_t> Counts(std::vector<int64_t> counts, size_t payload_bytes) {
 class MoeEpHostile : public ::testing::Test {
  protected:
   // Layer 0 dense, layers 1.. MoE; this rank holds experts 0 and 1 of 4.
-  void Run(std::vector<uint8_t> from_peer, const std::string& needle) {
+  void Run(std::vector<uint8_t> from_peer, const std::string& needle, bool device_rows = false) {
     CpuBackend be(1);
     ModelConfig cfg = testing::TinyMoeModel();
     cfg.num_nextn_predict_layers = 0;
@@ -53,7 +62,7 @@ class MoeEpHostile : public ::testing::Test {
     auto model = Model::Create(be, cfg, DType::kF32, 2, 4, span);
     ASSERT_TRUE(model.ok()) << model.status().message();
     ASSERT_TRUE(InitParams(be, cfg, 3, (*model)->params()).ok());
-    ScriptedPeer peer(std::move(from_peer));
+    ScriptedPeer peer(std::move(from_peer), device_rows);
     (*model)->SetExpertExchange(&peer);
     std::mt19937 rng(1);
     std::vector<int32_t> tokens(2 * (*model)->window());
@@ -69,6 +78,16 @@ class MoeEpHostile : public ::testing::Test {
 
 constexpr int64_t kRowBytes = 8 * sizeof(float);  // hidden_size 8
 constexpr int64_t kCopies = 2 * 4 * 2;            // batch x seq x K
+
+// The device path reads the same counts, checked the same way, before any
+// row moves; its messages carry counts only.
+TEST_F(MoeEpHostile, DevicePathRefusesACountOutOfRange) {
+  Run(Counts({kCopies + 1, 0}, 0), "out of range", /*device_rows=*/true);
+}
+
+TEST_F(MoeEpHostile, DevicePathRefusesRowsInACountsMessage) {
+  Run(Counts({2, 1}, 3 * kRowBytes), "bytes for 3 rows", /*device_rows=*/true);
+}
 
 TEST_F(MoeEpHostile, MoreRowsThanThePeerHasTokenCopies) {
   Run(Counts({kCopies + 1, 0}, (kCopies + 1) * kRowBytes), "out of range");
