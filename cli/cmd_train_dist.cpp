@@ -181,6 +181,7 @@ int RunRank(const RankFlags& f) {
                     ? (shared_gpus ? "NCCL, device to device (ranks share GPUs: over NCCL's socket transport)"
                                    : "NCCL, device to device")
                     : "host memory, ring collectives over ZeroMQ");
+    if (!t.pipeline_links().empty()) std::printf("pipeline transfers: %s\n", t.pipeline_links().c_str());
     std::fflush(stdout);
   }
   if (f.dist.ckpt_every >= 0) job->checkpoint.every = f.dist.ckpt_every;

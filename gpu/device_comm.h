@@ -59,6 +59,15 @@ class DeviceComm {
   // blocks to oneself are allowed.
   virtual Status ExchangeRows(const Tensor& src, const std::vector<RowBlock>& sends, Tensor& dst,
                               const std::vector<RowBlock>& recvs) = 0;
+  // Pipeline hand-offs, one way. Send copies `data` aside on the backend's
+  // stream and queues it to `peer`; nothing the backend queues afterwards
+  // waits for it, so a receiver that comes late holds up no compute (and no
+  // host sync behind it), and `data` may be rewritten at once. The peer
+  // Receives the sends in the order they were made, with equal byte sizes.
+  virtual Status Send(const Tensor& data, int peer) = 0;
+  // Fills `into` with `peer`'s next Send; the backend's later kernels wait
+  // for it. Wait() then bounds how long the host waits for it to arrive.
+  virtual Status Receive(Tensor& into, int peer) = 0;
   // Blocks until every queued call has finished, at most timeout_ms. IOError
   // naming the communicator on timeout (then aborted) or an NCCL error.
   virtual Status Wait(int timeout_ms) = 0;

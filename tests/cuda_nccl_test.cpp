@@ -50,7 +50,7 @@ TEST(DeviceCommTest, TheCpuBackendIsRefusedByName) {
   EXPECT_FALSE(parallel::ChooseDeviceComm("gpu", cpu, 2, 0).ok());
   // Groups of one need no communicator: nothing to join, nothing to refuse.
   auto groups = parallel::CreateLocalGroup(1);
-  auto none = parallel::DeviceComms::Connect(cpu, *groups[0], {{0}}, 1000);
+  auto none = parallel::DeviceComms::Connect(cpu, *groups[0], {{0}}, {}, 1000);
   ASSERT_TRUE(none.ok()) << none.status().message();
   EXPECT_EQ((*none)->size(), 0u);
   EXPECT_EQ(parallel::GpuOfRank(5, 2), 1);
@@ -69,6 +69,8 @@ class RecordingComm final : public DeviceComm {
   Status ExchangeRows(const Tensor&, const std::vector<RowBlock>&, Tensor&, const std::vector<RowBlock>&) override {
     return Status::Ok();
   }
+  Status Send(const Tensor&, int) override { return Status::Ok(); }
+  Status Receive(Tensor&, int) override { return Status::Ok(); }
   Status Wait(int) override { return fails_ ? Status::IOError("rank 2 is gone") : Status::Ok(); }
   void Abort(const std::string& why) override { aborted = why; }
   std::string Describe() const override { return "recording"; }
@@ -95,15 +97,18 @@ TEST(DeviceCommTest, OneFailedWaitAbortsEveryCommunicator) {
 
 #if defined(TROUPE_HAVE_CUDA)
 
-// What one rank does once its communicator is up; returns the exit code.
-using Scenario = std::function<int(CudaBackend&, DeviceComm&, int rank)>;
+// What one rank does once its communicators are up; returns the exit code.
+using Scenario = std::function<int(CudaBackend&, parallel::DeviceComms&, int rank)>;
+// The same, given the communicator of the whole group.
+using GroupScenario = std::function<int(CudaBackend&, DeviceComm&, int rank)>;
 
 int Check(bool ok, const std::string& what) {
   if (!ok) std::fprintf(stderr, "rank check failed: %s\n", what.c_str());
   return ok ? 0 : 1;
 }
 
-int RankMain(int rank, int world, const std::string& dir, const Scenario& scenario) {
+int RankMain(int rank, int world, const std::string& dir, const std::vector<parallel::DeviceLink>& links,
+             const Scenario& scenario) {
   const int gpus = CudaDeviceCount();
   if (gpus == 0) return kSkip;
   if (gpus < world) {  // as `troupe rank` does for ranks that share a GPU
@@ -120,20 +125,18 @@ int RankMain(int rank, int world, const std::string& dir, const Scenario& scenar
   if (!group.ok()) return Check(false, group.status().message());
   std::vector<int> all;
   for (int r = 0; r < world; ++r) all.push_back(r);
-  auto comms = parallel::DeviceComms::Connect(**be, **group, {all}, 8000);
+  auto comms = parallel::DeviceComms::Connect(**be, **group, {all}, links, 8000);
   if (!comms.ok()) return Check(false, comms.status().message());
-  DeviceComm* comm = (*comms)->Find(all);
-  if (comm == nullptr) return Check(false, "no communicator for the whole group");
-  return scenario(**be, *comm, rank);
+  return scenario(**be, **comms, rank);
 }
 
 // Runs `world` ranks as forked processes; the exit codes, rank by rank.
-std::vector<int> RunRanks(int world, const Scenario& scenario) {
+std::vector<int> RunRanks(int world, const std::vector<parallel::DeviceLink>& links, const Scenario& scenario) {
   testing::TempDir dir;
   std::vector<pid_t> pids;
   for (int r = 0; r < world; ++r) {
     const pid_t pid = fork();
-    if (pid == 0) _exit(RankMain(r, world, dir.path().string(), scenario));
+    if (pid == 0) _exit(RankMain(r, world, dir.path().string(), links, scenario));
     pids.push_back(pid);
   }
   std::vector<int> codes;
@@ -143,6 +146,15 @@ std::vector<int> RunRanks(int world, const Scenario& scenario) {
     codes.push_back(WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status));
   }
   return codes;
+}
+
+std::vector<int> RunRanks(int world, const GroupScenario& scenario) {
+  return RunRanks(world, {}, [&](CudaBackend& be, parallel::DeviceComms& comms, int rank) {
+    std::vector<int> all;
+    for (int r = 0; r < world; ++r) all.push_back(r);
+    DeviceComm* comm = comms.Find(all);
+    return comm ? scenario(be, *comm, rank) : Check(false, "no communicator for the whole group");
+  });
 }
 
 #define EXPECT_RANKS_PASS(codes)                                                           \
@@ -228,6 +240,66 @@ TEST(NcclTest, AMemberThatLeavesIsAnErrorNotAHang) {
     if (Check(waited < 20, "waited " + std::to_string(waited) + " s") != 0) return 1;
     Status again = comm.AllReduceSum(*t);
     return Check(again.message() == s.message(), "a later call returned " + again.ToString());
+  }));
+}
+
+// Pipeline links: both ranks send first (on links of their own, so neither
+// waits for the other), the sender rewrites its tensor at once (the link sent
+// a copy), and each link delivers in order.
+TEST(NcclTest, PipelineLinksDeliverInOrderBothWays) {
+  using parallel::DeviceLink;
+  using parallel::TagKind;
+  const DeviceLink forward{0, 1, TagKind::kActivation}, back{1, 0, TagKind::kActivation},
+      grads{0, 1, TagKind::kGradient};
+  EXPECT_RANKS_PASS(RunRanks(2, {forward, back, grads}, [&](CudaBackend& be, parallel::DeviceComms& comms, int rank) {
+    DeviceComm* out = comms.FindLink(rank == 0 ? forward : back);
+    DeviceComm* in = comms.FindLink(rank == 0 ? back : forward);
+    DeviceComm* g = comms.FindLink(grads);
+    if (!out || !in || !g || comms.links() != 3) return Check(false, "missing links");
+    auto t = Filled(be, rank, kLength);
+    if (!t.ok()) return Check(false, t.status().message());
+    const int sends = rank == 0 ? 3 : 2, receives = rank == 0 ? 2 : 3;
+    for (int i = 0; i < sends; ++i) {
+      FromHostFloats(be, *t, std::vector<float>(kLength, static_cast<float>(100 * rank + i)));
+      if (Status s = out->Send(*t, 1); !s.ok()) return Check(false, s.message());
+    }
+    FromHostFloats(be, *t, std::vector<float>(kLength, -1.0f));  // the sends took copies
+    if (rank == 0) {
+      if (Status s = g->Send(*t, 1); !s.ok()) return Check(false, s.message());
+    }
+    for (int i = 0; i < receives; ++i) {
+      Status s = in->Receive(*t, 0);
+      if (s.ok()) s = in->Wait(30000);
+      if (!s.ok()) return Check(false, s.message());
+      const float want = static_cast<float>(100 * (1 - rank) + i);
+      const std::vector<float> got = ToHostFloats(be, *t);
+      if (got.front() != want || got.back() != want)
+        return Check(false, "transfer " + std::to_string(i) + " carried " + std::to_string(got.front()));
+    }
+    if (rank == 1) {
+      Status s = g->Receive(*t, 0);
+      if (s.ok()) s = g->Wait(30000);
+      if (!s.ok() || ToHostFloats(be, *t).front() != -1.0f) return Check(false, "gradient link: " + s.ToString());
+    }
+    Status bad = out->Send(*t, 0);  // to itself
+    if (Check(bad.IsInvalidArgument(), "a send to oneself returned " + bad.ToString()) != 0) return 1;
+    return Check(comms.WaitAll(30000).ok(), "sends still queued at the end");
+  }));
+}
+
+// A receive whose sender never sends is an error naming the link, within
+// the deadline.
+TEST(NcclTest, AReceiveWithoutItsSendIsAnErrorNotAHang) {
+  const parallel::DeviceLink link{0, 1, parallel::TagKind::kActivation};
+  EXPECT_RANKS_PASS(RunRanks(2, {link}, [&](CudaBackend& be, parallel::DeviceComms& comms, int rank) {
+    if (rank == 0) return 0;
+    auto t = Filled(be, rank, 1000);
+    if (!t.ok()) return Check(false, t.status().message());
+    DeviceComm* in = comms.FindLink(link);
+    Status s = in->Receive(*t, 0);
+    if (s.ok()) s = in->Wait(2000);
+    if (Check(s.IsIOError(), "the receive returned " + s.ToString()) != 0) return 1;
+    return Check(s.message().find("activation link from rank 0 to rank 1") != std::string::npos, s.message());
   }));
 }
 

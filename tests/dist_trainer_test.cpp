@@ -75,7 +75,8 @@ void MergeCopies(Tensors& into, const Tensors& tensors, const std::string& what)
 
 // Every rank on its own thread; returns rank 0's losses and every rank's
 // tensors (copies held twice must agree bit for bit).
-// `device`: buckets and expert rows take the device paths, over CPU
+// `device`: buckets, expert rows and stage-to-stage transfers take the
+// device paths, over CPU
 // stand-ins for NCCL (tests/thread_comm.h).
 RunResult RunDistributed(const JobConfig& job, const Layout& layout, int steps, bool zero1, bool device = false) {
   auto group = parallel::CreateLocalGroup(layout.world());
@@ -126,7 +127,12 @@ RunResult RunDistributed(const JobConfig& job, const Layout& layout, int steps, 
   for (int r = 0; r < layout.world(); ++r) EXPECT_EQ(errors[r], "") << "rank " << r;
   if (device) {
     EXPECT_GT(stand_ins.reductions(), 0) << "no bucket took the device path";
-    if (layout.ep > 1) EXPECT_GT(stand_ins.row_exchanges(), 0) << "no expert rows took the device path";
+    if (layout.ep > 1) {
+      EXPECT_GT(stand_ins.row_exchanges(), 0) << "no expert rows took the device path";
+    }
+    if (layout.pp > 1) {
+      EXPECT_GT(stand_ins.sends(), 0) << "no stage-to-stage transfer took a device link";
+    }
   }
   RunResult all;
   all.losses = per_rank[0].losses;
@@ -257,7 +263,8 @@ INSTANTIATE_TEST_SUITE_P(
         Case{2, 1, "dualpipev", false, false, 1, "on"}, Case{2, 2, "dualpipe", true, true, 2, "off"},
         Case{1, 2, "1f1b", false, true, 1, "auto", true}, Case{4, 2, "dualpipe", true, true, 1, "auto", true},
         Case{2, 2, "dualpipe", true, true, 2, "off", true}, Case{2, 1, "dualpipev", false, true, 2, "off", true},
-        Case{1, 1, "1f1b", true, true, 2, "auto", true}),
+        Case{1, 1, "1f1b", true, true, 2, "auto", true}, Case{2, 2, "1f1b", false, true, 1, "auto", true},
+        Case{4, 1, "zb1p", false, true, 1, "auto", true}),
     [](const auto& info) {
       return std::string(info.param.schedule) + "_pp" + std::to_string(info.param.pp) + "_dp" +
              std::to_string(info.param.dp) + (info.param.zero1 ? "_zero1" : "") + (info.param.split_w ? "" : "_fused") +

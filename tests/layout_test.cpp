@@ -5,10 +5,14 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <cstdlib>
 #include <set>
+#include <string>
 
 #include "small_job.h"
 #include "test_util.h"
+#include "train/parallel/pipeline_runner.h"
 #include "train/parallel/placement.h"
 
 namespace troupe {
@@ -144,6 +148,67 @@ TEST(Placement, SplitsAGroupOnlyWhenNoNodeCanHoldIt) {
   auto short_of = parallel::PlaceRanks(l, {{"a", 1}, {"b", 2}});
   ASSERT_FALSE(short_of.ok());
   EXPECT_NE(short_of.status().message().find("needs 4 workers; the 2 node(s) have 3"), std::string::npos);
+}
+
+// NCCL matches a link's transfers by order: every built-in schedule issues
+// each link's transfers in the order its receiver takes them, with one link
+// per adjacent pair of stages, direction and kind in every replica.
+TEST(PipelineLinks, EveryBuiltInScheduleIssuesEachLinkInOneOrder) {
+  const JobConfig j = Job();
+  for (const char* kind : {"1f1b", "zb1p", "dualpipe", "dualpipev"}) {
+    for (int pp : {2, 4}) {
+      for (int dp : {1, 2}) {
+        for (int ep : {1, 2}) {
+          ParallelConfig p;
+          p.schedule = kind;
+          p.pp = pp;
+          p.dp = dp;
+          p.ep = ep;
+          const Layout l = Plan(j, p, pp * dp * ep);
+          auto schedule = parallel::BuildSchedule(l.schedule, l.pp, l.micro_batches, l.split_w);
+          ASSERT_TRUE(schedule.ok()) << schedule.status().message();
+          auto links = parallel::PipelineLinks(l, *schedule);
+          ASSERT_TRUE(links.ok()) << kind << " pp" << pp << ": " << links.status().message();
+          const bool both_ways = std::string(kind).starts_with("dualpipe");
+          EXPECT_EQ(links->size(), static_cast<size_t>((both_ways ? 4 : 2) * (pp - 1) * dp * ep))
+              << kind << " pp" << pp;
+          for (const parallel::DeviceLink& link : *links) {
+            parallel::RankCoord from = l.CoordOf(link.from), to = l.CoordOf(link.to);
+            EXPECT_EQ(std::abs(from.pp_rank - to.pp_rank), 1) << parallel::LinkName(link);
+            to.pp_rank = from.pp_rank;
+            EXPECT_EQ(l.RankOf(to), link.from) << parallel::LinkName(link) << " crosses replicas";
+          }
+        }
+      }
+    }
+  }
+}
+
+// A schedule (one read from JSON, say) whose receiver takes a link's
+// transfers in another order than its sender issues them is refused,
+// naming the link and the two chunks.
+TEST(PipelineLinks, ATransferOrderTheTwoEndsDisagreeOnIsRefused) {
+  const JobConfig j = Job();
+  ParallelConfig p;
+  p.pp = 2;
+  const Layout l = Plan(j, p, 2);
+  auto schedule = parallel::BuildSchedule(l.schedule, l.pp, l.micro_batches, l.split_w);
+  ASSERT_TRUE(schedule.ok());
+  auto& ops = schedule->per_rank[1];
+  auto first = std::find_if(ops.begin(), ops.end(), [](const parallel::Op& o) {
+    return o.f.micro == 0 && o.kind == parallel::OpKind::kForward;
+  });
+  auto second = std::find_if(ops.begin(), ops.end(), [](const parallel::Op& o) {
+    return o.f.micro == 1 && o.kind == parallel::OpKind::kForward;
+  });
+  ASSERT_TRUE(first != ops.end() && second != ops.end());
+  std::swap(first->f, second->f);
+  auto links = parallel::PipelineLinks(l, *schedule);
+  ASSERT_FALSE(links.ok());
+  EXPECT_NE(links.status().message().find("activation link from rank 0 to rank 1 would carry micro-batch 0 stage 1 "
+                                          "as transfer 1 where the receiver takes micro-batch 1 stage 1"),
+            std::string::npos)
+      << links.status().message();
 }
 
 }  // namespace

@@ -3,13 +3,18 @@
 // expert rows) run without a GPU. Like NCCL, every member must make the same
 // calls in the same order; unlike NCCL, the sums run in member order, so two
 // members give the host path's bits. Calls block until every member came
-// (a barrier), which a test run in the wrong order shows as a hang.
+// (a barrier), which a test run in the wrong order shows as a hang. Send and
+// Receive do not meet: a send is queued (as NCCL's runs on its own stream)
+// and a receive waits for the next one, at most a minute.
 #pragma once
 
 #include <algorithm>
 #include <atomic>
 #include <barrier>
+#include <chrono>
+#include <condition_variable>
 #include <cstring>
+#include <deque>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -22,11 +27,15 @@
 namespace troupe::testing {
 
 struct ThreadCommBoard {
-  explicit ThreadCommBoard(int members) : sync(members), posted(members), sends(members) {}
+  explicit ThreadCommBoard(int members) : sync(members), posted(members), blocks(members) {}
   std::barrier<> sync;
   std::vector<const Tensor*> posted;                 // each member's tensor of the current call
-  std::vector<std::vector<RowBlock>> sends;          // ExchangeRows: each member's send blocks
+  std::vector<std::vector<RowBlock>> blocks;         // ExchangeRows: each member's send blocks
   std::atomic<int> reductions{0}, row_exchanges{0};  // calls, summed over members
+  std::atomic<int> sends{0};
+  std::mutex mail_mu;
+  std::condition_variable mail_cv;
+  std::map<std::pair<int, int>, std::deque<std::vector<uint8_t>>> mail;  // (from, to) -> queued sends
 };
 
 class ThreadComm final : public DeviceComm {
@@ -52,12 +61,12 @@ class ThreadComm final : public DeviceComm {
   Status ExchangeRows(const Tensor& src, const std::vector<RowBlock>& sends, Tensor& dst,
                       const std::vector<RowBlock>& recvs) override {
     ++board_->row_exchanges;
-    board_->sends[rank_] = sends;
+    board_->blocks[rank_] = sends;
     Post(&src);
     const int64_t cols = dst.cols();
     std::vector<size_t> next(size_, 0);  // per source: its next block to this member
     for (const RowBlock& r : recvs) {
-      const std::vector<RowBlock>& theirs = board_->sends[r.peer];
+      const std::vector<RowBlock>& theirs = board_->blocks[r.peer];
       while (next[r.peer] < theirs.size() && theirs[next[r.peer]].peer != rank_) ++next[r.peer];
       if (next[r.peer] == theirs.size() || theirs[next[r.peer]].rows != r.rows) {
         board_->sync.arrive_and_wait();
@@ -69,6 +78,29 @@ class ThreadComm final : public DeviceComm {
                   static_cast<size_t>(r.rows * cols) * sizeof(float));
     }
     board_->sync.arrive_and_wait();  // the senders' rows stay put until everyone has copied
+    return Status::Ok();
+  }
+  Status Send(const Tensor& data, int peer) override {
+    ++board_->sends;
+    const uint8_t* from = static_cast<const uint8_t*>(data.raw());
+    {
+      std::lock_guard<std::mutex> lock(board_->mail_mu);
+      board_->mail[{rank_, peer}].emplace_back(from, from + data.bytes());
+    }
+    board_->mail_cv.notify_all();
+    return Status::Ok();
+  }
+  Status Receive(Tensor& into, int peer) override {
+    std::unique_lock<std::mutex> lock(board_->mail_mu);
+    auto& queue = board_->mail[{peer, rank_}];
+    if (!board_->mail_cv.wait_for(lock, std::chrono::minutes(1), [&] { return !queue.empty(); }))
+      return Status::IOError("member " + std::to_string(rank_) + ": nothing from member " + std::to_string(peer));
+    std::vector<uint8_t> bytes = std::move(queue.front());
+    queue.pop_front();
+    if (bytes.size() != into.bytes())
+      return Status::Internal("member " + std::to_string(rank_) + " expects " + std::to_string(into.bytes()) +
+                              " bytes; member " + std::to_string(peer) + " sent " + std::to_string(bytes.size()));
+    std::memcpy(into.raw(), bytes.data(), bytes.size());
     return Status::Ok();
   }
   Status Wait(int) override { return Status::Ok(); }
@@ -103,19 +135,27 @@ class ThreadComm final : public DeviceComm {
 class ThreadCommFactory {
  public:
   parallel::DeviceCommsMaker MakerFor(int rank) {
-    return [this, rank](std::vector<std::vector<int>> groups) -> Expected<std::unique_ptr<parallel::DeviceComms>> {
+    return [this, rank](std::vector<std::vector<int>> groups,
+                        std::vector<parallel::DeviceLink> links) -> Expected<std::unique_ptr<parallel::DeviceComms>> {
       std::map<std::vector<int>, std::unique_ptr<DeviceComm>> comms;
       for (std::vector<int>& g : parallel::GroupsOfRank(std::move(groups), rank)) {
         const int index = static_cast<int>(std::find(g.begin(), g.end(), rank) - g.begin());
         comms.emplace(g, std::make_unique<ThreadComm>(BoardOf(g), index, static_cast<int>(g.size())));
       }
-      return parallel::DeviceComms::Of(std::move(comms));
+      std::map<parallel::DeviceLink, std::unique_ptr<DeviceComm>> link_comms;
+      for (const parallel::DeviceLink& l : parallel::LinksOfRank(std::move(links), rank)) {
+        // A board of its own per link, keyed apart from any group: (from, to, -kind).
+        const std::vector<int> key{l.from, l.to, -static_cast<int>(l.kind)};
+        link_comms.emplace(l, std::make_unique<ThreadComm>(BoardOf(key), l.from == rank ? 0 : 1, 2));
+      }
+      return parallel::DeviceComms::Of(std::move(comms), std::move(link_comms));
     };
   }
 
   // Calls made so far over every stand-in handed out, summed over members.
   int reductions() { return Sum(&ThreadCommBoard::reductions); }
   int row_exchanges() { return Sum(&ThreadCommBoard::row_exchanges); }
+  int sends() { return Sum(&ThreadCommBoard::sends); }
 
  private:
   int Sum(std::atomic<int> ThreadCommBoard::*counter) {
@@ -127,7 +167,7 @@ class ThreadCommFactory {
   std::shared_ptr<ThreadCommBoard> BoardOf(const std::vector<int>& group) {
     std::lock_guard<std::mutex> lock(mu_);
     auto& board = boards_[group];
-    if (!board) board = std::make_shared<ThreadCommBoard>(static_cast<int>(group.size()));
+    if (!board) board = std::make_shared<ThreadCommBoard>(group.back() < 0 ? 2 : static_cast<int>(group.size()));
     return board;
   }
   std::mutex mu_;

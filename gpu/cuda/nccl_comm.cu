@@ -7,6 +7,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cstring>
+#include <deque>
 #include <mutex>
 #include <thread>
 
@@ -56,6 +57,7 @@ class NcclComm final : public DeviceComm {
       else
         ncclCommAbort(comm_);
     }
+    for (Staged& s : staging_) cudaEventDestroy(s.sent);
     cudaEventDestroy(ready_);
     cudaEventDestroy(done_);
     cudaStreamDestroy(stream_);
@@ -114,6 +116,23 @@ class NcclComm final : public DeviceComm {
     });
   }
 
+  Status Send(const Tensor& data, int peer) override {
+    TROUPE_RETURN_IF_ERROR(CheckPeer(peer, "send"));
+    TROUPE_ASSIGN_OR_RETURN(Staged * staged, FreeStaging(data));
+    be_.Copy(staged->copy, data);
+    const void* from = staged->copy.raw();
+    TROUPE_RETURN_IF_ERROR(Issue(
+        "send", [&] { return ncclSend(from, data.bytes(), ncclUint8, peer, comm_, stream_); }, Fence::kNone));
+    const cudaError_t e = cudaEventRecord(staged->sent, stream_);
+    if (e != cudaSuccess) return Fail(std::string("send: CUDA: ") + cudaGetErrorString(e));
+    return Status::Ok();
+  }
+
+  Status Receive(Tensor& into, int peer) override {
+    TROUPE_RETURN_IF_ERROR(CheckPeer(peer, "receive"));
+    return Issue("receive", [&] { return ncclRecv(into.raw(), into.bytes(), ncclUint8, peer, comm_, stream_); });
+  }
+
   Status Wait(int timeout_ms) override {
     const auto deadline = Clock::now() + std::chrono::milliseconds(timeout_ms < 0 ? 1LL << 40 : timeout_ms);
     for (;;) {
@@ -138,8 +157,37 @@ class NcclComm final : public DeviceComm {
   }
 
  private:
+  // Whether the backend's later kernels wait for a call (a send's source
+  // is a staging copy nobody rewrites, so nothing needs to).
+  enum class Fence { kBackend, kNone };
+
+  // A send's copy of its tensor, reused once `sent` has passed.
+  struct Staged {
+    Tensor copy;
+    cudaEvent_t sent = nullptr;
+  };
+
+  Expected<Staged*> FreeStaging(const Tensor& like) {
+    for (Staged& s : staging_)
+      if (s.copy.dtype() == like.dtype() && s.copy.numel() == like.numel() && cudaEventQuery(s.sent) == cudaSuccess)
+        return &s;
+    TROUPE_ASSIGN_OR_RETURN(Tensor copy, be_.Alloc({like.numel()}, like.dtype(), spec_.name + " send staging"));
+    cudaEvent_t sent = nullptr;
+    const cudaError_t e = cudaEventCreateWithFlags(&sent, cudaEventDisableTiming);
+    if (e != cudaSuccess) return Fail(std::string("send: CUDA: ") + cudaGetErrorString(e));
+    staging_.push_back(Staged{std::move(copy), sent});
+    return &staging_.back();
+  }
+
+  Status CheckPeer(int peer, const char* what) const {
+    if (peer < 0 || peer >= spec_.size || peer == spec_.rank)
+      return Status::InvalidArgument(spec_.name + " " + what + ": peer " + std::to_string(peer) +
+                                     " is not another of its " + std::to_string(spec_.size) + " members");
+    return Status::Ok();
+  }
+
   template <typename Call>
-  Status Issue(const char* what, Call&& call) {
+  Status Issue(const char* what, Call&& call, Fence fence = Fence::kBackend) {
     if (Status s = failure(); !s.ok()) return s;
     // The backend's kernels so far, then this, then the backend's next ones.
     cudaError_t e = cudaEventRecord(ready_, be_.stream());
@@ -158,7 +206,7 @@ class NcclComm final : public DeviceComm {
                   " ms (a member stopped or is stuck)");
     if (r != ncclSuccess) return Fail(std::string(what) + ": " + Explain(r));
     e = cudaEventRecord(done_, stream_);
-    if (e == cudaSuccess) e = cudaStreamWaitEvent(be_.stream(), done_, 0);
+    if (e == cudaSuccess && fence == Fence::kBackend) e = cudaStreamWaitEvent(be_.stream(), done_, 0);
     if (e != cudaSuccess) return Fail(std::string(what) + ": CUDA: " + cudaGetErrorString(e));
     return Status::Ok();
   }
@@ -234,6 +282,7 @@ class NcclComm final : public DeviceComm {
   mutable std::mutex mu_;
   Status failed_;
   bool aborted_ = false;
+  std::deque<Staged> staging_;  // a deque: Send holds a pointer while growing it
 };
 
 }  // namespace

@@ -26,48 +26,83 @@ std::string Name(const std::vector<int>& members) {
   return s;
 }
 
+std::vector<DeviceLink> NormalizedLinks(std::vector<DeviceLink> links) {
+  std::erase_if(links, [](const DeviceLink& l) { return l.from == l.to; });
+  std::sort(links.begin(), links.end());
+  links.erase(std::unique(links.begin(), links.end()), links.end());
+  return links;
+}
+
+// One communicator to join: its members in communicator-rank order.
+struct Joining {
+  std::vector<int> members;
+  std::string name;
+  std::vector<uint8_t> id;
+};
+
 }  // namespace
 
 Expected<std::unique_ptr<DeviceComms>> DeviceComms::Connect(Backend& be, ProcessGroup& pg,
-                                                            std::vector<std::vector<int>> groups, int timeout_ms) {
+                                                            std::vector<std::vector<int>> groups,
+                                                            std::vector<DeviceLink> links, int timeout_ms) {
   const int me = pg.rank();
   groups = Normalized(std::move(groups));
+  links = NormalizedLinks(std::move(links));
+  // Groups, then links, in one list: a communicator's position is its id's tag.
+  std::vector<Joining> all;
+  for (const std::vector<int>& g : groups) all.push_back({g, Name(g), {}});
+  for (const DeviceLink& l : links) all.push_back({{l.from, l.to}, LinkName(l), {}});
   std::unique_ptr<DeviceComms> out(new DeviceComms());
   // First every id (ZeroMQ queues them all), then the joins in order.
-  std::vector<std::pair<size_t, std::vector<uint8_t>>> ids;  // (group index, id) of the groups holding me
-  for (size_t gi = 0; gi < groups.size(); ++gi) {
-    const std::vector<int>& g = groups[gi];
-    if (!Joins(g, me)) continue;
-    const uint64_t tag = Tag(TagKind::kDeviceComm, gi);
-    std::vector<uint8_t> id;
-    if (g.front() == me) {
-      TROUPE_ASSIGN_OR_RETURN(id, NewDeviceCommId(be));
-      for (size_t i = 1; i < g.size(); ++i)
-        TROUPE_RETURN_IF_ERROR(pg.Send(g[i], tag, id).WithContext("sending the NCCL id of the " + Name(g)));
-    }
-    ids.emplace_back(gi, std::move(id));
+  std::vector<size_t> mine;
+  for (size_t i = 0; i < all.size(); ++i) {
+    Joining& j = all[i];
+    if (j.members.size() < 2 || std::find(j.members.begin(), j.members.end(), me) == j.members.end()) continue;
+    mine.push_back(i);
+    if (j.members.front() != me) continue;
+    TROUPE_ASSIGN_OR_RETURN(j.id, NewDeviceCommId(be));
+    for (size_t m = 1; m < j.members.size(); ++m)
+      TROUPE_RETURN_IF_ERROR(pg.Send(j.members[m], Tag(TagKind::kDeviceComm, i), j.id)
+                                 .WithContext("sending the NCCL id of the " + j.name));
   }
-  for (auto& [gi, id] : ids) {
-    const std::vector<int>& g = groups[gi];
-    if (id.empty()) {
-      auto got = pg.Recv(g.front(), Tag(TagKind::kDeviceComm, gi), timeout_ms);
-      if (!got.ok()) return got.status().WithContext("waiting for the NCCL id of the " + Name(g));
-      id = std::move(got).value();
+  for (size_t i : mine) {
+    Joining& j = all[i];
+    if (j.id.empty()) {
+      auto got = pg.Recv(j.members.front(), Tag(TagKind::kDeviceComm, i), timeout_ms);
+      if (!got.ok()) return got.status().WithContext("waiting for the NCCL id of the " + j.name);
+      j.id = std::move(got).value();
     }
     DeviceCommSpec spec;
-    spec.id = std::move(id);
-    spec.size = static_cast<int>(g.size());
-    spec.rank = static_cast<int>(std::find(g.begin(), g.end(), me) - g.begin());
-    spec.name = Name(g);
+    spec.id = std::move(j.id);
+    spec.size = static_cast<int>(j.members.size());
+    spec.rank = static_cast<int>(std::find(j.members.begin(), j.members.end(), me) - j.members.begin());
+    spec.name = j.name;
     TROUPE_ASSIGN_OR_RETURN(auto comm, CreateDeviceComm(be, spec, timeout_ms));
-    out->comms_.emplace(g, std::move(comm));
+    if (i < groups.size())
+      out->comms_.emplace(j.members, std::move(comm));
+    else
+      out->links_.emplace(links[i - groups.size()], std::move(comm));
+  }
+  // NCCL connects a pair at its first send and receive, and a non-blocking
+  // communicator makes the caller wait for that: two ranks each sending first
+  // on a different link would wait on each other. One small message per link,
+  // in the global order, connects them all here (the link of least position
+  // not yet connected has both members at it, so this always advances).
+  TROUPE_ASSIGN_OR_RETURN(Tensor probe, be.Alloc({1}, DType::kF32, "link probe"));
+  be.Zero(probe);
+  for (auto& [link, comm] : out->links_) {
+    Status s = link.from == me ? comm->Send(probe, 1) : comm->Receive(probe, 0);
+    if (s.ok()) s = comm->Wait(timeout_ms);
+    if (!s.ok()) return s.WithContext("connecting the " + LinkName(link));
   }
   return out;
 }
 
-std::unique_ptr<DeviceComms> DeviceComms::Of(std::map<std::vector<int>, std::unique_ptr<DeviceComm>> comms) {
+std::unique_ptr<DeviceComms> DeviceComms::Of(std::map<std::vector<int>, std::unique_ptr<DeviceComm>> comms,
+                                             std::map<DeviceLink, std::unique_ptr<DeviceComm>> links) {
   std::unique_ptr<DeviceComms> out(new DeviceComms());
   out->comms_ = std::move(comms);
+  out->links_ = std::move(links);
   return out;
 }
 
@@ -76,19 +111,25 @@ DeviceComm* DeviceComms::Find(const std::vector<int>& members) const {
   return it == comms_.end() ? nullptr : it->second.get();
 }
 
+DeviceComm* DeviceComms::FindLink(const DeviceLink& link) const {
+  auto it = links_.find(link);
+  return it == links_.end() ? nullptr : it->second.get();
+}
+
 Status DeviceComms::WaitAll(int timeout_ms) {
-  for (auto& [members, comm] : comms_) {
-    Status s = comm->Wait(timeout_ms);
-    if (!s.ok()) {
-      AbortAll(s.message());
-      return s;
-    }
-  }
+  auto wait = [&](DeviceComm& comm) {
+    Status s = comm.Wait(timeout_ms);
+    if (!s.ok()) AbortAll(s.message());
+    return s;
+  };
+  for (auto& [members, comm] : comms_) TROUPE_RETURN_IF_ERROR(wait(*comm));
+  for (auto& [link, comm] : links_) TROUPE_RETURN_IF_ERROR(wait(*comm));
   return Status::Ok();
 }
 
 void DeviceComms::AbortAll(const std::string& why) {
   for (auto& [members, comm] : comms_) comm->Abort(why);
+  for (auto& [link, comm] : links_) comm->Abort(why);
 }
 
 Expected<std::string> ChooseDeviceComm(const std::string& setting, const Backend& be, int world, int gpus) {
@@ -110,6 +151,18 @@ std::vector<std::vector<int>> GroupsOfRank(std::vector<std::vector<int>> groups,
   std::vector<std::vector<int>> out;
   for (auto& g : Normalized(std::move(groups)))
     if (Joins(g, rank)) out.push_back(std::move(g));
+  return out;
+}
+
+std::string LinkName(const DeviceLink& l) {
+  return std::string(l.kind == TagKind::kGradient ? "gradient" : "activation") + " link from rank " +
+         std::to_string(l.from) + " to rank " + std::to_string(l.to);
+}
+
+std::vector<DeviceLink> LinksOfRank(std::vector<DeviceLink> links, int rank) {
+  std::vector<DeviceLink> out;
+  for (const DeviceLink& l : NormalizedLinks(std::move(links)))
+    if (l.from == rank || l.to == rank) out.push_back(l);
   return out;
 }
 

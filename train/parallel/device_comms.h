@@ -16,24 +16,45 @@
 
 #include "gpu/device_comm.h"
 #include "train/parallel/process_group.h"
+#include "train/parallel/tags.h"
 
 namespace troupe::parallel {
+
+// One way of one pipeline edge: `from` sends `kind` (activations or
+// gradients) to `to`. Each link is a communicator of its own, with its own
+// stream, member 0 the sender: NCCL matches point-to-point calls by order
+// only, and sends and receives queued on one stream in opposite orders by
+// two ranks would wait on each other.
+struct DeviceLink {
+  int from = 0, to = 0;
+  TagKind kind = TagKind::kActivation;
+  auto operator<=>(const DeviceLink&) const = default;
+};
+
+// "activation link from rank 0 to rank 1", in errors.
+std::string LinkName(const DeviceLink& link);
 
 class DeviceComms {
  public:
   // `groups`: the whole job's groups, the same list on every rank (any order;
-  // duplicates and groups of one are ignored). Joins those holding this
-  // rank. Fails, naming the group, when a member does not come within
-  // timeout_ms or NCCL refuses (two ranks on one GPU, say).
+  // duplicates and groups of one are ignored); `links` likewise (links to
+  // oneself are ignored). Joins those holding this rank, the groups first.
+  // Fails, naming the group, when a member does not come within timeout_ms
+  // or NCCL refuses (two ranks on one GPU, say).
   static Expected<std::unique_ptr<DeviceComms>> Connect(Backend& be, ProcessGroup& pg,
-                                                        std::vector<std::vector<int>> groups, int timeout_ms);
-  // Communicators made elsewhere, by their members (ascending world ranks):
-  // for tests, which drive the device paths with CPU stand-ins.
-  static std::unique_ptr<DeviceComms> Of(std::map<std::vector<int>, std::unique_ptr<DeviceComm>> comms);
+                                                        std::vector<std::vector<int>> groups,
+                                                        std::vector<DeviceLink> links, int timeout_ms);
+  // Communicators made elsewhere, by their members (ascending world ranks),
+  // and links: for tests, which drive the device paths with CPU stand-ins.
+  static std::unique_ptr<DeviceComms> Of(std::map<std::vector<int>, std::unique_ptr<DeviceComm>> comms,
+                                         std::map<DeviceLink, std::unique_ptr<DeviceComm>> links = {});
   // The communicator of `members` (ascending world ranks); null for a group
   // of one or one this rank is not in.
   DeviceComm* Find(const std::vector<int>& members) const;
-  size_t size() const { return comms_.size(); }
+  // The communicator of `link`; null where this rank has none.
+  DeviceComm* FindLink(const DeviceLink& link) const;
+  size_t size() const { return comms_.size() + links_.size(); }
+  size_t links() const { return links_.size(); }
   // Waits for everything queued on every communicator (see DeviceComm::Wait).
   // On the first failure every communicator is aborted: calls queued on the
   // others may wait on the failed member too, and the backend's stream on
@@ -44,16 +65,20 @@ class DeviceComms {
 
  private:
   std::map<std::vector<int>, std::unique_ptr<DeviceComm>> comms_;
+  std::map<DeviceLink, std::unique_ptr<DeviceComm>> links_;
 };
 
 // Makes this rank's communicators for the job's `groups` (the list Connect
 // takes). The default joins NCCL (Connect); tests hand DistributedTrainer a
 // maker of CPU stand-ins to run the device paths without a GPU.
-using DeviceCommsMaker = std::function<Expected<std::unique_ptr<DeviceComms>>(std::vector<std::vector<int>> groups)>;
+using DeviceCommsMaker = std::function<Expected<std::unique_ptr<DeviceComms>>(std::vector<std::vector<int>> groups,
+                                                                              std::vector<DeviceLink> links)>;
 
 // The groups `rank` joins, as Connect sees them: each sorted, duplicates and
 // groups of one dropped, in one global order.
 std::vector<std::vector<int>> GroupsOfRank(std::vector<std::vector<int>> groups, int rank);
+// Likewise the links `rank` sends or receives on.
+std::vector<DeviceLink> LinksOfRank(std::vector<DeviceLink> links, int rank);
 
 // "nccl" / "host" for parallel.device_comm on this backend and layout, or why
 // "nccl" cannot run. `auto` picks nccl on CUDA when each rank has its own GPU

@@ -168,9 +168,21 @@ Status DistributedTrainer::Init(const DeviceCommsMaker& device_comms) {
     std::vector<std::vector<int>> groups;
     for (const Bucket& b : buckets) groups.push_back(b.holders);
     for (int r = 0; layout_.ep > 1 && r < layout_.world(); ++r) groups.push_back(layout_.ExpertGroupOf(r));
-    TROUPE_ASSIGN_OR_RETURN(device_comms_, device_comms
-                                               ? device_comms(std::move(groups))
-                                               : DeviceComms::Connect(be_, group_, std::move(groups), timeout_ms_));
+    // Stage-to-stage transfers get links of their own where the schedule
+    // issues each link's transfers in one order on both ends.
+    std::vector<DeviceLink> links;
+    if (layout_.pp > 1) {
+      Expected<std::vector<DeviceLink>> planned = PipelineLinks(layout_, schedule_);
+      if (planned.ok())
+        links = std::move(planned).value();
+      else
+        pipeline_links_note_ = "host memory over ZeroMQ (" + planned.status().message() + ")";
+    }
+    TROUPE_ASSIGN_OR_RETURN(device_comms_, device_comms ? device_comms(std::move(groups), std::move(links))
+                                                        : DeviceComms::Connect(be_, group_, std::move(groups),
+                                                                               std::move(links), timeout_ms_));
+    if (device_comms_->links() > 0)
+      pipeline_links_note_ = std::to_string(device_comms_->links()) + " device links on this rank";
     if (expert_exchange_) {
       std::vector<int> members = layout_.ExpertGroupOf(rank_);
       std::sort(members.begin(), members.end());
@@ -185,7 +197,7 @@ Status DistributedTrainer::Init(const DeviceCommsMaker& device_comms) {
   // CPU stand-ins of the tests could).
   const bool pairs = OverlapsPairs(job_.parallel, layout_) && device_comm_ == "host";
   runner_ = std::make_unique<PipelineRunner>(layout_, schedule_, rank_, group_, modules(), timeout_ms_,
-                                             expert_exchange_.get(), pairs);
+                                             expert_exchange_.get(), pairs, device_comms_.get());
   return Status::Ok();
 }
 

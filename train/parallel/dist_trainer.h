@@ -121,6 +121,9 @@ class DistributedTrainer {
   // How gradient buckets travel: "nccl" (device to device), "host", or
   // "injected" (Create's device_comms).
   const std::string& device_comm() const { return device_comm_; }
+  // How stage-to-stage transfers travel when device_comm() is not "host":
+  // "N device links on this rank", or host memory and why; empty otherwise.
+  const std::string& pipeline_links() const { return pipeline_links_note_; }
   // Bytes of AdamW state on this rank (ZeRO-1 divides it among the copies).
   size_t optimizer_state_bytes() const { return optimizer_->state_bytes(); }
 
@@ -140,7 +143,8 @@ class DistributedTrainer {
   int rank_;
   Schedule schedule_;
   std::vector<std::unique_ptr<Model>> modules_;
-  std::string device_comm_;                    // "nccl" or "host" (parallel.device_comm, resolved)
+  std::string device_comm_;  // "nccl" or "host" (parallel.device_comm, resolved)
+  std::string pipeline_links_note_;
   std::unique_ptr<DeviceComms> device_comms_;  // before optimizer_, which uses them
   std::unique_ptr<BucketOptimizer> optimizer_;
   std::unique_ptr<GroupExpertExchange> expert_exchange_;

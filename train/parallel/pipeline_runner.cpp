@@ -74,6 +74,60 @@ class PipelineRunner::PairThread {
   std::thread thread_;  // last: starts once the members above exist
 };
 
+namespace {
+
+// Calls on(sends, peer_pp_rank, kind, chunk) for every transfer of
+// pp_rank's list, in the order one thread makes them (Forward, Backward).
+template <typename On>
+void ForEachTransfer(const Schedule& s, int pp_rank, bool forward_only, On&& on) {
+  for (const Op& op : s.per_rank[pp_rank]) {
+    if (op.kind == OpKind::kForward || op.kind == OpKind::kForwardBackward) {
+      const ChunkRef c = op.f;
+      if (c.stage > 0) on(false, s.Place({c.micro, c.stage - 1}).rank, TagKind::kActivation, c);
+      if (c.stage + 1 < s.stages)
+        on(true, s.Place({c.micro, c.stage + 1}).rank, TagKind::kActivation, ChunkRef{c.micro, c.stage + 1});
+    }
+    if (forward_only || (op.kind != OpKind::kBackward && op.kind != OpKind::kForwardBackward)) continue;
+    const ChunkRef c = op.b;
+    if (c.stage + 1 < s.stages) on(false, s.Place({c.micro, c.stage + 1}).rank, TagKind::kGradient, c);
+    if (c.stage > 0) on(true, s.Place({c.micro, c.stage - 1}).rank, TagKind::kGradient, ChunkRef{c.micro, c.stage - 1});
+  }
+}
+
+}  // namespace
+
+Expected<std::vector<DeviceLink>> PipelineLinks(const Layout& layout, const Schedule& schedule) {
+  std::map<DeviceLink, std::vector<ChunkRef>> sent, received;  // in issue order
+  for (int w = 0; w < layout.world(); ++w) {
+    const RankCoord me = layout.CoordOf(w);
+    ForEachTransfer(schedule, me.pp_rank, false, [&](bool sends, int peer_pp, TagKind kind, ChunkRef c) {
+      RankCoord peer = me;
+      peer.pp_rank = peer_pp;
+      const int p = layout.RankOf(peer);
+      if (p == w) return;
+      if (sends)
+        sent[{w, p, kind}].push_back(c);
+      else
+        received[{p, w, kind}].push_back(c);
+    });
+  }
+  std::vector<DeviceLink> links;
+  for (auto& [link, order] : sent) {
+    const std::vector<ChunkRef>& theirs = received[link];
+    for (size_t i = 0; i < std::max(order.size(), theirs.size()); ++i) {
+      if (i < order.size() && i < theirs.size() && order[i].micro == theirs[i].micro &&
+          order[i].stage == theirs[i].stage)
+        continue;
+      auto name = [&](const std::vector<ChunkRef>& v) { return i < v.size() ? Chunk(v[i]) : std::string("nothing"); };
+      return Status::InvalidArgument("the " + LinkName(link) + " would carry " + name(order) + " as transfer " +
+                                     std::to_string(i + 1) + " where the receiver takes " + name(theirs) +
+                                     " (NCCL matches by order only)");
+    }
+    links.push_back(link);
+  }
+  return links;
+}
+
 std::vector<int> SlotsNeeded(const Schedule& schedule, int pp_rank, int modules) {
   std::vector<int> live(modules, 0), most(modules, 1);
   for (const Op& op : schedule.per_rank[pp_rank]) {
@@ -90,7 +144,7 @@ std::vector<int> SlotsNeeded(const Schedule& schedule, int pp_rank, int modules)
 
 PipelineRunner::PipelineRunner(const Layout& layout, const Schedule& schedule, int world_rank, ProcessGroup& group,
                                std::vector<Model*> modules, int timeout_ms, const ExpertExchange* experts,
-                               bool overlap_pairs)
+                               bool overlap_pairs, DeviceComms* device)
     : layout_(layout),
       schedule_(schedule),
       world_rank_(world_rank),
@@ -98,7 +152,8 @@ PipelineRunner::PipelineRunner(const Layout& layout, const Schedule& schedule, i
       group_(group),
       modules_(std::move(modules)),
       timeout_ms_(timeout_ms),
-      experts_(experts) {
+      experts_(experts),
+      device_(device && device->links() > 0 ? device : nullptr) {
   // A pair whose chunks share a module would race on its weights: none of
   // the built-in schedules makes one, but a schedule read from JSON could.
   bool has_pairs = false, distinct = true;
@@ -109,7 +164,7 @@ PipelineRunner::PipelineRunner(const Layout& layout, const Schedule& schedule, i
   }
   // The backend is asked on this thread: the one that will run each pair's F.
   Backend& be = modules_[0]->backend();
-  if (overlap_pairs && has_pairs && distinct && be.SetCallerShare(1))
+  if (overlap_pairs && !device_ && has_pairs && distinct && be.SetCallerShare(1))
     pair_thread_ = std::make_unique<PairThread>(be, kPairWays);
 }
 
@@ -121,21 +176,46 @@ int PipelineRunner::PeerOf(int pp_rank) const {
   return layout_.RankOf(c);
 }
 
-Status PipelineRunner::SendTensor(int pp_rank, uint64_t tag, const Tensor& t) {
+DeviceComm* PipelineRunner::LinkOf(int from, int to, TagKind kind) const {
+  return device_ ? device_->FindLink({from, to, kind}) : nullptr;
+}
+
+Status PipelineRunner::SendTensor(int pp_rank, TagKind kind, ChunkRef to, const Tensor& t) {
+  const int peer = PeerOf(pp_rank);
+  if (DeviceComm* link = LinkOf(world_rank_, peer, kind)) {
+    Status s = link->Send(t, 1);
+    if (!s.ok()) device_->AbortAll(s.message());
+    return s.WithContext(std::string(kind == TagKind::kGradient ? "gradient" : "activation") + " for " + Chunk(to));
+  }
   std::vector<uint8_t> bytes;
   bytes.reserve(t.bytes() + kSendReserveBytes);
   bytes.resize(t.bytes());
   modules_[0]->backend().CopyToHost(bytes.data(), t);
-  return group_.Send(PeerOf(pp_rank), tag, std::move(bytes));
+  return group_.Send(peer, ChunkTag(kind, to.micro, to.stage), std::move(bytes));
 }
 
-Status PipelineRunner::Receive(int pp_rank, uint64_t tag, Tensor& into, const char* what, ChunkRef c) {
-  auto bytes = group_.Recv(PeerOf(pp_rank), tag, timeout_ms_);
-  if (!bytes.ok()) return bytes.status().WithContext(std::string(what) + " for " + Chunk(c));
+Status PipelineRunner::Receive(int pp_rank, TagKind kind, ChunkRef c, Tensor& into) {
+  const int peer = PeerOf(pp_rank);
+  const std::string what = std::string(kind == TagKind::kGradient ? "gradient" : "activation") + " for " + Chunk(c);
+  if (DeviceComm* link = LinkOf(peer, world_rank_, kind)) {
+    Status s = link->Receive(into, 0);
+    if (s.ok()) {
+      // The host waits here as it would for a message, and with the same
+      // deadline, so a dead sender is an error rather than a device sync
+      // that never returns.
+      CommWaitObserver* observer = CurrentCommWaitObserver();
+      if (observer) observer->OnCommWait(true);
+      s = link->Wait(timeout_ms_);
+      if (observer) observer->OnCommWait(false);
+    }
+    if (!s.ok()) device_->AbortAll(s.message());
+    return s.WithContext(what);
+  }
+  auto bytes = group_.Recv(peer, ChunkTag(kind, c.micro, c.stage), timeout_ms_);
+  if (!bytes.ok()) return bytes.status().WithContext(what);
   if (bytes->size() != into.bytes())
-    return Status::Corruption(std::string(what) + " for " + Chunk(c) + " from rank " + std::to_string(PeerOf(pp_rank)) +
-                              " has " + std::to_string(bytes->size()) + " bytes; expected " +
-                              std::to_string(into.bytes()));
+    return Status::Corruption(what + " from rank " + std::to_string(peer) + " has " + std::to_string(bytes->size()) +
+                              " bytes; expected " + std::to_string(into.bytes()));
   modules_[0]->backend().CopyFromHost(into, bytes->data());
   return Status::Ok();
 }
@@ -176,15 +256,13 @@ Status PipelineRunner::Forward(ChunkRef c, const MicroTokens& tokens, const Loss
   TROUPE_ASSIGN_OR_RETURN(const int slot, TakeSlot(at.module, c));
   if (c.stage > 0) {
     const Placement prev = schedule_.Place({c.micro, c.stage - 1});
-    TROUPE_RETURN_IF_ERROR(
-        Receive(prev.rank, ChunkTag(TagKind::kActivation, c.micro, c.stage), m.StageInput(slot), "activation", c));
+    TROUPE_RETURN_IF_ERROR(Receive(prev.rank, TagKind::kActivation, c, m.StageInput(slot)));
   }
   TROUPE_ASSIGN_OR_RETURN(StageLoss l, m.ForwardStage(slot, tokens(c.micro), w, /*with_mtp=*/train));
   AddLoss(l);
   if (c.stage + 1 < schedule_.stages) {
     const Placement next = schedule_.Place({c.micro, c.stage + 1});
-    TROUPE_RETURN_IF_ERROR(
-        SendTensor(next.rank, ChunkTag(TagKind::kActivation, c.micro, c.stage + 1), m.StageOutput(slot)));
+    TROUPE_RETURN_IF_ERROR(SendTensor(next.rank, TagKind::kActivation, {c.micro, c.stage + 1}, m.StageOutput(slot)));
   }
   if (train) {
     std::vector<std::vector<int64_t>> loads = m.ExpertLoads(slot);
@@ -217,13 +295,12 @@ Status PipelineRunner::Backward(ChunkRef c, const LossScale& scale) {
   }
   if (c.stage + 1 < schedule_.stages) {
     const Placement next = schedule_.Place({c.micro, c.stage + 1});
-    TROUPE_RETURN_IF_ERROR(
-        Receive(next.rank, ChunkTag(TagKind::kGradient, c.micro, c.stage), m.OutputGrad(), "gradient", c));
+    TROUPE_RETURN_IF_ERROR(Receive(next.rank, TagKind::kGradient, c, m.OutputGrad()));
   }
   m.BackwardStage(slot, scale, defer);
   if (c.stage > 0) {
     const Placement prev = schedule_.Place({c.micro, c.stage - 1});
-    TROUPE_RETURN_IF_ERROR(SendTensor(prev.rank, ChunkTag(TagKind::kGradient, c.micro, c.stage - 1), m.InputGrad()));
+    TROUPE_RETURN_IF_ERROR(SendTensor(prev.rank, TagKind::kGradient, {c.micro, c.stage - 1}, m.InputGrad()));
   }
   if (!defer) {
     std::lock_guard<std::mutex> lock(book_mu_);
@@ -328,7 +405,13 @@ Status PipelineRunner::RunTrainStep(const MicroTokens& tokens, const LossWeights
       return experts_->status().WithContext("expert all-to-all in " + OpToString(op));
   }
   if (!slot_of_.empty()) return Status::Internal("schedule left micro-batches without a backward");
-  return Status::Ok();
+  return WaitForSends();
+}
+
+Status PipelineRunner::WaitForSends() {
+  // Every receiver takes our sends within its own step: a send still queued
+  // past the deadline means it stopped.
+  return device_ ? device_->WaitAll(timeout_ms_).WithContext("pipeline sends at the end of the step") : Status::Ok();
 }
 
 Status PipelineRunner::RunForwardOnly(const MicroTokens& tokens, const LossWeights& w) {
@@ -341,7 +424,7 @@ Status PipelineRunner::RunForwardOnly(const MicroTokens& tokens, const LossWeigh
     if (experts_ && !experts_->status().ok())
       return experts_->status().WithContext("expert all-to-all in " + OpToString(op));
   }
-  return Status::Ok();
+  return WaitForSends();
 }
 
 }  // namespace troupe::parallel

@@ -30,6 +30,7 @@
 #include <vector>
 
 #include "gpu/model/model.h"
+#include "train/parallel/device_comms.h"
 #include "train/parallel/layout.h"
 #include "train/parallel/overlap_meter.h"
 #include "train/parallel/process_group.h"
@@ -49,6 +50,13 @@ struct OpRecord {
   double waited = 0, hidden = 0;
 };
 
+// The device links (world ranks) that carry `layout`'s pipeline transfers,
+// or why they cannot: NCCL matches a link's sends and receives by order
+// only, so on every link the order its sender issues them (ops in list
+// order, an F&B pair's F first) must be the order its receiver takes them.
+// Hand-offs between two stages of one rank are not links.
+Expected<std::vector<DeviceLink>> PipelineLinks(const Layout& layout, const Schedule& schedule);
+
 // Activation slots each module needs to run `pp_rank`'s list: the most
 // micro-batches it holds between their F and their B (W when split) at once.
 std::vector<int> SlotsNeeded(const Schedule& schedule, int pp_rank, int modules);
@@ -60,9 +68,12 @@ class PipelineRunner {
   // `experts`, when the stages' MoE layers are expert-parallel, is checked
   // after every op: a failed all-to-all stops the step there.
   // `overlap_pairs` runs F&B pairs on two threads where the backend allows.
+  // `device`, when it holds links (PipelineLinks), carries the transfers to
+  // other ranks device to device; pairs then run F then B on this thread,
+  // the order PipelineLinks checked.
   PipelineRunner(const Layout& layout, const Schedule& schedule, int world_rank, ProcessGroup& group,
                  std::vector<Model*> modules, int timeout_ms, const ExpertExchange* experts = nullptr,
-                 bool overlap_pairs = true);
+                 bool overlap_pairs = true, DeviceComms* device = nullptr);
   ~PipelineRunner();
 
   // Tokens of micro-batch m: [micro_batch_size, window] for this rank's shard.
@@ -89,8 +100,11 @@ class PipelineRunner {
   Status Backward(ChunkRef c, const LossScale& scale);
   Status Weight(ChunkRef c);
   int PeerOf(int pp_rank) const;
-  Status Receive(int pp_rank, uint64_t tag, Tensor& into, const char* what, ChunkRef c);
-  Status SendTensor(int pp_rank, uint64_t tag, const Tensor& t);
+  // `to`/`c`: the chunk the tensor is for, named in the tag and in errors.
+  Status Receive(int pp_rank, TagKind kind, ChunkRef c, Tensor& into);
+  Status SendTensor(int pp_rank, TagKind kind, ChunkRef to, const Tensor& t);
+  DeviceComm* LinkOf(int from, int to, TagKind kind) const;
+  Status WaitForSends();
   void AddLoss(const StageLoss& l);
   // Slot bookkeeping, shared by an F&B pair's two threads (book_mu_).
   Expected<int> TakeSlot(int module, ChunkRef c);
@@ -104,6 +118,7 @@ class PipelineRunner {
   std::vector<Model*> modules_;
   int timeout_ms_;
   const ExpertExchange* experts_;
+  DeviceComms* device_;                                      // null, or without links: transfers go through group_
   std::vector<std::vector<int>> free_slots_;                 // [module]
   std::map<std::pair<int, int>, int> slot_of_;               // (micro, stage) -> slot
   std::map<std::pair<int, int>, WeightGradQueue> deferred_;  // (micro, stage) -> its W

@@ -34,6 +34,8 @@ ScopedCommWaitObserver::ScopedCommWaitObserver(CommWaitObserver* observer) : pre
 
 ScopedCommWaitObserver::~ScopedCommWaitObserver() { tls_wait_observer = previous_; }
 
+CommWaitObserver* CurrentCommWaitObserver() { return tls_wait_observer; }
+
 // ================================ Mailbox ==================================
 
 void Mailbox::Deliver(int sender, uint64_t tag, std::vector<uint8_t> bytes) {

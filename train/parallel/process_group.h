@@ -91,6 +91,10 @@ class ScopedCommWaitObserver {
   CommWaitObserver* previous_;
 };
 
+// The calling thread's observer (null when none): for waits outside a Recv
+// that stand for one (a pipeline receive over a device link).
+CommWaitObserver* CurrentCommWaitObserver();
+
 // The one tag the implementations keep for their own bootstrap messages; Send refuses it.
 inline constexpr uint64_t kReservedTag = ~uint64_t{0};
 
