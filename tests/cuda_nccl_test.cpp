@@ -245,7 +245,7 @@ TEST(NcclTest, AMemberThatLeavesIsAnErrorNotAHang) {
 
 // Pipeline links: both ranks send first (on links of their own, so neither
 // waits for the other), the sender rewrites its tensor at once (the link sent
-// a copy), and each link delivers in order.
+// a copy) and frees memory, and each link delivers in order.
 TEST(NcclTest, PipelineLinksDeliverInOrderBothWays) {
   using parallel::DeviceLink;
   using parallel::TagKind;
@@ -264,6 +264,11 @@ TEST(NcclTest, PipelineLinksDeliverInOrderBothWays) {
       if (Status s = out->Send(*t, 1); !s.ok()) return Check(false, s.message());
     }
     FromHostFloats(be, *t, std::vector<float>(kLength, -1.0f));  // the sends took copies
+    // A tensor freed while both ranks' sends wait for their receivers: a
+    // device-wide free (cudaFree) would wait for those sends, on each rank,
+    // and neither would reach its receives.
+    if (auto scratch = be.Alloc({1 << 20}, DType::kF32, "scratch"); !scratch.ok())
+      return Check(false, scratch.status().message());
     if (rank == 0) {
       if (Status s = g->Send(*t, 1); !s.ok()) return Check(false, s.message());
     }

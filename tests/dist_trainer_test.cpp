@@ -36,6 +36,7 @@ struct RunResult {
   double ep_remote_share = 0;                         // and the share of token copies that travelled
   bool pairs_overlapped = false;                      // rank 0 ran F&B pairs on two threads
   std::string device_comm;                            // rank 0's gradient path
+  double eval = 0;                                    // validation loss after the last step
 };
 
 JobConfig EquivalenceJob(const std::filesystem::path& dir) { return testing::SmallPipelineJob(dir); }
@@ -56,6 +57,9 @@ RunResult RunSingle(const JobConfig& job, int steps) {
     out.grad_norms.push_back(r->grad_norm);
     if (s == 0) Collect((*t)->model().grads(), out.grads, be);
   }
+  auto eval = (*t)->Evaluate();
+  EXPECT_TRUE(eval.ok()) << eval.status().message();
+  out.eval = eval.ok() ? *eval : -1;
   Collect((*t)->model().params(), out.params, be);
   return out;
 }
@@ -116,6 +120,13 @@ RunResult RunDistributed(const JobConfig& job, const Layout& layout, int steps, 
           }
         }
       }
+      auto eval = (*t)->Evaluate();  // forward only: over the links too where the step used them
+      if (!eval.ok()) {
+        errors[r] = eval.status().message();
+        group[r]->Abort("rank failed");
+        return;
+      }
+      per_rank[r].eval = *eval;
       for (Model* m : (*t)->modules()) {
         Tensors p;
         Collect(m->params(), p, be);
@@ -141,6 +152,7 @@ RunResult RunDistributed(const JobConfig& job, const Layout& layout, int steps, 
   all.ep_remote_share = per_rank[0].ep_remote_share;
   all.pairs_overlapped = per_rank[0].pairs_overlapped;
   all.device_comm = per_rank[0].device_comm;
+  all.eval = per_rank[0].eval;
   // Routed-expert tensors are shards (ep_rank's share of the experts): kept
   // apart per ep_rank, then joined in expert order.
   auto keyed = [&](const Tensors& tensors, int r) {
@@ -189,6 +201,7 @@ void ExpectSameRun(const RunResult& got, const RunResult& want) {
     EXPECT_NEAR(got.losses[s], want.losses[s], 1e-5 * std::abs(want.losses[s])) << "step " << s + 1;
     EXPECT_NEAR(got.grad_norms[s], want.grad_norms[s], 1e-5 * want.grad_norms[s]) << "step " << s + 1;
   }
+  EXPECT_NEAR(got.eval, want.eval, 1e-5 * std::abs(want.eval)) << "validation loss";
   ASSERT_EQ(got.params.size(), want.params.size()) << "the ranks together must hold every tensor";
   for (const auto& [name, w] : want.params) {
     ASSERT_TRUE(got.params.count(name)) << name;

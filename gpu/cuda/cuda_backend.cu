@@ -16,10 +16,7 @@ namespace {
 class CudaBuffer final : public Buffer {
  public:
   CudaBuffer(void* p, size_t bytes, CudaBackend* owner) : Buffer(p, bytes, DeviceKind::kCuda), owner_(owner) {}
-  ~CudaBuffer() override {
-    cudaFree(ptr());
-    owner_->OnFree(bytes());
-  }
+  ~CudaBuffer() override { owner_->Release(ptr(), bytes()); }
 
  private:
   CudaBackend* owner_;
@@ -55,6 +52,16 @@ Expected<std::unique_ptr<CudaBackend>> CudaBackend::Create(int device, MatmulPre
   if (cublasCreate(&be->cublas_) != CUBLAS_STATUS_SUCCESS) return Status::Internal("cublasCreate failed");
   cublasSetStream(be->cublas_, be->stream_);
   if (cublasLtCreate(&be->cublaslt_) != CUBLAS_STATUS_SUCCESS) return Status::Internal("cublasLtCreate failed");
+  // Tensors come from the device's stream-ordered pool (cudaMallocAsync):
+  // cudaFree waits for the whole device, NCCL kernels included, and a
+  // pipeline send queued for a receiver that comes later would make that a
+  // wait on the peer from inside a free, with no deadline. Freed blocks stay
+  // in the pool for reuse instead of going back to the driver at each sync.
+  cudaMemPool_t pool = nullptr;
+  if ((err = cudaDeviceGetDefaultMemPool(&pool, device)) != cudaSuccess)
+    return Status::Internal(std::string("cudaDeviceGetDefaultMemPool: ") + cudaGetErrorString(err));
+  uint64_t keep = UINT64_MAX;
+  cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep);
   cudaDeviceProp prop{};
   cudaGetDeviceProperties(&prop, device);
   be->name_ = prop.name;
@@ -62,8 +69,8 @@ Expected<std::unique_ptr<CudaBackend>> CudaBackend::Create(int device, MatmulPre
 }
 
 CudaBackend::~CudaBackend() {
+  if (workspace_) cudaFreeAsync(workspace_, stream_);
   if (stream_) cudaStreamSynchronize(stream_);
-  if (workspace_) cudaFree(workspace_);
   for (void* e : timer_events_) cudaEventDestroy(static_cast<cudaEvent_t>(e));
   if (cublaslt_) cublasLtDestroy(cublaslt_);
   if (cublas_) cublasDestroy(cublas_);
@@ -94,11 +101,11 @@ Status CudaBackend::Synchronize() {
 
 void* CudaBackend::Workspace(size_t bytes, const char* op, const char* purpose) {
   if (bytes <= workspace_bytes_) return workspace_;
-  cudaStreamSynchronize(stream_);  // the old workspace may still be in use
-  if (workspace_) cudaFree(workspace_);
+  // In stream order: the kernels queued so far still use the old one.
+  if (workspace_) cudaFreeAsync(workspace_, stream_);
   workspace_ = nullptr;
   workspace_bytes_ = 0;
-  if (cudaMalloc(&workspace_, bytes) != cudaSuccess) {
+  if (cudaMallocAsync(&workspace_, bytes, stream_) != cudaSuccess) {
     cudaGetLastError();
     size_t free_b = 0, total_b = 0;
     cudaMemGetInfo(&free_b, &total_b);
@@ -119,7 +126,7 @@ Expected<Tensor> CudaBackend::Alloc(std::vector<int64_t> shape, DType dtype, std
   const size_t bytes = static_cast<size_t>(n) * DTypeSize(dtype);
   const size_t padded = ((bytes + 255) / 256) * 256 + 256;
   void* p = nullptr;
-  cudaError_t err = cudaMalloc(&p, padded);
+  cudaError_t err = cudaMallocAsync(&p, padded, stream_);
   if (err != cudaSuccess) {
     cudaGetLastError();
     size_t free_b = 0, total_b = 0;
@@ -211,6 +218,26 @@ Expected<std::shared_ptr<Backend::HostCopies>> CudaBackend::CopyToHostAsync(
   auto batch = std::make_shared<CudaHostCopies>(done);
   unfenced_ = batch;
   return std::shared_ptr<HostCopies>(batch);
+}
+
+void CudaBackend::Release(void* p, size_t bytes) {
+  in_use_ -= bytes;
+  // After the kernels queued so far; background copies may still read the
+  // block too, and then it is freed on their stream once both have passed.
+  auto* copies = static_cast<CudaHostCopies*>(unfenced_.get());
+  if (copies != nullptr && cudaEventQuery(copies->event()) == cudaErrorNotReady) {
+    cudaEvent_t queued = nullptr;
+    if (cudaEventCreateWithFlags(&queued, cudaEventDisableTiming) == cudaSuccess &&
+        cudaEventRecord(queued, stream_) == cudaSuccess &&
+        cudaStreamWaitEvent(copy_stream_, queued, 0) == cudaSuccess) {
+      cudaEventDestroy(queued);
+      cudaFreeAsync(p, copy_stream_);
+      return;
+    }
+    if (queued) cudaEventDestroy(queued);
+    cudaStreamWaitEvent(stream_, copies->event(), 0);  // could not order it on the copy stream: wait for the copies
+  }
+  cudaFreeAsync(p, stream_);
 }
 
 void CudaBackend::FenceHostCopies() {

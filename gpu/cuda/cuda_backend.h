@@ -119,7 +119,8 @@ class CudaBackend final : public Backend {
   void* Workspace(size_t bytes, const char* op = "workspace", const char* purpose = "scratch");
   cublasContext* cublas() const { return cublas_; }
   cublasLtContext* cublaslt() const { return cublaslt_; }
-  void OnFree(size_t bytes) { in_use_ -= bytes; }
+  // Returns a tensor's block to the stream-ordered pool (CudaBuffer).
+  void Release(void* p, size_t bytes);
 
  private:
   CudaBackend(int device, MatmulPrecision precision) : device_(device), precision_(precision) {}

@@ -79,7 +79,7 @@ namespace {
 // Calls on(sends, peer_pp_rank, kind, chunk) for every transfer of
 // pp_rank's list, in the order one thread makes them (Forward, Backward).
 template <typename On>
-void ForEachTransfer(const Schedule& s, int pp_rank, bool forward_only, On&& on) {
+void ForEachTransfer(const Schedule& s, int pp_rank, On&& on) {
   for (const Op& op : s.per_rank[pp_rank]) {
     if (op.kind == OpKind::kForward || op.kind == OpKind::kForwardBackward) {
       const ChunkRef c = op.f;
@@ -87,7 +87,7 @@ void ForEachTransfer(const Schedule& s, int pp_rank, bool forward_only, On&& on)
       if (c.stage + 1 < s.stages)
         on(true, s.Place({c.micro, c.stage + 1}).rank, TagKind::kActivation, ChunkRef{c.micro, c.stage + 1});
     }
-    if (forward_only || (op.kind != OpKind::kBackward && op.kind != OpKind::kForwardBackward)) continue;
+    if (op.kind != OpKind::kBackward && op.kind != OpKind::kForwardBackward) continue;
     const ChunkRef c = op.b;
     if (c.stage + 1 < s.stages) on(false, s.Place({c.micro, c.stage + 1}).rank, TagKind::kGradient, c);
     if (c.stage > 0) on(true, s.Place({c.micro, c.stage - 1}).rank, TagKind::kGradient, ChunkRef{c.micro, c.stage - 1});
@@ -100,7 +100,7 @@ Expected<std::vector<DeviceLink>> PipelineLinks(const Layout& layout, const Sche
   std::map<DeviceLink, std::vector<ChunkRef>> sent, received;  // in issue order
   for (int w = 0; w < layout.world(); ++w) {
     const RankCoord me = layout.CoordOf(w);
-    ForEachTransfer(schedule, me.pp_rank, false, [&](bool sends, int peer_pp, TagKind kind, ChunkRef c) {
+    ForEachTransfer(schedule, me.pp_rank, [&](bool sends, int peer_pp, TagKind kind, ChunkRef c) {
       RankCoord peer = me;
       peer.pp_rank = peer_pp;
       const int p = layout.RankOf(peer);
@@ -367,6 +367,22 @@ Status PipelineRunner::RunPair(const Op& op, const MicroTokens& tokens, const Lo
 }
 
 Status PipelineRunner::RunTrainStep(const MicroTokens& tokens, const LossWeights& w, const LossScale& scale) {
+  return AbortLinksOnFailure(TrainOps(tokens, w, scale));
+}
+
+Status PipelineRunner::RunForwardOnly(const MicroTokens& tokens, const LossWeights& w) {
+  return AbortLinksOnFailure(ForwardOps(tokens, w));
+}
+
+Status PipelineRunner::AbortLinksOnFailure(Status s) {
+  // A step that stops early leaves sends queued for receivers that will not
+  // come: aborting ends their kernels, so nothing later (a device sync, the
+  // exit) waits on them.
+  if (!s.ok() && device_) device_->AbortAll(s.message());
+  return s;
+}
+
+Status PipelineRunner::TrainOps(const MicroTokens& tokens, const LossWeights& w, const LossScale& scale) {
   loss_ = StageLoss{};
   loads_.assign(modules_.size(), {});
   timeline_.clear();
@@ -414,7 +430,7 @@ Status PipelineRunner::WaitForSends() {
   return device_ ? device_->WaitAll(timeout_ms_).WithContext("pipeline sends at the end of the step") : Status::Ok();
 }
 
-Status PipelineRunner::RunForwardOnly(const MicroTokens& tokens, const LossWeights& w) {
+Status PipelineRunner::ForwardOps(const MicroTokens& tokens, const LossWeights& w) {
   loss_ = StageLoss{};
   free_slots_.assign(modules_.size(), {});
   for (size_t i = 0; i < modules_.size(); ++i) free_slots_[i].push_back(0);

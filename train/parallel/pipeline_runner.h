@@ -54,7 +54,9 @@ struct OpRecord {
 // or why they cannot: NCCL matches a link's sends and receives by order
 // only, so on every link the order its sender issues them (ops in list
 // order, an F&B pair's F first) must be the order its receiver takes them.
-// Hand-offs between two stages of one rank are not links.
+// Hand-offs between two stages of one rank are not links. Evaluation
+// (forward only) issues the activations alone, in the same relative order,
+// so it needs no check of its own.
 Expected<std::vector<DeviceLink>> PipelineLinks(const Layout& layout, const Schedule& schedule);
 
 // Activation slots each module needs to run `pp_rank`'s list: the most
@@ -105,6 +107,9 @@ class PipelineRunner {
   Status SendTensor(int pp_rank, TagKind kind, ChunkRef to, const Tensor& t);
   DeviceComm* LinkOf(int from, int to, TagKind kind) const;
   Status WaitForSends();
+  Status TrainOps(const MicroTokens& tokens, const LossWeights& w, const LossScale& scale);
+  Status ForwardOps(const MicroTokens& tokens, const LossWeights& w);
+  Status AbortLinksOnFailure(Status s);
   void AddLoss(const StageLoss& l);
   // Slot bookkeeping, shared by an F&B pair's two threads (book_mu_).
   Expected<int> TakeSlot(int module, ChunkRef c);
