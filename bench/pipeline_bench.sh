@@ -19,7 +19,7 @@
 # tokens/s over 1F1B's in the same run. Needs pp x ep x threads cores to mean
 # anything: ranks that share cores stretch each other's chunks. On GPUs
 # (-d cuda) -n sets parallel.device_comm (auto, nccl, host): how gradient
-# buckets and expert rows travel (docs/parallel.md, "NCCL on GPU ranks").
+# buckets, expert rows and stage-to-stage transfers travel (docs/parallel.md, "NCCL on GPU ranks").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
