@@ -84,15 +84,20 @@ class RecordingComm final : public DeviceComm {
 // (and the backend's stream on them): one failure must abort them all.
 TEST(DeviceCommTest, OneFailedWaitAbortsEveryCommunicator) {
   auto first = std::make_unique<RecordingComm>(false), second = std::make_unique<RecordingComm>(true);
-  RecordingComm *a = first.get(), *b = second.get();
+  auto link = std::make_unique<RecordingComm>(false);
+  RecordingComm *a = first.get(), *b = second.get(), *l = link.get();
   std::map<std::vector<int>, std::unique_ptr<DeviceComm>> comms;
   comms.emplace(std::vector<int>{0, 1}, std::move(first));
   comms.emplace(std::vector<int>{0, 2}, std::move(second));
-  auto all = parallel::DeviceComms::Of(std::move(comms));
+  std::map<parallel::DeviceLink, std::unique_ptr<DeviceComm>> links;
+  links.emplace(parallel::DeviceLink{0, 1, parallel::TagKind::kActivation}, std::move(link));
+  auto all = parallel::DeviceComms::Of(std::move(comms), std::move(links));
+  EXPECT_EQ(all->links(), 1u);
   Status s = all->WaitAll(10);
   EXPECT_TRUE(s.IsIOError()) << s.ToString();
   EXPECT_EQ(a->aborted, "rank 2 is gone");
   EXPECT_EQ(b->aborted, "rank 2 is gone");
+  EXPECT_EQ(l->aborted, "rank 2 is gone") << "a pipeline link kept its sends queued";
 }
 
 #if defined(TROUPE_HAVE_CUDA)
