@@ -93,7 +93,7 @@ for run in 1f1b zb1p dualpipe dualpipe-serial dualpipev dualpipev-serial; do
   comm=$(grep '^communication' "$log")
   wait=$(sed -E 's/.*waited ([0-9.]+) ms.*/\1/' <<<"$comm")
   hidden=$(grep -o '[0-9.]*% of it hidden' <<<"$comm" | sed 's/ of it hidden//' || true)
-  chunks=$(grep '^pipeline' "$log" | sed -E 's/.*sync; //')
+  chunks=$(grep '^pipeline' "$log" | grep -v '^pipeline transfers' | sed -E 's/.*sync; //')
   tps=$(grep '^done:' "$log" | sed -E 's/.*; ([0-9]+) training tokens.*/\1/')
   [ -n "$base" ] || base=$tps
   ratio=$(awk -v a="$tps" -v b="$base" 'BEGIN { printf "%.2f", a / b }')
