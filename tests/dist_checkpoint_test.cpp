@@ -348,9 +348,14 @@ TEST(DistCheckpoint, MalformedMessagesAreClearErrorsAndCommitNothing) {
   const std::vector<uint8_t> garbage = {0x01, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f};
   auto tag = [](parallel::CheckpointMessage m) { return parallel::Tag(parallel::TagKind::kCheckpoint, m); };
 
-  CpuBackend be1(1);
+  // Both trainers first: making one is collective (the ranks check they run one job).
+  CpuBackend be0(1), be1(1);
+  Expected<std::unique_ptr<DistributedTrainer>> rank0 = Status::Internal("not made");
+  std::thread make0([&] { rank0 = DistributedTrainer::Create(be0, job, *layout, *group[0], 2000); });
   auto rank1 = DistributedTrainer::Create(be1, job, *layout, *group[1], 2000);
+  make0.join();
   ASSERT_TRUE(rank1.ok()) << rank1.status().message();
+  ASSERT_TRUE(rank0.ok()) << rank0.status().message();
   auto ckpt1 = DistCheckpointer::Open(ckpt_dir, config, *group[1], 2000);
   ASSERT_TRUE(ckpt1.ok()) << ckpt1.status().message();
   ASSERT_TRUE(group[0]->Send(1, tag(parallel::kCkptResume), garbage).ok());
@@ -364,9 +369,6 @@ TEST(DistCheckpoint, MalformedMessagesAreClearErrorsAndCommitNothing) {
   EXPECT_FALSE(saved.ok());
   EXPECT_NE(saved.message().find("checkpoint order from rank 0"), std::string::npos) << saved.message();
 
-  CpuBackend be0(1);
-  auto rank0 = DistributedTrainer::Create(be0, job, *layout, *group[0], 2000);
-  ASSERT_TRUE(rank0.ok()) << rank0.status().message();
   auto ckpt0 = DistCheckpointer::Open(ckpt_dir, config, *group[0], 2000);
   ASSERT_TRUE(ckpt0.ok()) << ckpt0.status().message();
   ASSERT_TRUE(group[1]->Send(0, tag(parallel::kCkptReport), garbage).ok());

@@ -287,6 +287,41 @@ INSTANTIATE_TEST_SUITE_P(
              (info.param.device ? "_device" : "");
     });
 
+// Ranks that read different configs (a file edited while they started)
+// are refused at start, on every rank, naming the ones that differ: the
+// NCCL paths would not notice mismatched sizes.
+TEST(DistributedTrainer, RanksOfDifferentJobsAreRefusedAtStart) {
+  testing::TempDir dir;
+  const JobConfig job = EquivalenceJob(dir.path());
+  ParallelConfig par;
+  par.pp = 2;
+  auto layout = parallel::PlanLayout(job.model, job.train, par, 2);
+  ASSERT_TRUE(layout.ok()) << layout.status().message();
+  auto group = parallel::CreateLocalGroup(2);
+  std::vector<Status> made(2);
+  std::vector<std::thread> ranks;
+  for (int r = 0; r < 2; ++r) {
+    ranks.emplace_back([&, r] {
+      JobConfig mine = job;
+      mine.toml_text = r == 0 ? "[train]\nseq_len = 16\n" : "[train]\nseq_len = 32\n";
+      CpuBackend be(1);
+      auto t = DistributedTrainer::Create(be, mine, *layout, *group[r], 20000);
+      made[r] = t.status();
+    });
+  }
+  for (auto& t : ranks) t.join();
+  EXPECT_TRUE(made[0].IsInvalidArgument()) << made[0].message();
+  EXPECT_NE(made[0].message().find("rank(s) 1 run another job than rank 0"), std::string::npos) << made[0].message();
+  EXPECT_NE(made[1].message().find("rank(s) 0 run another job than rank 1"), std::string::npos) << made[1].message();
+}
+
+// Plays rank 0's part of the start-up job check: echoes rank 1's fingerprint.
+void EchoJobCheck(parallel::ProcessGroup& rank0) {
+  auto job_check = rank0.Recv(1, parallel::Tag(parallel::TagKind::kJobCheck), 20000);
+  ASSERT_TRUE(job_check.ok()) << job_check.status().message();
+  ASSERT_TRUE(rank0.Send(1, parallel::Tag(parallel::TagKind::kJobCheck), *job_check).ok());
+}
+
 // A peer that sends an activation of the wrong size (a bug or an attacker
 // with a key) fails the step with Corruption naming it; nothing is read
 // past the message.
@@ -298,7 +333,8 @@ TEST(DistributedTrainer, AMisSizedActivationIsRefused) {
   auto layout = parallel::PlanLayout(job.model, job.train, par, 2);
   ASSERT_TRUE(layout.ok()) << layout.status().message();
   auto group = parallel::CreateLocalGroup(2);
-  std::thread impostor([&] {  // plays rank 0: joins the step's barrier, then sends 3 bytes
+  std::thread impostor([&] {  // plays rank 0: echoes rank 1's job check, joins the step's barrier, sends 3 bytes
+    EchoJobCheck(*group[0]);
     ASSERT_TRUE(parallel::Barrier(*group[0], {0, 1}, parallel::Tag(parallel::TagKind::kBarrier), 20000).ok());
     ASSERT_TRUE(group[0]->Send(1, parallel::ChunkTag(parallel::TagKind::kActivation, 0, 1), {1, 2, 3}).ok());
   });
@@ -332,7 +368,9 @@ TEST(DistributedTrainer, AFailingLaneOfAPairStopsTheOtherAtOnce) {
   dist.parallel = par;
   auto group = parallel::CreateLocalGroup(2);
   CpuBackend be(1);
+  std::thread echo([&] { EchoJobCheck(*group[0]); });
   auto t = DistributedTrainer::Create(be, dist, *layout, *group[1], 30000);
+  echo.join();
   ASSERT_TRUE(t.ok()) << t.status().message();
   ASSERT_TRUE((*t)->overlaps_pairs());
   const size_t activation = (*t)->modules()[0]->StageInput(0).bytes();  // rank 1's module 0 is stage 1

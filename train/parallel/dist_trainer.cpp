@@ -100,6 +100,7 @@ Status DistributedTrainer::Init(const DeviceCommsMaker& device_comms) {
   const TrainConfig& tc = job_.train;
   rank_ = group_.rank();
   for (int r = 0; r < layout_.world(); ++r) world_.push_back(r);
+  TROUPE_RETURN_IF_ERROR(CheckSameJob());
   TROUPE_RETURN_IF_ERROR(OpenJobLoaders(job_, &train_loader_, &val_loader_));
   if (layout_.pp > 1) {
     TROUPE_ASSIGN_OR_RETURN(schedule_,
@@ -198,6 +199,32 @@ Status DistributedTrainer::Init(const DeviceCommsMaker& device_comms) {
   const bool pairs = OverlapsPairs(job_.parallel, layout_) && device_comm_ == "host";
   runner_ = std::make_unique<PipelineRunner>(layout_, schedule_, rank_, group_, modules(), timeout_ms_,
                                              expert_exchange_.get(), pairs, device_comms_.get());
+  return Status::Ok();
+}
+
+Status DistributedTrainer::CheckSameJob() {
+  // The config text, the layout and the settings the flags may change. The
+  // NCCL paths check no sizes, so ranks that read different configs (a file
+  // edited while they started, a rank started by hand) would hang or mix
+  // garbage; every rank sends its fingerprint to every other and compares.
+  const ParallelConfig& p = job_.parallel;
+  const std::string job = job_.toml_text + "\n" + layout_.Explain() + "\nzero1 " + std::to_string(p.zero1) +
+                          " device_comm " + p.device_comm + " overlap_pairs " + p.overlap_pairs + " seq_len " +
+                          std::to_string(job_.train.seq_len) + " seed " + std::to_string(job_.train.seed);
+  uint64_t hash = 1469598103934665603ull;  // FNV-1a
+  for (unsigned char c : job) hash = (hash ^ c) * 1099511628211ull;
+  std::vector<uint8_t> mine(sizeof hash);
+  std::memcpy(mine.data(), &hash, sizeof hash);
+  TROUPE_ASSIGN_OR_RETURN(std::vector<std::vector<uint8_t>> all,
+                          AllToAllV(group_, world_, std::vector<std::vector<uint8_t>>(world_.size(), mine),
+                                    Tag(TagKind::kJobCheck), timeout_ms_));
+  std::string differ;
+  for (int r : world_)
+    if (all[r] != mine) differ += (differ.empty() ? "" : ", ") + std::to_string(r);
+  if (!differ.empty())
+    return Status::InvalidArgument("rank(s) " + differ + " run another job than rank " + std::to_string(rank_) +
+                                   " (config text, layout or parallel settings differ): start every rank from one "
+                                   "config file and the same flags");
   return Status::Ok();
 }
 

@@ -130,6 +130,8 @@ class DistributedTrainer {
  private:
   DistributedTrainer(Backend& be, JobConfig job, Layout layout, ProcessGroup& group, int timeout_ms);
   Status Init(const DeviceCommsMaker& device_comms);
+  // Every rank runs one job (config, layout, settings), or an error naming the ranks that differ.
+  Status CheckSameJob();
   Status UpdateRoutingBiases(double* max_load_ratio);
   Expected<double> SumOverWorld(double v, uint64_t tag);
   // This rank's micro-batches of a global batch (its shard's rows).

@@ -21,6 +21,7 @@ enum class TagKind : uint64_t {
   kOptState = 15,    // checkpoints: AdamW state gathered to each bucket's lowest holder, index = bucket
   kCheckpoint = 16,  // checkpoints: ids, manifests and written pieces between the ranks and rank 0 (dist_checkpoint)
   kDeviceComm = 17,  // NCCL ids from each device group's lowest rank to the others, index = the group's position
+  kJobCheck = 18,    // each rank's job fingerprint to every other, at start
 };
 
 // kCheckpoint's indices (train/parallel/dist_checkpoint.h).
