@@ -287,15 +287,20 @@ INSTANTIATE_TEST_SUITE_P(
              (info.param.device ? "_device" : "");
     });
 
+// The equivalence job on two stages, for the tests that play a rank by hand.
+Expected<Layout> TwoStages(const JobConfig& job) {
+  ParallelConfig par;
+  par.pp = 2;
+  return parallel::PlanLayout(job.model, job.train, par, 2);
+}
+
 // Ranks that read different configs (a file edited while they started)
 // are refused at start, on every rank, naming the ones that differ: the
 // NCCL paths would not notice mismatched sizes.
 TEST(DistributedTrainer, RanksOfDifferentJobsAreRefusedAtStart) {
   testing::TempDir dir;
   const JobConfig job = EquivalenceJob(dir.path());
-  ParallelConfig par;
-  par.pp = 2;
-  auto layout = parallel::PlanLayout(job.model, job.train, par, 2);
+  auto layout = TwoStages(job);
   ASSERT_TRUE(layout.ok()) << layout.status().message();
   auto group = parallel::CreateLocalGroup(2);
   std::vector<Status> made(2);
@@ -328,9 +333,7 @@ void EchoJobCheck(parallel::ProcessGroup& rank0) {
 TEST(DistributedTrainer, AMisSizedActivationIsRefused) {
   testing::TempDir dir;
   const JobConfig job = EquivalenceJob(dir.path());
-  ParallelConfig par;
-  par.pp = 2;
-  auto layout = parallel::PlanLayout(job.model, job.train, par, 2);
+  auto layout = TwoStages(job);
   ASSERT_TRUE(layout.ok()) << layout.status().message();
   auto group = parallel::CreateLocalGroup(2);
   std::thread impostor([&] {  // plays rank 0: echoes rank 1's job check, joins the step's barrier, sends 3 bytes

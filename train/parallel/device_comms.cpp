@@ -16,8 +16,9 @@ std::vector<std::vector<int>> Normalized(std::vector<std::vector<int>> groups) {
   return groups;
 }
 
-bool Joins(const std::vector<int>& sorted_group, int rank) {
-  return sorted_group.size() > 1 && std::binary_search(sorted_group.begin(), sorted_group.end(), rank);
+// Whether `rank` has a communicator with `members` (groups of one need none).
+bool Joins(const std::vector<int>& members, int rank) {
+  return members.size() > 1 && std::find(members.begin(), members.end(), rank) != members.end();
 }
 
 std::string Name(const std::vector<int>& members) {
@@ -57,7 +58,7 @@ Expected<std::unique_ptr<DeviceComms>> DeviceComms::Connect(Backend& be, Process
   std::vector<size_t> mine;
   for (size_t i = 0; i < all.size(); ++i) {
     Joining& j = all[i];
-    if (j.members.size() < 2 || std::find(j.members.begin(), j.members.end(), me) == j.members.end()) continue;
+    if (!Joins(j.members, me)) continue;
     mine.push_back(i);
     if (j.members.front() != me) continue;
     TROUPE_ASSIGN_OR_RETURN(j.id, NewDeviceCommId(be));

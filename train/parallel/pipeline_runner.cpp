@@ -13,6 +13,11 @@ namespace {
 
 std::string Chunk(ChunkRef c) { return "micro-batch " + std::to_string(c.micro) + " stage " + std::to_string(c.stage); }
 
+// "activation for micro-batch 0 stage 1", in errors.
+std::string Transfer(TagKind kind, ChunkRef c) {
+  return std::string(kind == TagKind::kGradient ? "gradient" : "activation") + " for " + Chunk(c);
+}
+
 using Clock = std::chrono::steady_clock;
 double Seconds(Clock::duration d) { return std::chrono::duration<double>(d).count(); }
 
@@ -182,11 +187,7 @@ DeviceComm* PipelineRunner::LinkOf(int from, int to, TagKind kind) const {
 
 Status PipelineRunner::SendTensor(int pp_rank, TagKind kind, ChunkRef to, const Tensor& t) {
   const int peer = PeerOf(pp_rank);
-  if (DeviceComm* link = LinkOf(world_rank_, peer, kind)) {
-    Status s = link->Send(t, 1);
-    if (!s.ok()) device_->AbortAll(s.message());
-    return s.WithContext(std::string(kind == TagKind::kGradient ? "gradient" : "activation") + " for " + Chunk(to));
-  }
+  if (DeviceComm* link = LinkOf(world_rank_, peer, kind)) return link->Send(t, 1).WithContext(Transfer(kind, to));
   std::vector<uint8_t> bytes;
   bytes.reserve(t.bytes() + kSendReserveBytes);
   bytes.resize(t.bytes());
@@ -196,7 +197,7 @@ Status PipelineRunner::SendTensor(int pp_rank, TagKind kind, ChunkRef to, const 
 
 Status PipelineRunner::Receive(int pp_rank, TagKind kind, ChunkRef c, Tensor& into) {
   const int peer = PeerOf(pp_rank);
-  const std::string what = std::string(kind == TagKind::kGradient ? "gradient" : "activation") + " for " + Chunk(c);
+  const std::string what = Transfer(kind, c);
   if (DeviceComm* link = LinkOf(peer, world_rank_, kind)) {
     Status s = link->Receive(into, 0);
     if (s.ok()) {
@@ -208,8 +209,7 @@ Status PipelineRunner::Receive(int pp_rank, TagKind kind, ChunkRef c, Tensor& in
       s = link->Wait(timeout_ms_);
       if (observer) observer->OnCommWait(false);
     }
-    if (!s.ok()) device_->AbortAll(s.message());
-    return s.WithContext(what);
+    return s.WithContext(what);  // on failure the step aborts every link (AbortLinksOnFailure)
   }
   auto bytes = group_.Recv(peer, ChunkTag(kind, c.micro, c.stage), timeout_ms_);
   if (!bytes.ok()) return bytes.status().WithContext(what);
