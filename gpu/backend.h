@@ -107,6 +107,16 @@ class Backend {
     (void)ways;
     return false;
   }
+  // The same on a device with streams (CUDA): the calling thread's work goes
+  // to lane `lane` (0, every thread's default, or 1), a stream of its own, so
+  // two threads' kernels run at once. Lanes are ordered only by OrderLanes():
+  // everything queued on any lane after it waits for everything queued on
+  // every lane before it. Call it with no other thread issuing work, before
+  // a second thread starts (fork) and after it finished (join). False where
+  // the backend has no lane `lane`.
+  virtual bool SetCallerLane(int lane) { return lane == 0; }
+  virtual void OrderLanes() {}
+  virtual int lanes() const { return 1; }
   // Profiling: a timestamp queued in order with the work (a CUDA event on
   // the GPU, the wall clock on the CPU); TimerMs(a, b) waits for b and
   // returns the milliseconds between the two. Ids stay valid until ResetTimers().

@@ -57,8 +57,8 @@ std::vector<Outcome> RunBoth(bool device, bool zero1) {
       p_sets.push_back(&params[c]);
       g_sets.push_back(&grads[c]);
     }
-    std::map<std::vector<int>, std::unique_ptr<DeviceComm>> comms;
-    comms.emplace(std::vector<int>{0, 1}, std::make_unique<testing::ThreadComm>(board, r, 2));
+    std::map<parallel::DeviceGroup, std::unique_ptr<DeviceComm>> comms;
+    comms.emplace(parallel::DeviceGroup{{0, 1}}, std::make_unique<testing::ThreadComm>(board, r, 2));
     auto device_comms = parallel::DeviceComms::Of(std::move(comms));
     auto opt = parallel::BucketOptimizer::Create(be, *groups[r], {bucket}, p_sets, g_sets, zero1, 10000,
                                                  device ? device_comms.get() : nullptr);

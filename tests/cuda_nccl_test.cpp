@@ -50,7 +50,7 @@ TEST(DeviceCommTest, TheCpuBackendIsRefusedByName) {
   EXPECT_FALSE(parallel::ChooseDeviceComm("gpu", cpu, 2, 0).ok());
   // Groups of one need no communicator: nothing to join, nothing to refuse.
   auto groups = parallel::CreateLocalGroup(1);
-  auto none = parallel::DeviceComms::Connect(cpu, *groups[0], {{0}}, {}, 1000);
+  auto none = parallel::DeviceComms::Connect(cpu, *groups[0], {parallel::DeviceGroup{{0}}}, {}, 1000);
   ASSERT_TRUE(none.ok()) << none.status().message();
   EXPECT_EQ((*none)->size(), 0u);
   EXPECT_EQ(parallel::GpuOfRank(5, 2), 1);
@@ -86,9 +86,9 @@ TEST(DeviceCommTest, OneFailedWaitAbortsEveryCommunicator) {
   auto first = std::make_unique<RecordingComm>(false), second = std::make_unique<RecordingComm>(true);
   auto link = std::make_unique<RecordingComm>(false);
   RecordingComm *a = first.get(), *b = second.get(), *l = link.get();
-  std::map<std::vector<int>, std::unique_ptr<DeviceComm>> comms;
-  comms.emplace(std::vector<int>{0, 1}, std::move(first));
-  comms.emplace(std::vector<int>{0, 2}, std::move(second));
+  std::map<parallel::DeviceGroup, std::unique_ptr<DeviceComm>> comms;
+  comms.emplace(parallel::DeviceGroup{{0, 1}}, std::move(first));
+  comms.emplace(parallel::DeviceGroup{{0, 2}}, std::move(second));
   std::map<parallel::DeviceLink, std::unique_ptr<DeviceComm>> links;
   links.emplace(parallel::DeviceLink{0, 1, parallel::TagKind::kActivation}, std::move(link));
   auto all = parallel::DeviceComms::Of(std::move(comms), std::move(links));
@@ -130,7 +130,7 @@ int RankMain(int rank, int world, const std::string& dir, const std::vector<para
   if (!group.ok()) return Check(false, group.status().message());
   std::vector<int> all;
   for (int r = 0; r < world; ++r) all.push_back(r);
-  auto comms = parallel::DeviceComms::Connect(**be, **group, {all}, links, 8000);
+  auto comms = parallel::DeviceComms::Connect(**be, **group, {parallel::DeviceGroup{all}}, links, 8000);
   if (!comms.ok()) return Check(false, comms.status().message());
   return scenario(**be, **comms, rank);
 }

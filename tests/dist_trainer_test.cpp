@@ -218,8 +218,7 @@ struct Case {
   bool split_w = true;  // zb1p / dualpipe / dualpipev only
   int ep = 1;
   const char* overlap_pairs = "auto";
-  bool device = false;  // the device paths (NCCL's, over CPU stand-ins); their calls are not thread-safe, so no pairs
-                        // on two threads
+  bool device = false;  // the device paths (NCCL's, over CPU stand-ins, one thread per communicator at a time)
 };
 
 class DistributedEquivalence : public ::testing::TestWithParam<Case> {};
@@ -277,7 +276,8 @@ INSTANTIATE_TEST_SUITE_P(
         Case{1, 2, "1f1b", false, true, 1, "auto", true}, Case{4, 2, "dualpipe", true, true, 1, "auto", true},
         Case{2, 2, "dualpipe", true, true, 2, "off", true}, Case{2, 1, "dualpipev", false, true, 2, "off", true},
         Case{1, 1, "1f1b", true, true, 2, "auto", true}, Case{2, 2, "1f1b", false, true, 1, "auto", true},
-        Case{4, 1, "zb1p", false, true, 1, "auto", true}),
+        Case{4, 1, "zb1p", false, true, 1, "auto", true}, Case{2, 2, "dualpipe", true, true, 2, "auto", true},
+        Case{2, 1, "dualpipev", false, true, 2, "on", true}, Case{4, 1, "dualpipe", false, true, 2, "auto", true}),
     [](const auto& info) {
       return std::string(info.param.schedule) + "_pp" + std::to_string(info.param.pp) + "_dp" +
              std::to_string(info.param.dp) + (info.param.zero1 ? "_zero1" : "") + (info.param.split_w ? "" : "_fused") +

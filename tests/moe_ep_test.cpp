@@ -27,7 +27,7 @@ class ScriptedPeer final : public ExpertExchange {
   ScriptedPeer(std::vector<uint8_t> from_peer, bool device_rows)
       : from_peer_(std::move(from_peer)), device_rows_(device_rows) {}
   bool moves_rows_on_device() const override { return device_rows_; }
-  Status ExchangeRows(const Tensor&, const std::vector<RowBlock>&, Tensor&, const std::vector<RowBlock>&) override {
+  Status ExchangeRows(const Tensor&, const std::vector<RowBlock>&, Tensor&, const std::vector<RowBlock>&, int) override {
     ++calls;
     return Status::Ok();
   }
@@ -105,13 +105,15 @@ struct RankResult {
   double loss = 0;
   std::vector<std::vector<double>> grads;
   int row_exchanges = 0;
+  int forward_row_exchanges = 0;
 };
 
 // Two EP ranks as threads, each with its own tokens: forward and backward of
 // every layer, through the host path or the board.
 std::vector<RankResult> RunTwoRanks(bool device_path) {
   auto groups = parallel::CreateLocalGroup(2);
-  auto board = std::make_shared<testing::ThreadCommBoard>(2);
+  // One communicator per direction, as DistributedTrainer gives the exchange.
+  auto board = std::make_shared<testing::ThreadCommBoard>(2), board_back = std::make_shared<testing::ThreadCommBoard>(2);
   std::vector<RankResult> out(2);
   auto rank_main = [&](int r) {
     CpuBackend be(1);
@@ -128,8 +130,9 @@ std::vector<RankResult> RunTwoRanks(bool device_path) {
     ASSERT_TRUE(model.ok()) << model.status().message();
     ASSERT_TRUE(InitParams(be, cfg, 3, (*model)->params()).ok());
     // The device path: counts over the group, rows through the stand-in (as through NCCL on GPUs).
-    testing::ThreadComm comm(board, r, 2);
-    parallel::GroupExpertExchange ex(*groups[r], {0, 1}, 10000, device_path ? &comm : nullptr);
+    testing::ThreadComm comm(board, r, 2), comm_back(board_back, r, 2);
+    parallel::GroupExpertExchange ex(*groups[r], {0, 1}, 10000);
+    if (device_path) ex.SetDevice(&comm, &comm_back);
     (*model)->SetExpertExchange(&ex);
     std::mt19937 rng(11 + r);
     std::vector<int32_t> tokens(2 * (*model)->window());
@@ -147,7 +150,8 @@ std::vector<RankResult> RunTwoRanks(bool device_path) {
   std::thread t1(rank_main, 1);
   rank_main(0);
   t1.join();
-  out[0].row_exchanges = out[1].row_exchanges = board->row_exchanges / 2;
+  out[0].forward_row_exchanges = out[1].forward_row_exchanges = board->row_exchanges / 2;
+  out[0].row_exchanges = out[1].row_exchanges = (board->row_exchanges + board_back->row_exchanges) / 2;
   return out;
 }
 
@@ -157,6 +161,7 @@ TEST(MoeEpDeviceRows, RowBlocksGiveTheHostPathsBits) {
     EXPECT_EQ(host[r].row_exchanges, 0);
     // Two MoE layers, four row transfers each: dispatch and combine, forward and backward.
     EXPECT_EQ(device[r].row_exchanges, 8) << "rank " << r;
+    EXPECT_EQ(device[r].forward_row_exchanges, 4) << "rank " << r << ": the backward's rows took the forward's communicator";
     EXPECT_EQ(device[r].loss, host[r].loss) << "rank " << r;
     ASSERT_EQ(device[r].grads.size(), host[r].grads.size());
     for (size_t i = 0; i < host[r].grads.size(); ++i)

@@ -135,18 +135,23 @@ class ThreadComm final : public DeviceComm {
 class ThreadCommFactory {
  public:
   parallel::DeviceCommsMaker MakerFor(int rank) {
-    return [this, rank](std::vector<std::vector<int>> groups,
+    return [this, rank](std::vector<parallel::DeviceGroup> groups,
                         std::vector<parallel::DeviceLink> links) -> Expected<std::unique_ptr<parallel::DeviceComms>> {
-      std::map<std::vector<int>, std::unique_ptr<DeviceComm>> comms;
-      for (std::vector<int>& g : parallel::GroupsOfRank(std::move(groups), rank)) {
-        const int index = static_cast<int>(std::find(g.begin(), g.end(), rank) - g.begin());
-        comms.emplace(g, std::make_unique<ThreadComm>(BoardOf(g), index, static_cast<int>(g.size())));
+      std::map<parallel::DeviceGroup, std::unique_ptr<DeviceComm>> comms;
+      for (parallel::DeviceGroup& g : parallel::GroupsOfRank(std::move(groups), rank)) {
+        const std::vector<int>& m = g.members;
+        const int index = static_cast<int>(std::find(m.begin(), m.end(), rank) - m.begin());
+        // Copies get boards of their own, keyed apart: (members..., -100 - copy).
+        std::vector<int> key = m;
+        if (g.copy != 0) key.push_back(-100 - g.copy);
+        comms.emplace(g, std::make_unique<ThreadComm>(BoardOf(key, static_cast<int>(m.size())), index,
+                                                      static_cast<int>(m.size())));
       }
       std::map<parallel::DeviceLink, std::unique_ptr<DeviceComm>> link_comms;
       for (const parallel::DeviceLink& l : parallel::LinksOfRank(std::move(links), rank)) {
         // A board of its own per link, keyed apart from any group: (from, to, -kind).
         const std::vector<int> key{l.from, l.to, -static_cast<int>(l.kind)};
-        link_comms.emplace(l, std::make_unique<ThreadComm>(BoardOf(key), l.from == rank ? 0 : 1, 2));
+        link_comms.emplace(l, std::make_unique<ThreadComm>(BoardOf(key, 2), l.from == rank ? 0 : 1, 2));
       }
       return parallel::DeviceComms::Of(std::move(comms), std::move(link_comms));
     };
@@ -164,10 +169,10 @@ class ThreadCommFactory {
     for (auto& [group, board] : boards_) n += (*board.*counter).load();
     return n;
   }
-  std::shared_ptr<ThreadCommBoard> BoardOf(const std::vector<int>& group) {
+  std::shared_ptr<ThreadCommBoard> BoardOf(const std::vector<int>& key, int members) {
     std::lock_guard<std::mutex> lock(mu_);
-    auto& board = boards_[group];
-    if (!board) board = std::make_shared<ThreadCommBoard>(group.back() < 0 ? 2 : static_cast<int>(group.size()));
+    auto& board = boards_[key];
+    if (!board) board = std::make_shared<ThreadCommBoard>(members);
     return board;
   }
   std::mutex mu_;

@@ -30,6 +30,10 @@ std::string Mib(size_t b) {
 
 std::mutex g_error_mutex;
 
+// The lane each thread asked for, on which backend (a thread may use several).
+thread_local const CudaBackend* t_lane_owner = nullptr;
+thread_local int t_lane = 0;
+
 }  // namespace
 
 Expected<std::unique_ptr<CudaBackend>> CudaBackend::Create(int device, MatmulPrecision precision) {
@@ -46,11 +50,16 @@ Expected<std::unique_ptr<CudaBackend>> CudaBackend::Create(int device, MatmulPre
   }
   std::unique_ptr<CudaBackend> be(new CudaBackend(device, precision));
   cudaSetDevice(device);
-  if ((err = cudaStreamCreateWithFlags(&be->stream_, cudaStreamNonBlocking)) != cudaSuccess) {
-    return Status::Internal(std::string("cudaStreamCreate: ") + cudaGetErrorString(err));
+  for (Lane& l : be->lanes_) {
+    if ((err = cudaStreamCreateWithFlags(&l.stream, cudaStreamNonBlocking)) != cudaSuccess)
+      return Status::Internal(std::string("cudaStreamCreate: ") + cudaGetErrorString(err));
+    cudaEvent_t passed = nullptr;
+    if ((err = cudaEventCreateWithFlags(&passed, cudaEventDisableTiming)) != cudaSuccess)
+      return Status::Internal(std::string("cudaEventCreate: ") + cudaGetErrorString(err));
+    l.passed = passed;
+    if (cublasCreate(&l.cublas) != CUBLAS_STATUS_SUCCESS) return Status::Internal("cublasCreate failed");
+    cublasSetStream(l.cublas, l.stream);
   }
-  if (cublasCreate(&be->cublas_) != CUBLAS_STATUS_SUCCESS) return Status::Internal("cublasCreate failed");
-  cublasSetStream(be->cublas_, be->stream_);
   if (cublasLtCreate(&be->cublaslt_) != CUBLAS_STATUS_SUCCESS) return Status::Internal("cublasLtCreate failed");
   // Tensors come from the device's stream-ordered pool (cudaMallocAsync):
   // cudaFree waits for the whole device, NCCL kernels included, and a
@@ -69,17 +78,45 @@ Expected<std::unique_ptr<CudaBackend>> CudaBackend::Create(int device, MatmulPre
 }
 
 CudaBackend::~CudaBackend() {
-  if (workspace_) cudaFreeAsync(workspace_, stream_);
-  if (stream_) cudaStreamSynchronize(stream_);
+  for (Lane& l : lanes_) {
+    if (l.workspace) cudaFreeAsync(l.workspace, l.stream);
+    if (l.stream) cudaStreamSynchronize(l.stream);
+  }
   for (void* e : timer_events_) cudaEventDestroy(static_cast<cudaEvent_t>(e));
   if (cublaslt_) cublasLtDestroy(cublaslt_);
-  if (cublas_) cublasDestroy(cublas_);
   unfenced_.reset();
   if (copy_stream_) {
     cudaStreamSynchronize(copy_stream_);
     cudaStreamDestroy(copy_stream_);
   }
-  if (stream_) cudaStreamDestroy(stream_);
+  for (Lane& l : lanes_) {
+    if (l.cublas) cublasDestroy(l.cublas);
+    if (l.passed) cudaEventDestroy(static_cast<cudaEvent_t>(l.passed));
+    if (l.stream) cudaStreamDestroy(l.stream);
+  }
+}
+
+CudaBackend::Lane& CudaBackend::lane() const { return lanes_[t_lane_owner == this ? t_lane : 0]; }
+
+bool CudaBackend::SetCallerLane(int lane) {
+  if (lane < 0 || lane >= kLanes) return false;
+  t_lane_owner = this;
+  t_lane = lane;
+  return true;
+}
+
+void CudaBackend::OrderLanes() {
+  if (failed()) return;
+  // Each lane passes a mark, then every lane waits for every other's: a fork
+  // (lane 1 sees what lane 0 computed so far) and a join in one.
+  cudaError_t err = cudaSuccess;
+  for (Lane& l : lanes_)
+    if (err == cudaSuccess) err = cudaEventRecord(static_cast<cudaEvent_t>(l.passed), l.stream);
+  for (Lane& waits : lanes_)
+    for (Lane& other : lanes_)
+      if (err == cudaSuccess && &waits != &other)
+        err = cudaStreamWaitEvent(waits.stream, static_cast<cudaEvent_t>(other.passed), 0);
+  if (err != cudaSuccess) Fail("OrderLanes", cudaGetErrorString(err));
 }
 
 std::string CudaBackend::Describe() const {
@@ -93,19 +130,20 @@ void CudaBackend::Fail(const std::string& what, const std::string& why) {
 }
 
 Status CudaBackend::Synchronize() {
-  cudaError_t err = cudaStreamSynchronize(stream_);
+  cudaError_t err = cudaStreamSynchronize(stream());
   if (err != cudaSuccess) Fail("stream", cudaGetErrorString(err));
   if (failed_.load()) return Status::Internal(first_error_);
   return Status::Ok();
 }
 
 void* CudaBackend::Workspace(size_t bytes, const char* op, const char* purpose) {
-  if (bytes <= workspace_bytes_) return workspace_;
+  Lane& l = lane();
+  if (bytes <= l.workspace_bytes) return l.workspace;
   // In stream order: the kernels queued so far still use the old one.
-  if (workspace_) cudaFreeAsync(workspace_, stream_);
-  workspace_ = nullptr;
-  workspace_bytes_ = 0;
-  if (cudaMallocAsync(&workspace_, bytes, stream_) != cudaSuccess) {
+  if (l.workspace) cudaFreeAsync(l.workspace, l.stream);
+  l.workspace = nullptr;
+  l.workspace_bytes = 0;
+  if (cudaMallocAsync(&l.workspace, bytes, l.stream) != cudaSuccess) {
     cudaGetLastError();
     size_t free_b = 0, total_b = 0;
     cudaMemGetInfo(&free_b, &total_b);
@@ -113,8 +151,8 @@ void* CudaBackend::Workspace(size_t bytes, const char* op, const char* purpose) 
                  " in tensors, the device has " + Mib(free_b) + " free of " + Mib(total_b));
     return nullptr;
   }
-  workspace_bytes_ = bytes;
-  return workspace_;
+  l.workspace_bytes = bytes;
+  return l.workspace;
 }
 
 Expected<Tensor> CudaBackend::Alloc(std::vector<int64_t> shape, DType dtype, std::string name) {
@@ -126,7 +164,7 @@ Expected<Tensor> CudaBackend::Alloc(std::vector<int64_t> shape, DType dtype, std
   const size_t bytes = static_cast<size_t>(n) * DTypeSize(dtype);
   const size_t padded = ((bytes + 255) / 256) * 256 + 256;
   void* p = nullptr;
-  cudaError_t err = cudaMallocAsync(&p, padded, stream_);
+  cudaError_t err = cudaMallocAsync(&p, padded, stream());
   if (err != cudaSuccess) {
     cudaGetLastError();
     size_t free_b = 0, total_b = 0;
@@ -135,7 +173,7 @@ Expected<Tensor> CudaBackend::Alloc(std::vector<int64_t> shape, DType dtype, std
                                DTypeName(dtype) + " (" + Mib(bytes) + "); Troupe holds " + Mib(in_use_.load()) +
                                ", the device has " + Mib(free_b) + " free of " + Mib(total_b));
   }
-  cudaMemsetAsync(p, 0, padded, stream_);
+  cudaMemsetAsync(p, 0, padded, stream());
   const size_t now = (in_use_ += padded);
   size_t peak = peak_.load();
   while (now > peak && !peak_.compare_exchange_weak(peak, now)) {
@@ -145,18 +183,18 @@ Expected<Tensor> CudaBackend::Alloc(std::vector<int64_t> shape, DType dtype, std
 }
 
 void CudaBackend::Zero(Tensor& t) {
-  if (!failed()) cudaMemsetAsync(t.raw(), 0, t.bytes(), stream_);
+  if (!failed()) cudaMemsetAsync(t.raw(), 0, t.bytes(), stream());
 }
 
 void CudaBackend::CopyFromHost(Tensor& dst, const void* src) {
-  cudaError_t err = cudaMemcpyAsync(dst.raw(), src, dst.bytes(), cudaMemcpyHostToDevice, stream_);
-  if (err == cudaSuccess) err = cudaStreamSynchronize(stream_);  // `src` may die after we return
+  cudaError_t err = cudaMemcpyAsync(dst.raw(), src, dst.bytes(), cudaMemcpyHostToDevice, stream());
+  if (err == cudaSuccess) err = cudaStreamSynchronize(stream());  // `src` may die after we return
   if (err != cudaSuccess) Fail("CopyFromHost", cudaGetErrorString(err));
 }
 
 void CudaBackend::CopyToHost(void* dst, const Tensor& src) {
-  cudaError_t err = cudaMemcpyAsync(dst, src.raw(), src.bytes(), cudaMemcpyDeviceToHost, stream_);
-  if (err == cudaSuccess) err = cudaStreamSynchronize(stream_);
+  cudaError_t err = cudaMemcpyAsync(dst, src.raw(), src.bytes(), cudaMemcpyDeviceToHost, stream());
+  if (err == cudaSuccess) err = cudaStreamSynchronize(stream());
   if (err != cudaSuccess) Fail("CopyToHost", cudaGetErrorString(err));
 }
 
@@ -203,7 +241,7 @@ Expected<std::shared_ptr<Backend::HostCopies>> CudaBackend::CopyToHostAsync(
   cudaEvent_t queued = nullptr, done = nullptr;
   TROUPE_RETURN_IF_ERROR(check(cudaEventCreateWithFlags(&queued, cudaEventDisableTiming), "event"));
   Status s = check(cudaEventCreateWithFlags(&done, cudaEventDisableTiming), "event");
-  if (s.ok()) s = check(cudaEventRecord(queued, stream_), "record");
+  if (s.ok()) s = check(cudaEventRecord(queued, stream()), "record");
   if (s.ok()) s = check(cudaStreamWaitEvent(copy_stream_, queued, 0), "wait");
   for (size_t i = 0; s.ok() && i < copies.size(); ++i)
     s = check(cudaMemcpyAsync(copies[i].first, copies[i].second->raw(), copies[i].second->bytes(),
@@ -228,28 +266,28 @@ void CudaBackend::Release(void* p, size_t bytes) {
   if (copies != nullptr && cudaEventQuery(copies->event()) == cudaErrorNotReady) {
     cudaEvent_t queued = nullptr;
     if (cudaEventCreateWithFlags(&queued, cudaEventDisableTiming) == cudaSuccess &&
-        cudaEventRecord(queued, stream_) == cudaSuccess &&
+        cudaEventRecord(queued, stream()) == cudaSuccess &&
         cudaStreamWaitEvent(copy_stream_, queued, 0) == cudaSuccess) {
       cudaEventDestroy(queued);
       cudaFreeAsync(p, copy_stream_);
       return;
     }
     if (queued) cudaEventDestroy(queued);
-    cudaStreamWaitEvent(stream_, copies->event(), 0);  // could not order it on the copy stream: wait for the copies
+    cudaStreamWaitEvent(stream(), copies->event(), 0);  // could not order it on the copy stream: wait for the copies
   }
-  cudaFreeAsync(p, stream_);
+  cudaFreeAsync(p, stream());
 }
 
 void CudaBackend::FenceHostCopies() {
   if (!unfenced_ || failed()) return;
-  const cudaError_t err = cudaStreamWaitEvent(stream_, static_cast<CudaHostCopies*>(unfenced_.get())->event(), 0);
+  const cudaError_t err = cudaStreamWaitEvent(stream(), static_cast<CudaHostCopies*>(unfenced_.get())->event(), 0);
   if (err != cudaSuccess) Fail("FenceHostCopies", cudaGetErrorString(err));
   unfenced_.reset();
 }
 
 void CudaBackend::Copy(Tensor& dst, const Tensor& src) {
   if (failed()) return;
-  cudaError_t err = cudaMemcpyAsync(dst.raw(), src.raw(), src.bytes(), cudaMemcpyDeviceToDevice, stream_);
+  cudaError_t err = cudaMemcpyAsync(dst.raw(), src.raw(), src.bytes(), cudaMemcpyDeviceToDevice, stream());
   if (err != cudaSuccess) Fail("Copy", cudaGetErrorString(err));
 }
 
@@ -262,7 +300,7 @@ int CudaBackend::RecordTimer() {
     }
     timer_events_.push_back(e);
   }
-  cudaEventRecord(static_cast<cudaEvent_t>(timer_events_[timers_used_]), stream_);
+  cudaEventRecord(static_cast<cudaEvent_t>(timer_events_[timers_used_]), stream());
   return timers_used_++;
 }
 

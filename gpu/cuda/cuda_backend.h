@@ -1,7 +1,12 @@
 // CudaBackend: Backend on one NVIDIA GPU (sm_90: H100/H200).
 //
-// Every operation is queued on one CUDA stream; host-visible results
-// (CopyToHost, Sum, SumSquares, Synchronize) wait for it. Tensors are F32 in
+// Every operation is queued on the calling thread's lane: a CUDA stream with
+// its own cuBLAS handle and workspace. Lane 0 is every thread's unless it
+// asks for lane 1 (SetCallerLane): DualPipe's F&B pairs issue their two
+// chunks from two threads, one per lane, so the GPU runs one chunk's kernels
+// while the other's all-to-all or transfer is in flight. OrderLanes() forks
+// and joins them. Host-visible results (CopyToHost, Sum, SumSquares,
+// Synchronize) wait for the caller's lane. Tensors are F32 in
 // memory. Matmul precision:
 //   kFp32: true fp32 GEMMs (no TF32), for parity tests against the CPU;
 //   kBf16: GEMM inputs rounded to bf16 on the tensor cores, fp32 accumulation
@@ -11,6 +16,7 @@
 // silently into a "successful" step.
 #pragma once
 
+#include <array>
 #include <atomic>
 #include <memory>
 #include <string>
@@ -37,7 +43,8 @@ class CudaBackend final : public Backend {
   std::string Describe() const override;
   MatmulPrecision precision() const { return precision_; }
   int device_index() const { return device_; }
-  CUstream_st* stream() const { return stream_; }
+  // The calling thread's lane's stream.
+  CUstream_st* stream() const { return lane().stream; }
 
   Expected<Tensor> Alloc(std::vector<int64_t> shape, DType dtype, std::string name) override;
   size_t bytes_in_use() const override { return in_use_.load(); }
@@ -56,6 +63,10 @@ class CudaBackend final : public Backend {
   int RecordTimer() override;
   double TimerMs(int start, int end) override;
   void ResetTimers() override;
+  // Lanes 0 and 1; false for any other.
+  bool SetCallerLane(int lane) override;
+  void OrderLanes() override;
+  int lanes() const override { return kLanes; }
 
   void Matmul(Tensor& c, const Tensor& a, const Tensor& b, bool trans_a, bool trans_b, double alpha,
               double beta) override;
@@ -114,10 +125,10 @@ class CudaBackend final : public Backend {
   void Fail(const std::string& what, const std::string& why);
   bool failed() const { return failed_.load(); }
   // Scratch device memory of at least `bytes`, valid until the next call on
-  // this stream (grown on demand, never shrunk). Out of memory records a
+  // the caller's lane (grown on demand, never shrunk). Out of memory records a
   // failure of operation `op`, naming `purpose`, and returns nullptr.
   void* Workspace(size_t bytes, const char* op = "workspace", const char* purpose = "scratch");
-  cublasContext* cublas() const { return cublas_; }
+  cublasContext* cublas() const { return lane().cublas; }
   cublasLtContext* cublaslt() const { return cublaslt_; }
   // Returns a tensor's block to the stream-ordered pool (CudaBuffer).
   void Release(void* p, size_t bytes);
@@ -125,15 +136,23 @@ class CudaBackend final : public Backend {
  private:
   CudaBackend(int device, MatmulPrecision precision) : device_(device), precision_(precision) {}
 
+  // What one thread's kernels need of their own to run beside another's.
+  struct Lane {
+    CUstream_st* stream = nullptr;
+    cublasContext* cublas = nullptr;  // bound to `stream`; a handle takes one thread at a time
+    void* workspace = nullptr;
+    size_t workspace_bytes = 0;
+    void* passed = nullptr;  // cudaEvent_t for OrderLanes
+  };
+  static constexpr int kLanes = 2;
+  Lane& lane() const;
+
   int device_;
   MatmulPrecision precision_;
-  CUstream_st* stream_ = nullptr;
+  mutable std::array<Lane, kLanes> lanes_;
   CUstream_st* copy_stream_ = nullptr;    // background device->host copies, created on first use
-  std::shared_ptr<HostCopies> unfenced_;  // the latest copies stream_ has not been ordered after
-  cublasContext* cublas_ = nullptr;
-  cublasLtContext* cublaslt_ = nullptr;
-  void* workspace_ = nullptr;
-  size_t workspace_bytes_ = 0;
+  std::shared_ptr<HostCopies> unfenced_;  // the latest copies lane 0 has not been ordered after
+  cublasLtContext* cublaslt_ = nullptr;   // stateless: streams are passed per call
   std::atomic<size_t> in_use_{0};
   std::atomic<size_t> peak_{0};
   std::atomic<bool> failed_{false};

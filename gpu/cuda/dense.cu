@@ -202,7 +202,7 @@ void CudaBackend::Matmul(Tensor& c, const Tensor& a, const Tensor& b, bool trans
       precision_ == MatmulPrecision::kBf16 ? CUBLAS_COMPUTE_32F_FAST_16BF : CUBLAS_COMPUTE_32F;
   // Column-major: c^T [N, M] = op(b)^T [N, K] op(a)^T [K, M].
   CublasOk(*this, kOp,
-           cublasGemmEx(cublas_, trans_b ? CUBLAS_OP_T : CUBLAS_OP_N, trans_a ? CUBLAS_OP_T : CUBLAS_OP_N,
+           cublasGemmEx(cublas(), trans_b ? CUBLAS_OP_T : CUBLAS_OP_N, trans_a ? CUBLAS_OP_T : CUBLAS_OP_N,
                         static_cast<int>(N), static_cast<int>(M), static_cast<int>(K), &al, b.raw(), CUDA_R_32F,
                         static_cast<int>(b.cols()), a.raw(), CUDA_R_32F, static_cast<int>(a.cols()), &bt, c.raw(),
                         CUDA_R_32F, static_cast<int>(N), compute, CUBLAS_GEMM_DEFAULT),
@@ -241,7 +241,7 @@ void CudaBackend::ConcatCols(Tensor& out, const Tensor& a, const Tensor& b) {
                out.ShapeString() + " = [" + a.ShapeString() + " | " + b.ShapeString() + "]"))
     return;
   if (N == 0 || A + B == 0) return;
-  ConcatColsKernel<<<RowColGrid(N, A + B), kThreads, 0, stream_>>>(out.data<float>(), a.data<float>(), b.data<float>(),
+  ConcatColsKernel<<<RowColGrid(N, A + B), kThreads, 0, stream()>>>(out.data<float>(), a.data<float>(), b.data<float>(),
                                                                    N, A, B);
   LaunchOk(*this, kOp);
 }
@@ -254,7 +254,7 @@ void CudaBackend::ConcatColsBackward(Tensor& da, Tensor& db, const Tensor& dout)
                "dout " + dout.ShapeString() + " -> [" + da.ShapeString() + " | " + db.ShapeString() + "]"))
     return;
   if (N == 0 || A + B == 0) return;
-  ConcatColsBackwardKernel<<<RowColGrid(N, A + B), kThreads, 0, stream_>>>(da.data<float>(), db.data<float>(),
+  ConcatColsBackwardKernel<<<RowColGrid(N, A + B), kThreads, 0, stream()>>>(da.data<float>(), db.data<float>(),
                                                                            dout.data<float>(), N, A, B);
   LaunchOk(*this, kOp);
 }

@@ -360,7 +360,7 @@ void CudaBackend::GroupedLinearForward(Tensor& out, const Tensor& in, const Tens
   if (I == 0) {  // an empty dot product: owned rows become 0
     CudaOk(*this, kOp,
            cudaMemsetAsync(out.data<float>() + static_cast<int64_t>(off[0]) * O, 0,
-                           static_cast<size_t>(off[E] - off[0]) * O * sizeof(float), stream_),
+                           static_cast<size_t>(off[E] - off[0]) * O * sizeof(float), stream()),
            "cudaMemsetAsync");
     return;
   }

@@ -394,7 +394,7 @@ void CudaBackend::RmsNormForward(Tensor& out, Tensor& rstd, const Tensor& in, co
                    rstd.ShapeString()))
     return;
   if (N == 0) return;
-  RmsNormForwardKernel<<<static_cast<unsigned>(CeilDiv(N, kWarpsPerBlock)), kThreads, 0, stream_>>>(
+  RmsNormForwardKernel<<<static_cast<unsigned>(CeilDiv(N, kWarpsPerBlock)), kThreads, 0, stream()>>>(
       out.data<float>(), rstd.data<float>(), in.data<float>(), w.data<float>(), N, C, eps);
   LaunchOk(*this, kOp);
 }
@@ -411,7 +411,7 @@ void CudaBackend::RmsNormBackward(Tensor& din, Tensor& dw, const Tensor& dout, c
                    dw.ShapeString() + ", rstd " + rstd.ShapeString()))
     return;
   if (N == 0 || C == 0) return;
-  RmsNormBackwardInputKernel<<<static_cast<unsigned>(CeilDiv(N, kWarpsPerBlock)), kThreads, 0, stream_>>>(
+  RmsNormBackwardInputKernel<<<static_cast<unsigned>(CeilDiv(N, kWarpsPerBlock)), kThreads, 0, stream()>>>(
       din.data<float>(), dout.data<float>(), in.data<float>(), w.data<float>(), rstd.data<float>(), N, C);
   if (!LaunchOk(*this, kOp)) return;
   const int64_t chunks = CeilDiv(N, kDwRowChunk);
@@ -422,10 +422,10 @@ void CudaBackend::RmsNormBackward(Tensor& din, Tensor& dw, const Tensor& dout, c
   auto* partial = static_cast<double*>(Workspace(static_cast<size_t>(chunks * C) * sizeof(double)));
   if (partial == nullptr) return;
   const dim3 grid(static_cast<unsigned>(CeilDiv(C, kThreads)), static_cast<unsigned>(chunks));
-  RmsNormDwPartialKernel<<<grid, kThreads, 0, stream_>>>(partial, dout.data<float>(), in.data<float>(),
+  RmsNormDwPartialKernel<<<grid, kThreads, 0, stream()>>>(partial, dout.data<float>(), in.data<float>(),
                                                          rstd.data<float>(), N, C);
   if (!LaunchOk(*this, kOp)) return;
-  RmsNormDwFinalKernel<<<static_cast<unsigned>(CeilDiv(C, kThreads)), kThreads, 0, stream_>>>(dw.data<float>(), partial,
+  RmsNormDwFinalKernel<<<static_cast<unsigned>(CeilDiv(C, kThreads)), kThreads, 0, stream()>>>(dw.data<float>(), partial,
                                                                                               chunks, C);
   LaunchOk(*this, kOp);
 }
@@ -516,16 +516,16 @@ void CudaBackend::EmbeddingBackward(Tensor& dtable, const Tensor& dout, const Te
   int32_t* vals[2] = {scratch + 2 * N, scratch + 3 * N};
   int32_t* hist = scratch + 4 * N;
 
-  RadixInitKernel<<<GridFor(N), kThreads, 0, stream_>>>(keys[0], vals[0], tokens.data<int32_t>(), N, V);
+  RadixInitKernel<<<GridFor(N), kThreads, 0, stream()>>>(keys[0], vals[0], tokens.data<int32_t>(), N, V);
   if (!LaunchOk(*this, kOp)) return;
   int cur = 0;
   for (int pass = 0; pass < passes; ++pass) {
     const int shift = pass * kRadixBits;
-    RadixHistKernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream_>>>(hist, keys[cur], N, shift);
+    RadixHistKernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream()>>>(hist, keys[cur], N, shift);
     if (!LaunchOk(*this, kOp)) return;
-    ExclusiveScanKernel<<<1, 1024, 0, stream_>>>(hist, hist_n);
+    ExclusiveScanKernel<<<1, 1024, 0, stream()>>>(hist, hist_n);
     if (!LaunchOk(*this, kOp)) return;
-    RadixScatterKernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream_>>>(keys[1 - cur], vals[1 - cur], keys[cur],
+    RadixScatterKernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream()>>>(keys[1 - cur], vals[1 - cur], keys[cur],
                                                                                 vals[cur], hist, N, shift);
     if (!LaunchOk(*this, kOp)) return;
     cur = 1 - cur;
@@ -535,7 +535,7 @@ void CudaBackend::EmbeddingBackward(Tensor& dtable, const Tensor& dout, const Te
     Fail(kOp, "embedding width too large");
     return;
   }
-  EmbeddingSegmentSumKernel<<<grid, kThreads, 0, stream_>>>(dtable.data<float>(), dout.data<float>(), keys[cur],
+  EmbeddingSegmentSumKernel<<<grid, kThreads, 0, stream()>>>(dtable.data<float>(), dout.data<float>(), keys[cur],
                                                             vals[cur], N, V, D);
   LaunchOk(*this, kOp);
 }
@@ -555,7 +555,7 @@ void CudaBackend::CrossEntropyForward(Tensor& losses, const Tensor& logits, cons
     Fail(kOp, "too many rows");
     return;
   }
-  CrossEntropyForwardKernel<<<static_cast<unsigned>(N), kCeThreads, 0, stream_>>>(
+  CrossEntropyForwardKernel<<<static_cast<unsigned>(N), kCeThreads, 0, stream()>>>(
       losses.data<float>(), logits.data<float>(), targets.data<int32_t>(), V);
   LaunchOk(*this, kOp);
 }
@@ -573,7 +573,7 @@ void CudaBackend::CrossEntropyBackward(Tensor& dlogits, const Tensor& logits, co
     Fail(kOp, "too many rows");
     return;
   }
-  CrossEntropyBackwardKernel<<<static_cast<unsigned>(N), kCeThreads, 0, stream_>>>(
+  CrossEntropyBackwardKernel<<<static_cast<unsigned>(N), kCeThreads, 0, stream()>>>(
       dlogits.data<float>(), logits.data<float>(), targets.data<int32_t>(), V, static_cast<float>(dloss));
   LaunchOk(*this, kOp);
 }

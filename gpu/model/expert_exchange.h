@@ -54,10 +54,11 @@ class ExpertExchange {
   // Whether rows can travel device to device (NCCL). Then a layer sends
   // only its counts through AllToAll/Start/Finish and the rows through
   // ExchangeRows, which returns once they arrived (or failed within the
-  // exchange's timeout).
+  // exchange's timeout). `phase` as above: a pair's forward (0-1) and
+  // backward (2-3) may exchange rows at once, from two threads.
   virtual bool moves_rows_on_device() const { return false; }
   virtual Status ExchangeRows(const Tensor& src, const std::vector<RowBlock>& sends, Tensor& dst,
-                              const std::vector<RowBlock>& recvs) {
+                              const std::vector<RowBlock>& recvs, int phase) {
     return Status::Unimplemented("this expert exchange moves rows through host memory");
   }
 

@@ -172,8 +172,8 @@ std::vector<RowBlock> SortedBlocks(const std::vector<int64_t>& counts, int ranks
 
 // Device path: rows device to device; false (the exchange failed) on error.
 bool MoveRows(ExpertExchange& ex, const Tensor& src, const std::vector<RowBlock>& sends, Tensor& dst,
-              const std::vector<RowBlock>& recvs, const char* what) {
-  Status s = ex.ExchangeRows(src, sends, dst, recvs);
+              const std::vector<RowBlock>& recvs, int phase, const char* what) {
+  Status s = ex.ExchangeRows(src, sends, dst, recvs, phase);
   if (!s.ok()) ex.Fail(s.WithContext(what));
   return s.ok();
 }
@@ -267,7 +267,7 @@ void FinishRoutedExpertsForwardEp(Backend& be, const MoeParams& p, LayerActs& a,
   if (device) {
     if (!ParseCounts(ex, ex.Finish(kDispatchForward), 0, local, &a.recv_counts, &rows, copies, a.x_recv.rows()) ||
         !MoveRows(ex, a.x_sorted, SortedBlocks(a.send_counts, ranks), a.x_recv, ExpertMajorBlocks(a.recv_counts, ranks),
-                  "expert dispatch")) {
+                  kDispatchForward, "expert dispatch")) {
       be.Zero(a.e_out);
       return;
     }
@@ -295,7 +295,7 @@ void FinishRoutedExpertsForwardEp(Backend& be, const MoeParams& p, LayerActs& a,
   be.GroupedLinearForward(y, act, p.experts_down, a.offsets_local);
   if (device) {
     if (!MoveRows(ex, a.y_recv, ExpertMajorBlocks(a.recv_counts, ranks), a.e_out, SortedBlocks(a.send_counts, ranks),
-                  "expert combine"))
+                  kCombineForward, "expert combine"))
       be.Zero(a.e_out);
     return;
   }
@@ -323,7 +323,7 @@ void RoutedExpertsBackwardEp(Backend& be, const MoeParams& p, MoeParams& g, Laye
     // The forward's counts hold both ways: nothing to exchange but rows.
     for (int64_t c : a.recv_counts) rows += c;
     if (!MoveRows(ex, s.d_y_sorted, SortedBlocks(a.send_counts, ranks), s.d_y_recv,
-                  ExpertMajorBlocks(a.recv_counts, ranks), "expert gradient dispatch")) {
+                  ExpertMajorBlocks(a.recv_counts, ranks), kDispatchBackward, "expert gradient dispatch")) {
       be.Zero(s.d_x_sorted);
       return;
     }
@@ -354,7 +354,7 @@ void RoutedExpertsBackwardEp(Backend& be, const MoeParams& p, MoeParams& g, Laye
   if (defer) defer->DeferGrouped(be, g.experts_gate_up, d_gate_up, x, p.experts_gate_up, a.offsets_local);
   if (device) {
     if (!MoveRows(ex, s.d_x_recv, ExpertMajorBlocks(a.recv_counts, ranks), s.d_x_sorted,
-                  SortedBlocks(a.send_counts, ranks), "expert gradient combine"))
+                  SortedBlocks(a.send_counts, ranks), kCombineBackward, "expert gradient combine"))
       be.Zero(s.d_x_sorted);
     return;
   }

@@ -9,8 +9,8 @@ namespace {
 
 // Each group sorted, then the list sorted and without duplicates: the one
 // global order every rank joins in (a group's position is its id's tag).
-std::vector<std::vector<int>> Normalized(std::vector<std::vector<int>> groups) {
-  for (auto& g : groups) std::sort(g.begin(), g.end());
+std::vector<DeviceGroup> Normalized(std::vector<DeviceGroup> groups) {
+  for (auto& g : groups) std::sort(g.members.begin(), g.members.end());
   std::sort(groups.begin(), groups.end());
   groups.erase(std::unique(groups.begin(), groups.end()), groups.end());
   return groups;
@@ -21,10 +21,10 @@ bool Joins(const std::vector<int>& members, int rank) {
   return members.size() > 1 && std::find(members.begin(), members.end(), rank) != members.end();
 }
 
-std::string Name(const std::vector<int>& members) {
+std::string Name(const DeviceGroup& g) {
   std::string s = "group of ranks ";
-  for (size_t i = 0; i < members.size(); ++i) s += (i ? "," : "") + std::to_string(members[i]);
-  return s;
+  for (size_t i = 0; i < g.members.size(); ++i) s += (i ? "," : "") + std::to_string(g.members[i]);
+  return g.copy == 0 ? s : s + " (copy " + std::to_string(g.copy) + ")";
 }
 
 std::vector<DeviceLink> NormalizedLinks(std::vector<DeviceLink> links) {
@@ -44,14 +44,14 @@ struct Joining {
 }  // namespace
 
 Expected<std::unique_ptr<DeviceComms>> DeviceComms::Connect(Backend& be, ProcessGroup& pg,
-                                                            std::vector<std::vector<int>> groups,
-                                                            std::vector<DeviceLink> links, int timeout_ms) {
+                                                            std::vector<DeviceGroup> groups, std::vector<DeviceLink> links,
+                                                            int timeout_ms) {
   const int me = pg.rank();
   groups = Normalized(std::move(groups));
   links = NormalizedLinks(std::move(links));
   // Groups, then links, in one list: a communicator's position is its id's tag.
   std::vector<Joining> all;
-  for (const std::vector<int>& g : groups) all.push_back({g, Name(g), {}});
+  for (const DeviceGroup& g : groups) all.push_back({g.members, Name(g), {}});
   for (const DeviceLink& l : links) all.push_back({{l.from, l.to}, LinkName(l), {}});
   std::unique_ptr<DeviceComms> out(new DeviceComms());
   // First every id (ZeroMQ queues them all), then the joins in order.
@@ -80,7 +80,7 @@ Expected<std::unique_ptr<DeviceComms>> DeviceComms::Connect(Backend& be, Process
     spec.name = j.name;
     TROUPE_ASSIGN_OR_RETURN(auto comm, CreateDeviceComm(be, spec, timeout_ms));
     if (i < groups.size())
-      out->comms_.emplace(j.members, std::move(comm));
+      out->comms_.emplace(groups[i], std::move(comm));
     else
       out->links_.emplace(links[i - groups.size()], std::move(comm));
   }
@@ -99,7 +99,7 @@ Expected<std::unique_ptr<DeviceComms>> DeviceComms::Connect(Backend& be, Process
   return out;
 }
 
-std::unique_ptr<DeviceComms> DeviceComms::Of(std::map<std::vector<int>, std::unique_ptr<DeviceComm>> comms,
+std::unique_ptr<DeviceComms> DeviceComms::Of(std::map<DeviceGroup, std::unique_ptr<DeviceComm>> comms,
                                              std::map<DeviceLink, std::unique_ptr<DeviceComm>> links) {
   std::unique_ptr<DeviceComms> out(new DeviceComms());
   out->comms_ = std::move(comms);
@@ -107,8 +107,8 @@ std::unique_ptr<DeviceComms> DeviceComms::Of(std::map<std::vector<int>, std::uni
   return out;
 }
 
-DeviceComm* DeviceComms::Find(const std::vector<int>& members) const {
-  auto it = comms_.find(members);
+DeviceComm* DeviceComms::Find(const std::vector<int>& members, int copy) const {
+  auto it = comms_.find(DeviceGroup{members, copy});
   return it == comms_.end() ? nullptr : it->second.get();
 }
 
@@ -148,10 +148,10 @@ Expected<std::string> ChooseDeviceComm(const std::string& setting, const Backend
   return Status::InvalidArgument("parallel.device_comm must be auto, nccl or host, not '" + setting + "'");
 }
 
-std::vector<std::vector<int>> GroupsOfRank(std::vector<std::vector<int>> groups, int rank) {
-  std::vector<std::vector<int>> out;
+std::vector<DeviceGroup> GroupsOfRank(std::vector<DeviceGroup> groups, int rank) {
+  std::vector<DeviceGroup> out;
   for (auto& g : Normalized(std::move(groups)))
-    if (Joins(g, rank)) out.push_back(std::move(g));
+    if (Joins(g.members, rank)) out.push_back(std::move(g));
   return out;
 }
 

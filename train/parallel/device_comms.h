@@ -34,6 +34,16 @@ struct DeviceLink {
 // "activation link from rank 0 to rank 1", in errors.
 std::string LinkName(const DeviceLink& link);
 
+// The ranks of one collective communicator. `copy` 1 is a second one of the
+// same members: NCCL matches a communicator's calls by order only, so work
+// that two threads issue at once needs one each (an F&B pair's expert
+// all-to-alls: forward on copy 0, backward on copy 1).
+struct DeviceGroup {
+  std::vector<int> members;
+  int copy = 0;
+  auto operator<=>(const DeviceGroup&) const = default;
+};
+
 class DeviceComms {
  public:
   // `groups`: the whole job's groups, the same list on every rank (any order;
@@ -41,16 +51,15 @@ class DeviceComms {
   // oneself are ignored). Joins those holding this rank, the groups first.
   // Fails, naming the group, when a member does not come within timeout_ms
   // or NCCL refuses (two ranks on one GPU, say).
-  static Expected<std::unique_ptr<DeviceComms>> Connect(Backend& be, ProcessGroup& pg,
-                                                        std::vector<std::vector<int>> groups,
+  static Expected<std::unique_ptr<DeviceComms>> Connect(Backend& be, ProcessGroup& pg, std::vector<DeviceGroup> groups,
                                                         std::vector<DeviceLink> links, int timeout_ms);
   // Communicators made elsewhere, by their members (ascending world ranks),
   // and links: for tests, which drive the device paths with CPU stand-ins.
-  static std::unique_ptr<DeviceComms> Of(std::map<std::vector<int>, std::unique_ptr<DeviceComm>> comms,
+  static std::unique_ptr<DeviceComms> Of(std::map<DeviceGroup, std::unique_ptr<DeviceComm>> comms,
                                          std::map<DeviceLink, std::unique_ptr<DeviceComm>> links = {});
-  // The communicator of `members` (ascending world ranks); null for a group
-  // of one or one this rank is not in.
-  DeviceComm* Find(const std::vector<int>& members) const;
+  // The communicator of `members` (ascending world ranks), copy `copy`;
+  // null for a group of one or one this rank is not in.
+  DeviceComm* Find(const std::vector<int>& members, int copy = 0) const;
   // The communicator of `link`; null where this rank has none.
   DeviceComm* FindLink(const DeviceLink& link) const;
   size_t size() const { return comms_.size() + links_.size(); }
@@ -64,19 +73,19 @@ class DeviceComms {
   void AbortAll(const std::string& why);
 
  private:
-  std::map<std::vector<int>, std::unique_ptr<DeviceComm>> comms_;
+  std::map<DeviceGroup, std::unique_ptr<DeviceComm>> comms_;
   std::map<DeviceLink, std::unique_ptr<DeviceComm>> links_;
 };
 
 // Makes this rank's communicators for the job's `groups` (the list Connect
 // takes). The default joins NCCL (Connect); tests hand DistributedTrainer a
 // maker of CPU stand-ins to run the device paths without a GPU.
-using DeviceCommsMaker = std::function<Expected<std::unique_ptr<DeviceComms>>(std::vector<std::vector<int>> groups,
+using DeviceCommsMaker = std::function<Expected<std::unique_ptr<DeviceComms>>(std::vector<DeviceGroup> groups,
                                                                               std::vector<DeviceLink> links)>;
 
 // The groups `rank` joins, as Connect sees them: each sorted, duplicates and
 // groups of one dropped, in one global order.
-std::vector<std::vector<int>> GroupsOfRank(std::vector<std::vector<int>> groups, int rank);
+std::vector<DeviceGroup> GroupsOfRank(std::vector<DeviceGroup> groups, int rank);
 // Likewise the links `rank` sends or receives on.
 std::vector<DeviceLink> LinksOfRank(std::vector<DeviceLink> links, int rank);
 

@@ -165,10 +165,13 @@ Status DistributedTrainer::Init(const DeviceCommsMaker& device_comms) {
     TROUPE_ASSIGN_OR_RETURN(device_comm_, ChooseDeviceComm(job_.parallel.device_comm, be_, layout_.world(), gpus));
   }
   if (device_comm_ != "host") {
-    // Every rank lists every group (the join order is global): the buckets' holders and the expert groups.
-    std::vector<std::vector<int>> groups;
-    for (const Bucket& b : buckets) groups.push_back(b.holders);
-    for (int r = 0; layout_.ep > 1 && r < layout_.world(); ++r) groups.push_back(layout_.ExpertGroupOf(r));
+    // Every rank lists every group (the join order is global): the buckets'
+    // holders and the expert groups, these twice (forward and backward, which
+    // an F&B pair runs at once).
+    std::vector<DeviceGroup> groups;
+    for (const Bucket& b : buckets) groups.push_back({b.holders});
+    for (int r = 0; layout_.ep > 1 && r < layout_.world(); ++r)
+      for (int copy : {0, 1}) groups.push_back({layout_.ExpertGroupOf(r), copy});
     // Stage-to-stage transfers get links of their own where the schedule
     // issues each link's transfers in one order on both ends.
     std::vector<DeviceLink> links;
@@ -187,18 +190,14 @@ Status DistributedTrainer::Init(const DeviceCommsMaker& device_comms) {
     if (expert_exchange_) {
       std::vector<int> members = layout_.ExpertGroupOf(rank_);
       std::sort(members.begin(), members.end());
-      expert_exchange_->SetDevice(device_comms_->Find(members));
+      expert_exchange_->SetDevice(device_comms_->Find(members, 0), device_comms_->Find(members, 1));
     }
   }
   TROUPE_ASSIGN_OR_RETURN(optimizer_, BucketOptimizer::Create(be_, group_, std::move(buckets), params, grads,
                                                               job_.parallel.zero1, timeout_ms_, device_comms_.get()));
-  // A communicator is driven by one thread, and NCCL matches calls by their
-  // order only: the expert exchange of a pair's two chunks must not run at
-  // once when its rows go through one (CUDA never pairs on two threads; the
-  // CPU stand-ins of the tests could).
-  const bool pairs = OverlapsPairs(job_.parallel, layout_) && device_comm_ == "host";
   runner_ = std::make_unique<PipelineRunner>(layout_, schedule_, rank_, group_, modules(), timeout_ms_,
-                                             expert_exchange_.get(), pairs, device_comms_.get());
+                                             expert_exchange_.get(), OverlapsPairs(job_.parallel, layout_),
+                                             device_comms_.get());
   return Status::Ok();
 }
 

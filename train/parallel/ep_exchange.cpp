@@ -8,9 +8,8 @@
 
 namespace troupe::parallel {
 
-GroupExpertExchange::GroupExpertExchange(ProcessGroup& group, std::vector<int> members, int timeout_ms,
-                                         DeviceComm* device)
-    : group_(group), members_(std::move(members)), timeout_ms_(timeout_ms), device_(device) {
+GroupExpertExchange::GroupExpertExchange(ProcessGroup& group, std::vector<int> members, int timeout_ms)
+    : group_(group), members_(std::move(members)), timeout_ms_(timeout_ms) {
   my_index_ = static_cast<int>(std::find(members_.begin(), members_.end(), group_.rank()) - members_.begin());
   std::vector<int> sorted = members_;
   std::sort(sorted.begin(), sorted.end());
@@ -46,18 +45,20 @@ Expected<std::vector<std::vector<uint8_t>>> GroupExpertExchange::Finish(int phas
 }
 
 Status GroupExpertExchange::ExchangeRows(const Tensor& src, const std::vector<RowBlock>& sends, Tensor& dst,
-                                         const std::vector<RowBlock>& recvs) {
-  if (device_ == nullptr) return ExpertExchange::ExchangeRows(src, sends, dst, recvs);
+                                         const std::vector<RowBlock>& recvs, int phase) {
+  TROUPE_RETURN_IF_ERROR(CheckPhase(phase));
+  DeviceComm* device = device_[phase < 2 ? 0 : 1];
+  if (device == nullptr) return ExpertExchange::ExchangeRows(src, sends, dst, recvs, phase);
   // Blocks name peers by ep_rank; the communicator numbers its members in ascending world rank.
   auto to_comm = [&](std::vector<RowBlock> blocks) {
     for (RowBlock& b : blocks)
       b.peer = b.peer >= 0 && b.peer < size() ? comm_rank_[b.peer] : -1;  // -1: refused, with the block named
     return blocks;
   };
-  TROUPE_RETURN_IF_ERROR(device_->ExchangeRows(src, to_comm(sends), dst, to_comm(recvs)));
+  TROUPE_RETURN_IF_ERROR(device->ExchangeRows(src, to_comm(sends), dst, to_comm(recvs)));
   // The host waits here, so a member that died is an error within the timeout rather than a hang in the next
   // kernel's sync; the layer's next step needs these rows anyway.
-  return device_->Wait(timeout_ms_);
+  return device->Wait(timeout_ms_);
 }
 
 }  // namespace troupe::parallel

@@ -30,12 +30,14 @@ constexpr int kPairWays = 2;
 
 // The B of every F&B pair runs here. One long-lived thread rather than one
 // per pair: the CPU backend's OpenMP team belongs to the thread that starts
-// it, and a fresh thread would build a fresh team each time.
+// it, and a fresh thread would build a fresh team each time. On CUDA its
+// kernels go to lane 1, a stream beside the F's.
 class PipelineRunner::PairThread {
  public:
   PairThread(Backend& be, int ways)
       : thread_([this, &be, ways] {
           be.SetCallerShare(ways);
+          be.SetCallerLane(1);
           Loop();
         }) {}
   ~PairThread() {
@@ -158,7 +160,7 @@ PipelineRunner::PipelineRunner(const Layout& layout, const Schedule& schedule, i
       modules_(std::move(modules)),
       timeout_ms_(timeout_ms),
       experts_(experts),
-      device_(device && device->links() > 0 ? device : nullptr) {
+      device_(device) {
   // A pair whose chunks share a module would race on its weights: none of
   // the built-in schedules makes one, but a schedule read from JSON could.
   bool has_pairs = false, distinct = true;
@@ -169,8 +171,8 @@ PipelineRunner::PipelineRunner(const Layout& layout, const Schedule& schedule, i
   }
   // The backend is asked on this thread: the one that will run each pair's F.
   Backend& be = modules_[0]->backend();
-  if (overlap_pairs && !device_ && has_pairs && distinct && be.SetCallerShare(1))
-    pair_thread_ = std::make_unique<PairThread>(be, kPairWays);
+  const bool concurrent = be.SetCallerShare(1) || be.lanes() > 1;
+  if (overlap_pairs && has_pairs && distinct && concurrent) pair_thread_ = std::make_unique<PairThread>(be, kPairWays);
 }
 
 PipelineRunner::~PipelineRunner() = default;
@@ -341,22 +343,26 @@ Status PipelineRunner::RunPair(const Op& op, const MicroTokens& tokens, const Lo
     std::lock_guard<std::mutex> lock(failure_mu);
     if (first_failure.ok()) {
       first_failure = s;
-      group_.Abort("pipeline rank " + std::to_string(pp_rank_) + ": " + s.message());
+      const std::string why = "pipeline rank " + std::to_string(pp_rank_) + ": " + s.message();
+      group_.Abort(why);
+      if (device_) device_->AbortAll(why);  // the other lane may wait on a link or an expert communicator
     }
   };
   Backend& be = modules_[0]->backend();
+  be.OrderLanes();  // B's lane starts after everything before the pair (its activations, its gradient's sources)
   std::future<void> b = pair_thread_->Run([&] {
     ScopedCommWaitObserver observe(meter_.lane(1));
     lane_done(1, Backward(op.b, scale));
   });
-  // B uses this frame and this runner: it is joined, and the thread share
-  // restored, on every way out (an exception included).
+  // B uses this frame and this runner: it is joined, the lanes with it, and
+  // the thread share restored, on every way out (an exception included).
   struct JoinB {
     std::future<void>& b;
     Backend& be;
     ~JoinB() {
       be.SetCallerShare(1);
       if (b.valid()) b.wait();
+      be.OrderLanes();
     }
   } join{b, be};
   be.SetCallerShare(kPairWays);

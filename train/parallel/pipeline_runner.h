@@ -14,14 +14,18 @@
 // matrices' weight gradients (WeightGradQueue); the chunk's W op runs them,
 // and only then are the micro-batch's activations released.
 //
-// F&B pairs (DualPipe, DualPipeV) run their two chunks at once when the
-// backend takes concurrent callers (CPU): F on the calling thread, B on a
-// long-lived pair thread, each with half the rank's compute threads (Backend::SetCallerShare). The
-// chunks belong to different stages (the two directions), so they share no
-// parameters or gradients; while one waits for an activation, a gradient or
-// an expert all-to-all, the other computes. An OverlapMeter on both threads
-// splits each op's receive waits into hidden (the other chunk computed) and
-// exposed (nothing did).
+// F&B pairs (DualPipe, DualPipeV) run their two chunks at once: F on the
+// calling thread, B on a long-lived pair thread. On the CPU each gets half
+// the rank's compute threads (Backend::SetCallerShare); on CUDA each issues
+// to a stream of its own (Backend::SetCallerLane), forked from and joined to
+// the main one around the pair. The chunks belong to different stages (the
+// two directions), so they share no parameters or gradients; while one waits
+// for an activation, a gradient or an expert all-to-all, the other computes.
+// Each device link carries one kind (activations: F; gradients: B), and the
+// expert exchange has a communicator per direction, so no communicator is
+// driven by both threads. An OverlapMeter on both threads splits each op's
+// receive waits into hidden (the other chunk's thread was issuing work) and
+// exposed (neither was).
 #pragma once
 
 #include <functional>
@@ -71,8 +75,7 @@ class PipelineRunner {
   // after every op: a failed all-to-all stops the step there.
   // `overlap_pairs` runs F&B pairs on two threads where the backend allows.
   // `device`, when it holds links (PipelineLinks), carries the transfers to
-  // other ranks device to device; pairs then run F then B on this thread,
-  // the order PipelineLinks checked.
+  // other ranks device to device; a failed step aborts its communicators.
   PipelineRunner(const Layout& layout, const Schedule& schedule, int world_rank, ProcessGroup& group,
                  std::vector<Model*> modules, int timeout_ms, const ExpertExchange* experts = nullptr,
                  bool overlap_pairs = true, DeviceComms* device = nullptr);

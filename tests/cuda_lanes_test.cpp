@@ -1,0 +1,150 @@
+// The CUDA backend's two lanes (Backend::SetCallerLane): DualPipe issues an
+// F&B pair's chunks from two threads, each to a stream of its own, and
+// OrderLanes forks and joins them. A lane must see what the other computed
+// before the fork, the other must see its work after the join, and two
+// models computing at once on two lanes must give the bits they give one
+// after another. Skipped (with the reason) where no CUDA device is usable.
+#include <gtest/gtest.h>
+
+#include <random>
+#include <thread>
+#include <vector>
+
+#include "gpu/cuda/cuda_info.h"
+#include "gpu/host_io.h"
+#include "gpu/model/model.h"
+
+namespace troupe {
+namespace {
+
+class CudaLanesTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (CudaDeviceCount() == 0) GTEST_SKIP() << "no CUDA device: " << CudaDeviceSummary();
+    auto be = CreateCudaBackend(0, /*bf16=*/false);
+    ASSERT_TRUE(be.ok()) << be.status().message();
+    be_ = std::move(be).value();
+  }
+  std::unique_ptr<Backend> be_;
+};
+
+TEST_F(CudaLanesTest, ForkAndJoinOrderTheLanes) {
+  Backend& be = *be_;
+  ASSERT_EQ(be.lanes(), 2);
+  EXPECT_FALSE(be.SetCallerLane(2));
+  // 64 Mi floats: each pass takes a fraction of a millisecond, 64 of them
+  // long enough for an unordered reader on the other lane to overtake them.
+  const int64_t n = 64 << 20;
+  auto x = be.Alloc({n / 1024, 1024}, DType::kF32, "x");
+  auto one = be.Alloc({n / 1024, 1024}, DType::kF32, "one");
+  auto y = be.Alloc({n / 1024, 1024}, DType::kF32, "y");
+  ASSERT_TRUE(x.ok() && one.ok() && y.ok());
+  FromHostFloats(be, *one, std::vector<float>(static_cast<size_t>(n), 1.0f));
+  FromHostFloats(be, *y, std::vector<float>(static_cast<size_t>(n), 1.0f));
+  for (int i = 0; i < 64; ++i) be.Add(*x, *x, *one);  // lane 0: x = 64
+  be.OrderLanes();                                    // fork
+  std::vector<float> seen;
+  std::thread lane1([&] {
+    ASSERT_TRUE(be.SetCallerLane(1));
+    seen = ToHostFloats(be, *x);                       // waits for lane 1 only
+    for (int i = 0; i < 64; ++i) be.Add(*y, *y, *y);  // lane 1: y = 2^64, no host wait
+  });
+  lane1.join();
+  be.OrderLanes();  // join
+  const std::vector<float> y_now = ToHostFloats(be, *y);
+  ASSERT_EQ(seen.size(), static_cast<size_t>(n));
+  EXPECT_EQ(seen.front(), 64.0f);
+  EXPECT_EQ(seen.back(), 64.0f) << "lane 1 read x before lane 0's work queued ahead of the fork";
+  EXPECT_EQ(y_now.back(), 18446744073709551616.0f) << "lane 0 read y before lane 1's work queued ahead of the join";
+  EXPECT_TRUE(be.Synchronize().ok());
+}
+
+ModelConfig SmallMoe() {
+  ModelConfig c;
+  c.vocab_size = 512;
+  c.hidden_size = 64;
+  c.num_hidden_layers = 3;
+  c.first_k_dense_replace = 1;
+  c.num_attention_heads = 4;
+  c.q_lora_rank = 48;
+  c.kv_lora_rank = 32;
+  c.qk_nope_head_dim = 16;
+  c.qk_rope_head_dim = 8;
+  c.v_head_dim = 16;
+  c.intermediate_size = 160;
+  c.moe_intermediate_size = 32;
+  c.n_routed_experts = 8;
+  c.n_shared_experts = 1;
+  c.num_experts_per_tok = 2;
+  c.n_group = 4;
+  c.topk_group = 2;
+  c.routed_scaling_factor = 2.5;
+  c.num_nextn_predict_layers = 1;
+  return c;
+}
+
+struct Result {
+  double loss = 0;
+  std::vector<std::vector<float>> grads;
+};
+
+// Two models with their own weights and tokens, as an F&B pair's two stages:
+// one after another on lane 0, or at once from two threads on two lanes.
+std::vector<Result> TwoModels(Backend& be, bool at_once) {
+  const ModelConfig cfg = SmallMoe();
+  const int batch = 4, t = 64;
+  std::vector<std::unique_ptr<Model>> models;
+  std::vector<std::vector<int32_t>> tokens(2);
+  for (int i = 0; i < 2; ++i) {
+    auto m = Model::Create(be, cfg, DType::kF32, batch, t);
+    EXPECT_TRUE(m.ok()) << m.status().message();
+    EXPECT_TRUE(InitParams(be, cfg, 7 + i, (*m)->params()).ok());
+    (*m)->ZeroGrads();
+    models.push_back(std::move(m).value());
+    std::mt19937 rng(3 + i);
+    tokens[i].resize(static_cast<size_t>(batch) * (t + 2));
+    for (int32_t& x : tokens[i]) x = static_cast<int32_t>(rng() % cfg.vocab_size);
+  }
+  std::vector<Result> out(2);
+  auto run = [&](int i) {
+    Model& m = *models[i];
+    for (int step = 0; step < 3; ++step) {  // gradients accumulate: three passes
+      auto loss = m.Forward(tokens[i].data(), LossWeights{0.3, 1e-3});
+      EXPECT_TRUE(loss.ok());
+      out[i].loss += loss.ok() ? loss->total : 0.0;
+      m.Backward();
+    }
+  };
+  if (at_once) {
+    be.OrderLanes();
+    std::thread second([&] {
+      be.SetCallerLane(1);
+      run(1);
+    });
+    run(0);
+    second.join();
+    be.OrderLanes();
+  } else {
+    run(0);
+    run(1);
+  }
+  EXPECT_TRUE(be.Synchronize().ok());
+  for (int i = 0; i < 2; ++i)
+    for (ParamRef& g : ListParams(models[i]->grads()))
+      if (g.trainable) out[i].grads.push_back(ToHostFloats(be, *g.tensor));
+  return out;
+}
+
+TEST_F(CudaLanesTest, TwoModelsAtOnceOnTwoLanesGiveTheSerialBits) {
+  const std::vector<Result> serial = TwoModels(*be_, false);
+  const std::vector<Result> lanes = TwoModels(*be_, true);
+  for (int i = 0; i < 2; ++i) {
+    EXPECT_EQ(lanes[i].loss, serial[i].loss) << "model " << i;
+    ASSERT_EQ(lanes[i].grads.size(), serial[i].grads.size());
+    for (size_t g = 0; g < serial[i].grads.size(); ++g)
+      EXPECT_EQ(lanes[i].grads[g], serial[i].grads[g]) << "model " << i << " gradient " << g;
+  }
+}
+
+}  // namespace
+}  // namespace troupe
