@@ -13,6 +13,7 @@
 #include "gpu/cuda/cuda_info.h"
 #include "gpu/host_io.h"
 #include "gpu/model/model.h"
+#include "test_util.h"
 
 namespace troupe {
 namespace {
@@ -59,30 +60,6 @@ TEST_F(CudaLanesTest, ForkAndJoinOrderTheLanes) {
   EXPECT_TRUE(be.Synchronize().ok());
 }
 
-ModelConfig SmallMoe() {
-  ModelConfig c;
-  c.vocab_size = 512;
-  c.hidden_size = 64;
-  c.num_hidden_layers = 3;
-  c.first_k_dense_replace = 1;
-  c.num_attention_heads = 4;
-  c.q_lora_rank = 48;
-  c.kv_lora_rank = 32;
-  c.qk_nope_head_dim = 16;
-  c.qk_rope_head_dim = 8;
-  c.v_head_dim = 16;
-  c.intermediate_size = 160;
-  c.moe_intermediate_size = 32;
-  c.n_routed_experts = 8;
-  c.n_shared_experts = 1;
-  c.num_experts_per_tok = 2;
-  c.n_group = 4;
-  c.topk_group = 2;
-  c.routed_scaling_factor = 2.5;
-  c.num_nextn_predict_layers = 1;
-  return c;
-}
-
 struct Result {
   double loss = 0;
   std::vector<std::vector<float>> grads;
@@ -91,7 +68,7 @@ struct Result {
 // Two models with their own weights and tokens, as an F&B pair's two stages:
 // one after another on lane 0, or at once from two threads on two lanes.
 std::vector<Result> TwoModels(Backend& be, bool at_once) {
-  const ModelConfig cfg = SmallMoe();
+  const ModelConfig cfg = testing::SmallMoeModel();
   const int batch = 4, t = 64;
   std::vector<std::unique_ptr<Model>> models;
   std::vector<std::vector<int32_t>> tokens(2);

@@ -12,33 +12,10 @@
 #include "gpu/cuda/cuda_info.h"
 #include "gpu/host_io.h"
 #include "gpu/model/model.h"
+#include "test_util.h"
 
 namespace troupe {
 namespace {
-
-ModelConfig SmallMoe() {
-  ModelConfig c;
-  c.vocab_size = 512;
-  c.hidden_size = 64;
-  c.num_hidden_layers = 3;
-  c.first_k_dense_replace = 1;
-  c.num_attention_heads = 4;
-  c.q_lora_rank = 48;
-  c.kv_lora_rank = 32;
-  c.qk_nope_head_dim = 16;
-  c.qk_rope_head_dim = 8;
-  c.v_head_dim = 16;
-  c.intermediate_size = 160;
-  c.moe_intermediate_size = 32;
-  c.n_routed_experts = 8;
-  c.n_shared_experts = 1;
-  c.num_experts_per_tok = 2;
-  c.n_group = 4;
-  c.topk_group = 2;
-  c.routed_scaling_factor = 2.5;
-  c.num_nextn_predict_layers = 1;
-  return c;
-}
 
 // ||a - b|| / ||b||
 double RelativeError(const std::vector<double>& a, const std::vector<double>& b) {
@@ -81,7 +58,7 @@ class CudaModelTest : public ::testing::Test {
 };
 
 void CompareWithCpu(bool bf16, double loss_tol, double grad_tol) {
-  const ModelConfig cfg = SmallMoe();
+  const ModelConfig cfg = testing::SmallMoeModel();
   const int batch = 4, t = 32;
   std::mt19937_64 rng(5);
   std::vector<int32_t> tokens(static_cast<size_t>(batch) * (t + 2));
@@ -112,7 +89,7 @@ TEST_F(CudaModelTest, Bf16LossAndGradientsMatchTheCpuLoosely) { CompareWithCpu(t
 TEST_F(CudaModelTest, OutOfMemoryNamesTheTensor) {
   auto cuda = CreateCudaBackend(0, false);
   ASSERT_TRUE(cuda.ok());
-  ModelConfig cfg = SmallMoe();
+  ModelConfig cfg = testing::SmallMoeModel();
   cfg.vocab_size = 65536;
   auto model = Model::Create(**cuda, cfg, DType::kF32, 4096, 4096);  // logits alone: 4 TiB
   ASSERT_FALSE(model.ok());
@@ -125,7 +102,7 @@ TEST_F(CudaModelTest, RepeatedStepsLeakNothing) {
   auto cuda = CreateCudaBackend(0, true);
   ASSERT_TRUE(cuda.ok());
   Backend& be = **cuda;
-  const ModelConfig cfg = SmallMoe();
+  const ModelConfig cfg = testing::SmallMoeModel();
   auto model = Model::Create(be, cfg, DType::kF32, 2, 16);
   ASSERT_TRUE(model.ok());
   ASSERT_TRUE(InitParams(be, cfg, 1, (*model)->params()).ok());

@@ -43,6 +43,32 @@ inline ModelConfig TinyMoeModel() {
   return c;
 }
 
+// Big enough for the GPU to matter (64 wide, 8 experts in 4 groups, M=2),
+// small enough for a unit test: the CUDA tests' model.
+inline ModelConfig SmallMoeModel() {
+  ModelConfig c;
+  c.vocab_size = 512;
+  c.hidden_size = 64;
+  c.num_hidden_layers = 3;
+  c.first_k_dense_replace = 1;
+  c.num_attention_heads = 4;
+  c.q_lora_rank = 48;
+  c.kv_lora_rank = 32;
+  c.qk_nope_head_dim = 16;
+  c.qk_rope_head_dim = 8;
+  c.v_head_dim = 16;
+  c.intermediate_size = 160;
+  c.moe_intermediate_size = 32;
+  c.n_routed_experts = 8;
+  c.n_shared_experts = 1;
+  c.num_experts_per_tok = 2;
+  c.n_group = 4;
+  c.topk_group = 2;
+  c.routed_scaling_factor = 2.5;
+  c.num_nextn_predict_layers = 1;
+  return c;
+}
+
 // A fresh directory under the system temp dir, named after the running test
 // (parameterised ones included), removed when it goes out of scope.
 class TempDir {
