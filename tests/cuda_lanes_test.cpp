@@ -15,24 +15,32 @@
 #include "gpu/model/model.h"
 #include "test_util.h"
 
+#if defined(TROUPE_HAVE_CUDA)
+#include "gpu/cuda/cuda_backend.h"
+#endif
+
 namespace troupe {
 namespace {
+
+#if defined(TROUPE_HAVE_CUDA)
 
 class CudaLanesTest : public ::testing::Test {
  protected:
   void SetUp() override {
     if (CudaDeviceCount() == 0) GTEST_SKIP() << "no CUDA device: " << CudaDeviceSummary();
-    auto be = CreateCudaBackend(0, /*bf16=*/false);
+    auto be = CudaBackend::Create(0, MatmulPrecision::kFp32);
     ASSERT_TRUE(be.ok()) << be.status().message();
     be_ = std::move(be).value();
   }
-  std::unique_ptr<Backend> be_;
+  std::unique_ptr<CudaBackend> be_;
 };
 
 TEST_F(CudaLanesTest, ForkAndJoinOrderTheLanes) {
-  Backend& be = *be_;
+  CudaBackend& be = *be_;
   ASSERT_EQ(be.lanes(), 2);
   EXPECT_FALSE(be.SetCallerLane(2));
+  CUstream_st* const lane0 = be.stream();
+  CUstream_st* lane1 = nullptr;
   // 64 Mi floats: each pass takes a fraction of a millisecond, 64 of them
   // long enough for an unordered reader on the other lane to overtake them.
   const int64_t n = 64 << 20;
@@ -45,13 +53,16 @@ TEST_F(CudaLanesTest, ForkAndJoinOrderTheLanes) {
   for (int i = 0; i < 64; ++i) be.Add(*x, *x, *one);  // lane 0: x = 64
   be.OrderLanes();                                    // fork
   std::vector<float> seen;
-  std::thread lane1([&] {
+  std::thread second([&] {
     ASSERT_TRUE(be.SetCallerLane(1));
+    lane1 = be.stream();
     seen = ToHostFloats(be, *x);                       // waits for lane 1 only
     for (int i = 0; i < 64; ++i) be.Add(*y, *y, *y);  // lane 1: y = 2^64, no host wait
   });
-  lane1.join();
+  second.join();
   be.OrderLanes();  // join
+  EXPECT_NE(lane1, lane0) << "the second thread's work went to the first lane's stream";
+  EXPECT_EQ(be.stream(), lane0) << "a thread that never asked moved off lane 0";
   const std::vector<float> y_now = ToHostFloats(be, *y);
   ASSERT_EQ(seen.size(), static_cast<size_t>(n));
   EXPECT_EQ(seen.front(), 64.0f);
@@ -122,6 +133,12 @@ TEST_F(CudaLanesTest, TwoModelsAtOnceOnTwoLanesGiveTheSerialBits) {
       EXPECT_EQ(lanes[i].grads[g], serial[i].grads[g]) << "model " << i << " gradient " << g;
   }
 }
+
+#else
+
+TEST(CudaLanesTest, NotBuilt) { GTEST_SKIP() << "no CUDA device: built without TROUPE_CUDA"; }
+
+#endif
 
 }  // namespace
 }  // namespace troupe

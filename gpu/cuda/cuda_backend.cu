@@ -100,6 +100,12 @@ CudaBackend::Lane& CudaBackend::lane() const { return lanes_[t_lane_owner == thi
 
 bool CudaBackend::SetCallerLane(int lane) {
   if (lane < 0 || lane >= kLanes) return false;
+  // A new thread's current device is 0: launches into this backend's
+  // streams from another device's context would fail.
+  if (const cudaError_t err = cudaSetDevice(device_); err != cudaSuccess) {
+    Fail("SetCallerLane", cudaGetErrorString(err));
+    return false;
+  }
   t_lane_owner = this;
   t_lane = lane;
   return true;
@@ -132,8 +138,9 @@ void CudaBackend::Fail(const std::string& what, const std::string& why) {
 Status CudaBackend::Synchronize() {
   cudaError_t err = cudaStreamSynchronize(stream());
   if (err != cudaSuccess) Fail("stream", cudaGetErrorString(err));
-  if (failed_.load()) return Status::Internal(first_error_);
-  return Status::Ok();
+  if (!failed_.load()) return Status::Ok();
+  std::lock_guard<std::mutex> lock(g_error_mutex);  // the other lane may be failing right now
+  return Status::Internal(first_error_);
 }
 
 void* CudaBackend::Workspace(size_t bytes, const char* op, const char* purpose) {

@@ -19,6 +19,12 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
+// NCCL calls on independent communicators of one device must not be made
+// from several threads at once (NCCL's thread-safety notes); an F&B pair's
+// two threads issue on theirs (links, expert rows) side by side. Issuing is
+// quick (the communicators are non-blocking); waiting happens outside.
+std::mutex g_issue_mu;
+
 std::string NcclVersion() {
   int v = 0;
   ncclGetVersion(&v);
@@ -140,15 +146,14 @@ class NcclComm final : public DeviceComm {
       const cudaError_t q = cudaEventQuery(done_);
       if (q == cudaSuccess) return Status::Ok();
       if (q != cudaErrorNotReady) return Fail(std::string("CUDA: ") + cudaGetErrorString(q));
-      ncclResult_t async = ncclSuccess;
-      ncclCommGetAsyncError(comm_, &async);
-      if (async != ncclSuccess && async != ncclInProgress) return Fail(Explain(async));
+      if (std::string error = AsyncError(); !error.empty()) return Fail(error);
       if (Clock::now() >= deadline)
         return Fail("no progress for " + std::to_string(timeout_ms) + " ms (a member stopped or is stuck)");
       std::this_thread::sleep_for(std::chrono::microseconds(200));
     }
   }
 
+  // Thread-safe: the other thread of an F&B pair aborts when its chunk fails.
   void Abort(const std::string& why) override { static_cast<void>(Fail("aborted: " + why)); }
 
   std::string Describe() const override {
@@ -193,18 +198,30 @@ class NcclComm final : public DeviceComm {
     cudaError_t e = cudaEventRecord(ready_, be_.stream());
     if (e == cudaSuccess) e = cudaStreamWaitEvent(stream_, ready_, 0);
     if (e != cudaSuccess) return Fail(std::string(what) + ": CUDA: " + cudaGetErrorString(e));
-    ncclResult_t r = call();
+    ncclResult_t r = ncclSuccess;
+    std::string error;
+    {
+      // comm_ is only read and aborted under mu_ (Abort may come from the other thread).
+      std::lock_guard<std::mutex> issuing(g_issue_mu);
+      std::lock_guard<std::mutex> lock(mu_);
+      if (!failed_.ok()) return failed_;
+      r = call();
+      if (r != ncclSuccess && r != ncclInProgress) error = Explain(r);
+    }
     // A non-blocking communicator may still be connecting peers (NCCL connects
     // lazily, at a peer's first operation): let it, within the join deadline.
     const auto deadline = Clock::now() + std::chrono::milliseconds(timeout_ms_);
     while (r == ncclInProgress && Clock::now() < deadline) {
       std::this_thread::sleep_for(std::chrono::microseconds(100));
+      std::lock_guard<std::mutex> lock(mu_);
+      if (!failed_.ok()) return failed_;
       ncclCommGetAsyncError(comm_, &r);
+      if (r != ncclSuccess && r != ncclInProgress) error = Explain(r);
     }
     if (r == ncclInProgress)
       return Fail(std::string(what) + ": still connecting after " + std::to_string(timeout_ms_) +
                   " ms (a member stopped or is stuck)");
-    if (r != ncclSuccess) return Fail(std::string(what) + ": " + Explain(r));
+    if (r != ncclSuccess) return Fail(std::string(what) + ": " + error);
     e = cudaEventRecord(done_, stream_);
     if (e == cudaSuccess && fence == Fence::kBackend) e = cudaStreamWaitEvent(be_.stream(), done_, 0);
     if (e != cudaSuccess) return Fail(std::string(what) + ": CUDA: " + cudaGetErrorString(e));
@@ -247,6 +264,16 @@ class NcclComm final : public DeviceComm {
     return Status::Ok();
   }
 
+  // The communicator's asynchronous error, explained; empty when none.
+  std::string AsyncError() {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (comm_ == nullptr) return {};
+    ncclResult_t async = ncclSuccess;
+    ncclCommGetAsyncError(comm_, &async);
+    return async == ncclSuccess || async == ncclInProgress ? std::string() : Explain(async);
+  }
+
+  // Under mu_, with comm_ live.
   std::string Explain(ncclResult_t r) const {
     std::string s = ncclGetErrorString(r);
     const char* last = ncclGetLastError(comm_);
@@ -262,6 +289,7 @@ class NcclComm final : public DeviceComm {
   // Records the first failure, aborts the communicator (its kernels return)
   // and returns that first failure.
   Status Fail(const std::string& why) {
+    std::lock_guard<std::mutex> issuing(g_issue_mu);
     std::lock_guard<std::mutex> lock(mu_);
     if (failed_.ok()) {
       failed_ = Status::IOError("NCCL " + spec_.name + " (rank " + std::to_string(spec_.rank) + " of " +
