@@ -313,6 +313,42 @@ TEST(NcclTest, AReceiveWithoutItsSendIsAnErrorNotAHang) {
   }));
 }
 
+// An F&B pair's two threads: one sends on its lane's link while the other
+// waits for a receive whose send never comes; when the first lane's chunk
+// fails it aborts the other's link, and that wait ends at once with the
+// reason instead of at its deadline.
+TEST(NcclTest, AnAbortFromThePairsOtherThreadEndsAWait) {
+  const parallel::DeviceLink act{0, 1, parallel::TagKind::kActivation}, grad{1, 0, parallel::TagKind::kGradient};
+  EXPECT_RANKS_PASS(RunRanks(2, {act, grad}, [&](CudaBackend& be, parallel::DeviceComms& comms, int rank) {
+    auto t = Filled(be, rank, 1000);
+    if (!t.ok()) return Check(false, t.status().message());
+    if (rank == 0) {
+      DeviceComm* in = comms.FindLink(grad);
+      Status s = in->Receive(*t, 0);
+      if (s.ok()) s = in->Wait(20000);
+      return Check(s.ok(), "the gradient sent beside the failing wait: " + s.ToString());
+    }
+    Status sent;
+    std::thread other_lane([&] {
+      be.SetCallerLane(1);
+      DeviceComm* out = comms.FindLink(grad);
+      sent = out->Send(*t, 1);
+      if (sent.ok()) sent = out->Wait(20000);
+      std::this_thread::sleep_for(std::chrono::milliseconds(300));
+      comms.FindLink(act)->Abort("the other lane failed");
+    });
+    auto into = Filled(be, rank, 1000);
+    if (!into.ok()) return Check(false, into.status().message());
+    DeviceComm* in = comms.FindLink(act);
+    Status s = in->Receive(*into, 0);
+    if (s.ok()) s = in->Wait(60000);
+    other_lane.join();
+    if (Check(sent.ok(), "the other lane's send: " + sent.ToString()) != 0) return 1;
+    if (Check(s.IsIOError(), "the receive returned " + s.ToString()) != 0) return 1;
+    return Check(s.message().find("aborted: the other lane failed") != std::string::npos, s.message());
+  }));
+}
+
 // An id of the wrong size (a broken or hostile peer sent it over the group)
 // is refused before NCCL sees it. Last in the file: it initialises CUDA in
 // this process, which the forking tests above must not inherit.
