@@ -2,6 +2,7 @@
 
 #include <chrono>
 #include <condition_variable>
+#include <exception>
 #include <future>
 #include <string>
 #include <thread>
@@ -355,16 +356,19 @@ Status PipelineRunner::RunPair(const Op& op, const MicroTokens& tokens, const Lo
     lane_done(1, Backward(op.b, scale));
   });
   // B uses this frame and this runner: it is joined, the lanes with it, and
-  // the thread share restored, on every way out (an exception included).
+  // the thread share restored, on every way out. An exception out of F
+  // counts as F's failure, so B stops waiting for its peers at once.
   struct JoinB {
     std::future<void>& b;
     Backend& be;
+    std::function<void(int, const Status&)> done;
     ~JoinB() {
+      if (std::uncaught_exceptions() > 0) done(0, Status::Internal("the pair's forward chunk threw"));
       be.SetCallerShare(1);
       if (b.valid()) b.wait();
       be.OrderLanes();
     }
-  } join{b, be};
+  } join{b, be, lane_done};
   be.SetCallerShare(kPairWays);
   lane_done(0, Forward(op.f, tokens, w, true));
   b.get();
