@@ -9,7 +9,6 @@
 //
 //   build/bench/lanes_bench [--config configs/small10m.toml] [--batch B] [--reps N] [--bf16]
 #include <CLI/CLI.hpp>
-
 #include <chrono>
 #include <cstdio>
 #include <random>

@@ -56,7 +56,7 @@ TEST_F(CudaLanesTest, ForkAndJoinOrderTheLanes) {
   std::thread second([&] {
     ASSERT_TRUE(be.SetCallerLane(1));
     lane1 = be.stream();
-    seen = ToHostFloats(be, *x);                       // waits for lane 1 only
+    seen = ToHostFloats(be, *x);                      // waits for lane 1 only
     for (int i = 0; i < 64; ++i) be.Add(*y, *y, *y);  // lane 1: y = 2^64, no host wait
   });
   second.join();

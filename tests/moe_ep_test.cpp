@@ -27,7 +27,8 @@ class ScriptedPeer final : public ExpertExchange {
   ScriptedPeer(std::vector<uint8_t> from_peer, bool device_rows)
       : from_peer_(std::move(from_peer)), device_rows_(device_rows) {}
   bool moves_rows_on_device() const override { return device_rows_; }
-  Status ExchangeRows(const Tensor&, const std::vector<RowBlock>&, Tensor&, const std::vector<RowBlock>&, int) override {
+  Status ExchangeRows(const Tensor&, const std::vector<RowBlock>&, Tensor&, const std::vector<RowBlock>&,
+                      int) override {
     ++calls;
     return Status::Ok();
   }
@@ -113,7 +114,8 @@ struct RankResult {
 std::vector<RankResult> RunTwoRanks(bool device_path) {
   auto groups = parallel::CreateLocalGroup(2);
   // One communicator per direction, as DistributedTrainer gives the exchange.
-  auto board = std::make_shared<testing::ThreadCommBoard>(2), board_back = std::make_shared<testing::ThreadCommBoard>(2);
+  auto board = std::make_shared<testing::ThreadCommBoard>(2),
+       board_back = std::make_shared<testing::ThreadCommBoard>(2);
   std::vector<RankResult> out(2);
   auto rank_main = [&](int r) {
     CpuBackend be(1);
@@ -161,7 +163,8 @@ TEST(MoeEpDeviceRows, RowBlocksGiveTheHostPathsBits) {
     EXPECT_EQ(host[r].row_exchanges, 0);
     // Two MoE layers, four row transfers each: dispatch and combine, forward and backward.
     EXPECT_EQ(device[r].row_exchanges, 8) << "rank " << r;
-    EXPECT_EQ(device[r].forward_row_exchanges, 4) << "rank " << r << ": the backward's rows took the forward's communicator";
+    EXPECT_EQ(device[r].forward_row_exchanges, 4)
+        << "rank " << r << ": the backward's rows took the forward's communicator";
     EXPECT_EQ(device[r].loss, host[r].loss) << "rank " << r;
     ASSERT_EQ(device[r].grads.size(), host[r].grads.size());
     for (size_t i = 0; i < host[r].grads.size(); ++i)

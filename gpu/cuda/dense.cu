@@ -242,7 +242,7 @@ void CudaBackend::ConcatCols(Tensor& out, const Tensor& a, const Tensor& b) {
     return;
   if (N == 0 || A + B == 0) return;
   ConcatColsKernel<<<RowColGrid(N, A + B), kThreads, 0, stream()>>>(out.data<float>(), a.data<float>(), b.data<float>(),
-                                                                   N, A, B);
+                                                                    N, A, B);
   LaunchOk(*this, kOp);
 }
 
@@ -255,7 +255,7 @@ void CudaBackend::ConcatColsBackward(Tensor& da, Tensor& db, const Tensor& dout)
     return;
   if (N == 0 || A + B == 0) return;
   ConcatColsBackwardKernel<<<RowColGrid(N, A + B), kThreads, 0, stream()>>>(da.data<float>(), db.data<float>(),
-                                                                           dout.data<float>(), N, A, B);
+                                                                            dout.data<float>(), N, A, B);
   LaunchOk(*this, kOp);
 }
 

@@ -397,10 +397,10 @@ void CudaBackend::GroupedLinearBackward(Tensor& din, Tensor& dw, const Tensor& d
   if (!CublasDimsOk(*this, kOp, {R, O, I})) return;
   std::vector<int32_t> off;
   if (!ReadOffsets(*this, kOp, offsets, E, R, &off)) return;
-  if (O == 0 || I == 0) return;          // nothing to add
-  const float* x = in.data<float>();     // (R, I)
-  const float* wp = w.data<float>();     // (E, O, I)
-  const float* dy = dout.data<float>();  // (R, O)
+  if (O == 0 || I == 0) return;                             // nothing to add
+  const float* x = in.data<float>();                        // (R, I)
+  const float* wp = w.data<float>();                        // (E, O, I)
+  const float* dy = dout.data<float>();                     // (R, O)
   float* dx = din.defined() ? din.data<float>() : nullptr;  // (R, I)
   float* dwp = dw.defined() ? dw.data<float>() : nullptr;   // (E, O, I)
   std::vector<GemmProblem> input_grads;

@@ -423,10 +423,10 @@ void CudaBackend::RmsNormBackward(Tensor& din, Tensor& dw, const Tensor& dout, c
   if (partial == nullptr) return;
   const dim3 grid(static_cast<unsigned>(CeilDiv(C, kThreads)), static_cast<unsigned>(chunks));
   RmsNormDwPartialKernel<<<grid, kThreads, 0, stream()>>>(partial, dout.data<float>(), in.data<float>(),
-                                                         rstd.data<float>(), N, C);
+                                                          rstd.data<float>(), N, C);
   if (!LaunchOk(*this, kOp)) return;
-  RmsNormDwFinalKernel<<<static_cast<unsigned>(CeilDiv(C, kThreads)), kThreads, 0, stream()>>>(dw.data<float>(), partial,
-                                                                                              chunks, C);
+  RmsNormDwFinalKernel<<<static_cast<unsigned>(CeilDiv(C, kThreads)), kThreads, 0, stream()>>>(dw.data<float>(),
+                                                                                               partial, chunks, C);
   LaunchOk(*this, kOp);
 }
 
@@ -525,8 +525,8 @@ void CudaBackend::EmbeddingBackward(Tensor& dtable, const Tensor& dout, const Te
     if (!LaunchOk(*this, kOp)) return;
     ExclusiveScanKernel<<<1, 1024, 0, stream()>>>(hist, hist_n);
     if (!LaunchOk(*this, kOp)) return;
-    RadixScatterKernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream()>>>(keys[1 - cur], vals[1 - cur], keys[cur],
-                                                                                vals[cur], hist, N, shift);
+    RadixScatterKernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream()>>>(keys[1 - cur], vals[1 - cur],
+                                                                                 keys[cur], vals[cur], hist, N, shift);
     if (!LaunchOk(*this, kOp)) return;
     cur = 1 - cur;
   }
@@ -536,7 +536,7 @@ void CudaBackend::EmbeddingBackward(Tensor& dtable, const Tensor& dout, const Te
     return;
   }
   EmbeddingSegmentSumKernel<<<grid, kThreads, 0, stream()>>>(dtable.data<float>(), dout.data<float>(), keys[cur],
-                                                            vals[cur], N, V, D);
+                                                             vals[cur], N, V, D);
   LaunchOk(*this, kOp);
 }
 

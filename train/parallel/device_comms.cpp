@@ -44,8 +44,8 @@ struct Joining {
 }  // namespace
 
 Expected<std::unique_ptr<DeviceComms>> DeviceComms::Connect(Backend& be, ProcessGroup& pg,
-                                                            std::vector<DeviceGroup> groups, std::vector<DeviceLink> links,
-                                                            int timeout_ms) {
+                                                            std::vector<DeviceGroup> groups,
+                                                            std::vector<DeviceLink> links, int timeout_ms) {
   const int me = pg.rank();
   groups = Normalized(std::move(groups));
   links = NormalizedLinks(std::move(links));

@@ -37,7 +37,7 @@ class GroupExpertExchange final : public ExpertExchange {
   int my_index_ = 0;
   int timeout_ms_;
   std::array<DeviceComm*, 2> device_{};  // [0] phases 0-1 (forward), [1] phases 2-3 (backward)
-  std::vector<int> comm_rank_;  // by ep_rank: the member's rank in the communicator (ascending world rank)
+  std::vector<int> comm_rank_;           // by ep_rank: the member's rank in the communicator (ascending world rank)
   std::array<std::optional<std::vector<uint8_t>>, kPhases> own_;  // this rank's rows between Start and Finish
 };
 
