@@ -78,6 +78,11 @@ Expected<double> Time(Backend& be, Pair& p, int reps, bool lanes) {
   return std::chrono::duration<double>(Clock::now() - t0).count();
 }
 
+int Failed(const Status& s) {
+  std::fprintf(stderr, "error: %s\n", s.message().c_str());
+  return 1;
+}
+
 int Main(int argc, char** argv) {
   CLI::App app{"F&B pair compute on one lane vs two lanes (one GPU)"};
   std::string config = "configs/small10m.toml";
@@ -90,20 +95,19 @@ int Main(int argc, char** argv) {
   app.add_flag("--bf16", bf16, "bf16 GEMM inputs");
   CLI11_PARSE(app, argc, argv);
   auto job = LoadConfigFile(config);
-  if (!job.ok()) return std::fprintf(stderr, "error: %s\n", job.status().message().c_str()), 1;
+  if (!job.ok()) return Failed(job.status());
   if (batch == 0) batch = job->train.batch_size;
   if (CudaDeviceCount() == 0) {
     std::printf("SKIPPED: no CUDA device: %s\n", CudaDeviceSummary().c_str());
     return 0;
   }
   auto be = CreateCudaBackend(0, bf16);
-  if (!be.ok()) return std::fprintf(stderr, "error: %s\n", be.status().message().c_str()), 1;
+  if (!be.ok()) return Failed(be.status());
   auto pair = MakePair(**be, *job, batch);
-  if (!pair.ok()) return std::fprintf(stderr, "error: %s\n", pair.status().message().c_str()), 1;
+  if (!pair.ok()) return Failed(pair.status());
   // One untimed pass each way: cuBLAS heuristics, pool growth, both lanes' workspaces.
   for (bool lanes : {false, true})
-    if (auto warm = Time(**be, *pair, 1, lanes); !warm.ok())
-      return std::fprintf(stderr, "error: %s\n", warm.status().message().c_str()), 1;
+    if (auto warm = Time(**be, *pair, 1, lanes); !warm.ok()) return Failed(warm.status());
   const double tokens = 2.0 * reps * batch * job->train.seq_len;
   std::printf("%s, %s, micro-batch %d x %d tokens, %d passes per model\n", (*be)->Describe().c_str(), config.c_str(),
               batch, job->train.seq_len, reps);
@@ -111,7 +115,7 @@ int Main(int argc, char** argv) {
   for (int round = 0; round < 3; ++round)  // interleaved, best of three: clocks and other tenants drift
     for (int lanes = 0; lanes < 2; ++lanes) {
       auto s = Time(**be, *pair, reps, lanes == 1);
-      if (!s.ok()) return std::fprintf(stderr, "error: %s\n", s.status().message().c_str()), 1;
+      if (!s.ok()) return Failed(s.status());
       best[lanes] = std::min(best[lanes], *s);
     }
   std::printf("| pair chunks | tokens/s | vs one lane |\n|---|---|---|\n");
