@@ -9,6 +9,9 @@ namespace troupe {
 namespace {
 
 enum Phase { kDispatchForward = 0, kCombineForward = 1, kDispatchBackward = 2, kCombineBackward = 3 };
+// The transfer a phase is, in errors.
+constexpr const char* kPhaseNames[] = {"expert dispatch", "expert combine", "expert gradient dispatch",
+                                       "expert gradient combine"};
 
 // Rows of `t` as host bytes.
 std::vector<uint8_t> HostRows(Backend& be, const Tensor& t, int64_t rows) {
@@ -172,9 +175,9 @@ std::vector<RowBlock> SortedBlocks(const std::vector<int64_t>& counts, int ranks
 
 // Device path: rows device to device; false (the exchange failed) on error.
 bool MoveRows(ExpertExchange& ex, const Tensor& src, const std::vector<RowBlock>& sends, Tensor& dst,
-              const std::vector<RowBlock>& recvs, int phase, const char* what) {
+              const std::vector<RowBlock>& recvs, Phase phase) {
   Status s = ex.ExchangeRows(src, sends, dst, recvs, phase);
-  if (!s.ok()) ex.Fail(s.WithContext(what));
+  if (!s.ok()) ex.Fail(s.WithContext(kPhaseNames[phase]));
   return s.ok();
 }
 
@@ -267,7 +270,7 @@ void FinishRoutedExpertsForwardEp(Backend& be, const MoeParams& p, LayerActs& a,
   if (device) {
     if (!ParseCounts(ex, ex.Finish(kDispatchForward), 0, local, &a.recv_counts, &rows, copies, a.x_recv.rows()) ||
         !MoveRows(ex, a.x_sorted, SortedBlocks(a.send_counts, ranks), a.x_recv, ExpertMajorBlocks(a.recv_counts, ranks),
-                  kDispatchForward, "expert dispatch")) {
+                  kDispatchForward)) {
       be.Zero(a.e_out);
       return;
     }
@@ -295,7 +298,7 @@ void FinishRoutedExpertsForwardEp(Backend& be, const MoeParams& p, LayerActs& a,
   be.GroupedLinearForward(y, act, p.experts_down, a.offsets_local);
   if (device) {
     if (!MoveRows(ex, a.y_recv, ExpertMajorBlocks(a.recv_counts, ranks), a.e_out, SortedBlocks(a.send_counts, ranks),
-                  kCombineForward, "expert combine"))
+                  kCombineForward))
       be.Zero(a.e_out);
     return;
   }
@@ -323,7 +326,7 @@ void RoutedExpertsBackwardEp(Backend& be, const MoeParams& p, MoeParams& g, Laye
     // The forward's counts hold both ways: nothing to exchange but rows.
     for (int64_t c : a.recv_counts) rows += c;
     if (!MoveRows(ex, s.d_y_sorted, SortedBlocks(a.send_counts, ranks), s.d_y_recv,
-                  ExpertMajorBlocks(a.recv_counts, ranks), kDispatchBackward, "expert gradient dispatch")) {
+                  ExpertMajorBlocks(a.recv_counts, ranks), kDispatchBackward)) {
       be.Zero(s.d_x_sorted);
       return;
     }
@@ -354,7 +357,7 @@ void RoutedExpertsBackwardEp(Backend& be, const MoeParams& p, MoeParams& g, Laye
   if (defer) defer->DeferGrouped(be, g.experts_gate_up, d_gate_up, x, p.experts_gate_up, a.offsets_local);
   if (device) {
     if (!MoveRows(ex, s.d_x_recv, ExpertMajorBlocks(a.recv_counts, ranks), s.d_x_sorted,
-                  SortedBlocks(a.send_counts, ranks), kCombineBackward, "expert gradient combine"))
+                  SortedBlocks(a.send_counts, ranks), kCombineBackward))
       be.Zero(s.d_x_sorted);
     return;
   }
