@@ -15,6 +15,9 @@ void AddCoordinatorCommand(CLI::App& app, RunFn& run) {
   cmd->add_option("--http", o->http, "HTTP API HOST:PORT (default 127.0.0.1:8080; port 0 = any)");
   cmd->add_option("--heartbeat-timeout", o->heartbeat_timeout_s, "seconds of silence before a node is dead (default 3)")
       ->check(CLI::PositiveNumber);
+  cmd->add_option("--shared-dir", o->shared_dir,
+                  "a folder every node can reach (local disk for one machine, else a shared file system): "
+                  "distributed jobs write their checkpoints under it");
   cmd->add_option("--config", o->config, "job config (TOML); required unless the data dir holds a job");
   cmd->callback([o, &run] {
     run = [o] {

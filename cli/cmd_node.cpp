@@ -18,6 +18,9 @@ void AddNodeCommand(CLI::App& app, RunFn& run) {
       ->check(CLI::Range(0, 1024));
   cmd->add_flag("--gpus", o->use_gpus, "with --cpu-slots: also run one worker per GPU");
   cmd->add_option("--data", o->data_dir, "node data directory (optional)");
+  cmd->add_option("--rank-host", o->rank_host,
+                  "address the other nodes reach this one at, where a distributed job's ranks listen "
+                  "(default 127.0.0.1: every node on this machine)");
   cmd->callback([o, &run] {
     run = [o] {
       auto wait = cluster::BlockStopSignals();

@@ -36,11 +36,15 @@ int RunCluster(const RunFlags& f) {
   auto wait_for_stop = cluster::BlockStopSignals();
   namespace fs = std::filesystem;
   if (!fs::exists(f.config)) return Fail(Status::NotFound("config " + f.config + " does not exist"));
-  const std::string keys = f.dir + "/keys", data = f.dir + "/coordinator", logs = f.dir + "/logs";
+  const std::string keys = f.dir + "/keys", data = f.dir + "/coordinator", logs = f.dir + "/logs",
+                    shared = f.dir + "/shared";
   Status st = cluster::WriteKeysDir(keys, f.nodes);
   if (!st.ok()) return Fail(st);
   std::error_code ec;
-  if (!f.resume) fs::remove_all(data, ec);
+  if (!f.resume) {
+    fs::remove_all(data, ec);
+    fs::remove_all(shared, ec);  // a distributed job's checkpoints belong to the state they were made with
+  }
   fs::create_directories(logs, ec);
   if (ec) return Fail(Status::IOError("cannot create " + logs + ": " + ec.message()));
   const size_t colon = f.http.rfind(':');
@@ -48,7 +52,8 @@ int RunCluster(const RunFlags& f) {
 
   std::vector<pid_t> pids;
   auto coord = Spawn({"troupe", "coordinator", "--keys", keys, "--data", data, "--listen", f.listen, "--http", f.http,
-                      "--config", f.config, "--heartbeat-timeout", std::to_string(f.heartbeat_timeout)},
+                      "--config", f.config, "--heartbeat-timeout", std::to_string(f.heartbeat_timeout),
+                      "--shared-dir", shared},
                      logs + "/coordinator.log", /*inherit_stdout=*/true);
   if (!coord.ok()) return Fail(coord.status());
   pids.push_back(*coord);

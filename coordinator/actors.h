@@ -25,6 +25,7 @@
 #include "actors/protocol/actor_types.h"
 #include "actors/transport/socket.h"
 #include "coordinator/checkpoint_keeper.h"
+#include "coordinator/dist_job.h"
 #include "coordinator/job_record.h"
 #include "coordinator/membership.h"
 #include "coordinator/state_store.h"
@@ -49,6 +50,7 @@ using job_actor = caf::typed_actor<
     caf::reacts_to<protocol::StepReport>,                                                  // sender checked
     caf::reacts_to<protocol::CheckpointBegin>, caf::reacts_to<protocol::CheckpointWritten>,  // sender checked
     caf::reacts_to<protocol::ShardsDurable>,                                               // sender checked
+    caf::reacts_to<protocol::RankAddress>,                                                 // sender checked
     caf::reacts_to<caf::tick_atom>,                                                        // save timeouts
     caf::replies_to<protocol::ckpt_atom>::with<int, std::string>,                          // JSON: checkpoints
     caf::replies_to<caf::get_atom>::with<std::string>,                                     // JSON of the job
@@ -62,6 +64,7 @@ using membership_actor = caf::typed_actor<
     caf::reacts_to<protocol::ShardsDurable, protocol::PeerRef>,
     caf::reacts_to<protocol::ShardCopy, protocol::PeerRef>,  // relayed to `to_node`
     caf::reacts_to<protocol::ShardCopyEnd, protocol::PeerRef>, caf::reacts_to<protocol::ShardFetch, protocol::PeerRef>,
+    caf::reacts_to<protocol::RankAddress, protocol::PeerRef>,
     caf::reacts_to<caf::tick_atom>,                                          // failure detection
     caf::replies_to<caf::get_atom>::with<std::string>,                       // JSON: epoch, counts, nodes
     caf::replies_to<protocol::drain_atom, std::string>::with<int, std::string>,
@@ -89,12 +92,17 @@ struct JobActorState {
   std::map<std::string, int32_t> workers;             // their worker counts
   int log_every = 10;                                 // print a step line every this many steps
   std::chrono::steady_clock::time_point last_save{};  // progress is saved at most once a second
+  std::string shared_dir;      // distributed jobs' checkpoints: <shared_dir>/checkpoints (empty: none)
+  RankRendezvous rendezvous;   // the running distributed attempt's
+  std::string waiting;         // why a distributed job waits for workers (printed once per reason)
   static inline const char* name = "job";
 };
 // `checkpoints` may be null (the catalog could not be opened): the job then
-// runs without checkpoints.
+// runs without checkpoints. `shared_dir`: a folder every node reaches, where
+// a distributed job's ranks write its checkpoints (empty: they keep none).
 job_actor::behavior_type JobActor(job_actor::stateful_pointer<JobActorState> self, JobRecord record,
-                                  std::shared_ptr<StateStore> store, std::shared_ptr<CheckpointKeeper> checkpoints);
+                                  std::shared_ptr<StateStore> store, std::shared_ptr<CheckpointKeeper> checkpoints,
+                                  std::string shared_dir);
 
 struct MembershipActorState {
   std::unique_ptr<Membership> membership;

@@ -49,6 +49,7 @@ void ServerBridge(caf::blocking_actor* self, std::shared_ptr<transport::SecureSe
         case MsgType::kShardCopy: ok = Forward<ShardCopy>(self, membership, msg); break;
         case MsgType::kShardCopyEnd: ok = Forward<ShardCopyEnd>(self, membership, msg); break;
         case MsgType::kShardFetch: ok = Forward<ShardFetch>(self, membership, msg); break;
+        case MsgType::kRankAddress: ok = Forward<RankAddress>(self, membership, msg); break;
         default:
           spdlog::warn("bridge: dropped a frame of unexpected type {} from key {}", msg.frame.type,
                        msg.peer_public_key.substr(0, 8));
@@ -94,6 +95,7 @@ node_proxy_actor::behavior_type NodeProxy(node_proxy_actor::pointer self, caf::a
       [=](const ShardCopyEnd& m) { forward(m); },
       [=](const ShardFetch& m) { forward(m); },
       [=](const DropCheckpoint& m) { forward(m); },
+      [=](const RankTable& m) { forward(m); },
       [=](peer_atom, const std::string& id) { *peer = id; },
   };
 }

@@ -98,7 +98,7 @@ Status RunCoordinator(const CoordinatorOptions& o, const std::function<bool(int)
   } else {
     spdlog::error("checkpoints off: the job's config does not parse: {}", cfg.status().message());
   }
-  auto job = sys.spawn(JobActor, std::move(record), store, checkpoints);
+  auto job = sys.spawn(JobActor, std::move(record), store, checkpoints, o.shared_dir);
   auto mem = sys.spawn(MembershipActor, std::move(membership), store, job, server, counters);
   server.reset();  // the bridge owns it now
 

@@ -16,6 +16,7 @@ struct CoordinatorOptions {
   std::string config;                        // job config (TOML); may be empty when the store has a job
   double heartbeat_timeout_s = 3.0;          // silence after which a node is dead
   double heartbeat_interval_s = 0.5;         // what nodes are told to use
+  std::string shared_dir;                    // a folder every node reaches: distributed jobs' checkpoints
 };
 
 // Runs until `wait_for_stop(ms)` returns true (it waits up to ms for a

@@ -1,5 +1,6 @@
-// The job actor: JobTracker + StateStore; assigns the job to a worker,
-// collects step reports, reassigns when the worker's node is lost.
+// The job actor: JobTracker + StateStore; assigns the job to a worker (or,
+// for a distributed job, one worker per rank), collects step reports,
+// reassigns when a node of the attempt is lost.
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
@@ -27,6 +28,13 @@ void Save(Self self) {
 
 json Num(double v) { return std::isfinite(v) ? json(v) : json(nullptr); }
 
+json Ranks(const JobRecord& r) {
+  json out = json::array();
+  for (size_t i = 0; i < r.ranks.size(); ++i)
+    out.push_back({{"rank", i}, {"node_id", r.ranks[i].node_id}, {"worker", r.ranks[i].worker}});
+  return out;
+}
+
 json JobJson(const JobRecord& r) {
   json hist = json::array();
   for (const LossPoint& p : r.history)
@@ -51,6 +59,9 @@ json JobJson(const JobRecord& r) {
           {"val_loss", r.val_loss >= 0 ? Num(r.val_loss) : json(nullptr)},
           {"interruptions", r.interruptions},
           {"message", r.message},
+          {"ranks", Ranks(r)},
+          {"dp", r.dp},
+          {"checkpoint_id", r.checkpoint_id},
           {"history", hist}};
 }
 
@@ -94,11 +105,78 @@ void Apply(Self self, const KeeperOutcome& out) {
     for (const auto& [node, handle] : st.nodes) self->send(handle, DropCheckpoint{id});
 }
 
+JobAssign NewAssign(const JobRecord& r, int worker) {
+  JobAssign a;
+  a.attempt = r.attempt;
+  a.worker = worker;
+  a.config_name = r.config_name;
+  a.toml_text = r.toml_text;
+  return a;
+}
+
+// Tells every rank of an attempt still on a live node to stop (except on `skip`, a node already gone).
+void StopRanks(Self self, uint64_t attempt, const std::vector<WorkerSlot>& ranks, const std::string& why,
+               const std::string& skip = "") {
+  for (const WorkerSlot& w : ranks) {
+    auto it = self->state.nodes.find(w.node_id);
+    if (w.node_id != skip && it != self->state.nodes.end()) self->send(it->second, StopJob{attempt, w.worker, why});
+  }
+}
+
+// A distributed job: plans the ranks over the live nodes' workers and sends
+// each its part, resuming from the newest checkpoint its rank 0 committed.
+void TryAssignRanks(Self self, const JobConfig& cfg) {
+  auto& st = self->state;
+  auto plan = PlanRanks(cfg, st.workers);
+  if (!plan.ok()) {
+    if (plan.status().IsInvalidArgument()) {
+      st.tracker->Fail("the layout cannot run: " + plan.status().message());
+      std::printf("job: failed: %s\n", st.tracker->record().message.c_str());
+      std::fflush(stdout);
+      Save(self);
+    } else if (plan.status().message() != st.waiting) {
+      st.waiting = plan.status().message();
+      std::printf("job: waiting for workers: %s\n", st.waiting.c_str());
+      std::fflush(stdout);
+    }
+    return;
+  }
+  st.waiting.clear();
+  const JobRecord& before = st.tracker->record();
+  const std::string resume = before.checkpoint_id;
+  const int resume_step = resume.empty() ? 0 : before.checkpoint_step;
+  if (!st.tracker->AssignRanks(plan->ranks, plan->dp, resume_step)) return;
+  const JobRecord& r = st.tracker->record();
+  st.rendezvous.Reset(r.attempt, r.ranks);
+  spdlog::info("job: attempt {} of '{}' on {} ranks:\n{}", r.attempt, r.config_name, r.ranks.size(),
+               plan->explanation);
+  std::printf("job: attempt %llu on %zu ranks (dp %d)", static_cast<unsigned long long>(r.attempt), r.ranks.size(),
+              r.dp);
+  if (!resume.empty()) std::printf(", resuming from %s (step %d)", resume.c_str(), resume_step);
+  std::printf("\n%s", plan->explanation.c_str());
+  if (st.shared_dir.empty() && cfg.checkpoint.every > 0)
+    std::printf("job: no --shared-dir: a distributed job keeps no checkpoints, and a lost node restarts it from step 0\n");
+  std::fflush(stdout);
+  for (size_t rank = 0; rank < r.ranks.size(); ++rank) {
+    JobAssign a = NewAssign(r, r.ranks[rank].worker);
+    a.rank = static_cast<int32_t>(rank);
+    a.world = static_cast<int32_t>(r.ranks.size());
+    a.dp = r.dp;
+    if (!st.shared_dir.empty()) a.checkpoint_dir = st.shared_dir + "/checkpoints";
+    a.resume_id = resume;
+    self->send(st.nodes[r.ranks[rank].node_id], a);
+  }
+  Save(self);
+}
+
 // Gives the job to the first free worker of a live node, if it needs one,
 // resuming from the newest committed checkpoint of its config.
 void TryAssign(Self self) {
   auto& st = self->state;
   if (!st.tracker->NeedsWorker()) return;
+  if (auto cfg = ParseConfigText(st.tracker->record().toml_text, st.tracker->record().config_path);
+      cfg.ok() && IsDistributed(cfg->parallel))
+    return TryAssignRanks(self, *cfg);
   std::vector<WorkerSlot> slots;
   for (const auto& [id, n] : st.workers)
     if (n > 0 && st.nodes.count(id)) slots.push_back({id, 0});
@@ -122,7 +200,7 @@ void TryAssign(Self self) {
   if (resume) std::printf(", resuming from %s (step %lld)", resume->id.c_str(), static_cast<long long>(resume->step));
   std::printf("\n");
   std::fflush(stdout);
-  JobAssign a{r.attempt, slot->worker, r.config_name, r.toml_text};
+  JobAssign a = NewAssign(r, slot->worker);
   if (resume) {
     a.resume_manifest = ckpt::EncodeManifest(*resume);
     a.live_nodes = LiveNodes(self);
@@ -136,8 +214,9 @@ constexpr std::chrono::seconds kCheckpointTick{1};
 }  // namespace
 
 job_actor::behavior_type JobActor(Self self, JobRecord record, std::shared_ptr<StateStore> store,
-                                  std::shared_ptr<CheckpointKeeper> checkpoints) {
+                                  std::shared_ptr<CheckpointKeeper> checkpoints, std::string shared_dir) {
   self->state.checkpoints = std::move(checkpoints);
+  self->state.shared_dir = std::move(shared_dir);
   self->delayed_send(self, kCheckpointTick, caf::tick_atom_v);
   if (auto cfg = ParseConfigText(record.toml_text, record.config_path); cfg.ok())
     self->state.log_every = std::max(1, cfg->train.log_every);
@@ -154,14 +233,14 @@ job_actor::behavior_type JobActor(Self self, JobRecord record, std::shared_ptr<S
         auto& st = self->state;
         const JobRecord& r = st.tracker->record();
         const uint64_t attempt = r.attempt;
-        const int worker = r.worker;
+        const std::vector<WorkerSlot> ranks = r.ranks;
         if (st.tracker->OnNodeLost(id, why)) {
           spdlog::warn("job: {}", st.tracker->record().message);
           std::printf("job: interrupted: %s\n", st.tracker->record().message.c_str());
           std::fflush(stdout);
-          // A draining node is alive: tell its worker to stop the lost attempt.
-          auto it = st.nodes.find(id);
-          if (it != st.nodes.end()) self->send(it->second, StopJob{attempt, worker, why});
+          // Every rank of the lost attempt still alive stops (a draining node
+          // is alive too): the next attempt replans them all.
+          StopRanks(self, attempt, ranks, "attempt lost: node " + id + " " + why);
           Save(self);
         }
         st.nodes.erase(id);
@@ -202,6 +281,18 @@ job_actor::behavior_type JobActor(Self self, JobRecord record, std::shared_ptr<S
       [=](const ShardsDurable& d) {
         if (self->state.checkpoints) Apply(self, self->state.checkpoints->OnDurable(d.node_id, d.id, d.error));
       },
+      [=](const RankAddress& a) {
+        auto& st = self->state;
+        auto tables = st.rendezvous.Add(a);
+        if (!tables.ok()) {
+          spdlog::warn("job: rendezvous entry refused: {}", tables.status().message());
+          return;
+        }
+        for (auto& [slot, table] : *tables) {
+          auto it = st.nodes.find(slot.node_id);
+          if (it != st.nodes.end()) self->send(it->second, table);
+        }
+      },
       [=](caf::tick_atom) {
         if (self->state.checkpoints) Apply(self, self->state.checkpoints->Expire(CheckpointKeeper::Clock::now()));
         self->delayed_send(self, kCheckpointTick, caf::tick_atom_v);
@@ -217,7 +308,7 @@ job_actor::behavior_type JobActor(Self self, JobRecord record, std::shared_ptr<S
       [=](StepReport& m) {
         auto& st = self->state;
         StepUpdate u{m.attempt, m.step, m.total_steps, m.loss, m.main_loss, m.lr, m.grad_norm, m.tokens_per_s,
-                     m.val_loss, m.done, m.error};
+                     m.val_loss, m.done, m.error, m.rank, m.checkpoint_id, m.checkpoint_step};
         if (!st.tracker->OnReport(m.node_id, u)) {
           // Another attempt (lost earlier, or from before a restart): stop it.
           auto it = st.nodes.find(m.node_id);
@@ -226,8 +317,11 @@ job_actor::behavior_type JobActor(Self self, JobRecord record, std::shared_ptr<S
         }
         const JobRecord& r = st.tracker->record();
         if (!m.error.empty()) {
-          spdlog::error("job: attempt {} failed on node {}: {}", m.attempt, m.node_id, m.error);
-          std::printf("job: failed: %s\n", m.error.c_str());
+          spdlog::error("job: attempt {} failed on node {}: {}", m.attempt, m.node_id, r.message);
+          std::printf("job: failed: %s\n", r.message.c_str());
+          StopRanks(self, m.attempt, r.ranks, "rank " + std::to_string(m.rank) + " failed");
+        } else if (m.rank != 0) {
+          return;
         } else if (m.step % st.log_every == 0 || m.step == 1 || m.done || m.val_loss >= 0) {
           std::printf("step %5d/%d | loss %.4f | main %.4f | lr %.2e | gnorm %.3f | %.0f tok/s", m.step,
                       m.total_steps, m.loss, m.main_loss, m.lr, m.grad_norm, m.tokens_per_s);
@@ -235,6 +329,9 @@ job_actor::behavior_type JobActor(Self self, JobRecord record, std::shared_ptr<S
           if (m.val_loss >= 0 && m.unigram_baseline >= 0) std::printf(" | unigram_baseline %.4f", m.unigram_baseline);
           std::printf(" | node %s\n", m.node_id.c_str());
         }
+        if (!m.checkpoint_id.empty())
+          std::printf("checkpoint: %s at step %d committed by the job's ranks\n", m.checkpoint_id.c_str(),
+                      m.checkpoint_step);
         if (r.state == JobState::kCompleted) std::printf("job: completed at step %d\n", r.step);
         std::fflush(stdout);
         // State changes are saved at once; plain progress at most once a second
@@ -248,9 +345,7 @@ job_actor::behavior_type JobActor(Self self, JobRecord record, std::shared_ptr<S
         const JobRecord before = st.tracker->record();
         Status s = st.tracker->Stop();
         if (!s.ok()) return {409, json{{"error", s.message()}}.dump()};
-        auto it = st.nodes.find(before.node_id);
-        if (before.state == JobState::kRunning && it != st.nodes.end())
-          self->send(it->second, StopJob{before.attempt, before.worker, "stopped through the API"});
+        if (before.state == JobState::kRunning) StopRanks(self, before.attempt, before.ranks, "stopped through the API");
         spdlog::info("job: stopped through the API at step {}", before.step);
         std::printf("job: stopped at step %d\n", before.step);
         std::fflush(stdout);

@@ -30,26 +30,47 @@ bool JobTracker::Finished() const {
 }
 
 std::optional<WorkerSlot> JobTracker::Assign(const std::vector<WorkerSlot>& free_slots, int resume_step) {
-  if (!NeedsWorker() || free_slots.empty()) return std::nullopt;
-  const WorkerSlot& s = free_slots.front();
+  if (free_slots.empty() || !AssignRanks({free_slots.front()}, 1, resume_step)) return std::nullopt;
+  return free_slots.front();
+}
+
+bool JobTracker::AssignRanks(std::vector<WorkerSlot> ranks, int dp, int resume_step) {
+  if (!NeedsWorker() || ranks.empty()) return false;
   ++rec_.attempt;
   rec_.state = JobState::kRunning;
-  rec_.node_id = s.node_id;
-  rec_.worker = s.worker;
+  rec_.node_id = ranks.front().node_id;
+  rec_.worker = ranks.front().worker;
+  rec_.ranks = std::move(ranks);
+  rec_.dp = dp;
   rec_.step = resume_step;
   rec_.val_loss = -1;
   // The resumed run repeats the steps after its checkpoint: their old points go.
   std::erase_if(rec_.history, [&](const LossPoint& p) { return p.step > resume_step; });
   rec_.message.clear();
-  return s;
+  return true;
 }
 
+namespace {
+bool RunsOn(const std::vector<WorkerSlot>& ranks, const std::string& node_id) {
+  for (const WorkerSlot& r : ranks)
+    if (r.node_id == node_id) return true;
+  return false;
+}
+}  // namespace
+
 bool JobTracker::OnReport(const std::string& node_id, const StepUpdate& u) {
-  if (rec_.state != JobState::kRunning || u.attempt != rec_.attempt || node_id != rec_.node_id) return false;
+  if (rec_.state != JobState::kRunning || u.attempt != rec_.attempt || u.rank < 0 ||
+      u.rank >= static_cast<int>(rec_.ranks.size()) || node_id != rec_.ranks[u.rank].node_id)
+    return false;
   if (!u.error.empty()) {
     rec_.state = JobState::kFailed;
-    rec_.message = u.error;
+    rec_.message = rec_.ranks.size() > 1 ? "rank " + std::to_string(u.rank) + ": " + u.error : u.error;
     return true;
+  }
+  if (u.rank != 0) return true;  // progress is rank 0's to report
+  if (!u.checkpoint_id.empty()) {
+    rec_.checkpoint_id = u.checkpoint_id;
+    rec_.checkpoint_step = u.checkpoint_step;
   }
   rec_.step = u.step;
   if (u.total_steps > 0) rec_.total_steps = u.total_steps;
@@ -65,19 +86,30 @@ bool JobTracker::OnReport(const std::string& node_id, const StepUpdate& u) {
     rec_.state = JobState::kCompleted;
     rec_.node_id.clear();
     rec_.worker = -1;
+    rec_.ranks.clear();
   }
   return true;
 }
 
 bool JobTracker::OnNodeLost(const std::string& node_id, const std::string& why) {
-  if (rec_.state != JobState::kRunning || rec_.node_id != node_id) return false;
+  if (rec_.state != JobState::kRunning || !RunsOn(rec_.ranks, node_id)) return false;
   rec_.state = JobState::kInterrupted;
   rec_.message = "attempt " + std::to_string(rec_.attempt) + " on " + node_id + " lost at step " +
                  std::to_string(rec_.step) + ": " + why + "; the next attempt resumes from the newest committed checkpoint (step 0 if none)";
   rec_.node_id.clear();
   rec_.worker = -1;
+  rec_.ranks.clear();
   ++rec_.interruptions;
   return true;
+}
+
+void JobTracker::Fail(const std::string& why) {
+  if (Finished()) return;
+  rec_.state = JobState::kFailed;
+  rec_.message = why;
+  rec_.node_id.clear();
+  rec_.worker = -1;
+  rec_.ranks.clear();
 }
 
 Status JobTracker::Stop() {

@@ -7,8 +7,12 @@
 //      ▲                  │  │ │
 //      │ (none free)      │  │ └── worker reports an error ──▶ failed
 //      └── interrupted ◀──┘  └── Stop ──▶ stopped
-//         (its node died, drained or restarted; the next assign starts
-//          a new attempt from step 0: checkpoints are a later issue)
+//         (a node of the attempt died, drained or restarted; the next
+//          assign starts a new attempt from the newest checkpoint)
+//
+// A distributed job (parallel world > 1) runs each attempt on several
+// workers, one per rank: progress comes from rank 0, an error from any rank
+// fails the job, and losing any of the attempt's nodes interrupts it.
 #pragma once
 
 #include <cstdint>
@@ -34,6 +38,12 @@ struct LossPoint {
   double tokens_per_s = 0;
 };
 
+// A worker: the node's id and the worker's index on it.
+struct WorkerSlot {
+  std::string node_id;
+  int worker = 0;
+};
+
 struct JobRecord {
   std::string config_path;   // as given to the coordinator
   std::string config_name;   // file stem ("tiny")
@@ -48,6 +58,14 @@ struct JobRecord {
   double val_loss = -1;      // latest validation loss (< 0: none yet)
   int interruptions = 0;     // attempts lost to dead / drained nodes
   std::string message;       // why it failed / was interrupted
+  // The current attempt's workers by rank (one for a single-worker job;
+  // node_id/worker above are rank 0's), and its data-parallel replicas.
+  std::vector<WorkerSlot> ranks;
+  int dp = 1;
+  // Distributed: the newest checkpoint rank 0 committed in the job's shared
+  // folder (single-worker jobs use the coordinator's catalog instead).
+  std::string checkpoint_id;
+  int checkpoint_step = 0;
   std::vector<LossPoint> history;  // current attempt, capped at kMaxHistory
   static constexpr size_t kMaxHistory = 5000;
 };
@@ -61,12 +79,9 @@ struct StepUpdate {
   double val_loss = -1;
   bool done = false;          // the last step: the job is complete
   std::string error;          // non-empty: the worker failed
-};
-
-// A worker that could take the job.
-struct WorkerSlot {
-  std::string node_id;
-  int worker = 0;
+  int rank = 0;               // the reporting rank (distributed jobs)
+  std::string checkpoint_id;  // rank 0: committed since its last report
+  int checkpoint_step = 0;
 };
 
 class JobTracker {
@@ -79,12 +94,18 @@ class JobTracker {
   // no slot is given. `resume_step`: the step of the checkpoint the attempt
   // resumes from (0: from scratch); the loss history up to it is kept.
   std::optional<WorkerSlot> Assign(const std::vector<WorkerSlot>& free_slots, int resume_step = 0);
+  // Starts a new attempt of a distributed job: ranks[r] runs rank r, in a
+  // layout of `dp` replicas. False when the job needs no workers or `ranks`
+  // is empty.
+  bool AssignRanks(std::vector<WorkerSlot> ranks, int dp, int resume_step);
   // Applies a report. False (ignored) when it belongs to another attempt
   // or the job is not running: the sender should be told to stop.
   bool OnReport(const std::string& node_id, const StepUpdate& u);
-  // The node running the job is gone (dead, drained, restarted): true if
-  // that interrupted the job.
+  // A node is gone (dead, drained, restarted): true if it ran a rank of the
+  // current attempt, which that interrupted.
   bool OnNodeLost(const std::string& node_id, const std::string& why);
+  // The job cannot run (e.g. its layout is impossible): failed, with `why`.
+  void Fail(const std::string& why);
   // Stops the job (from the API). InvalidArgument when already finished.
   Status Stop();
   bool Finished() const;

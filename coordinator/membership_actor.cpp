@@ -180,6 +180,7 @@ membership_actor::behavior_type MembershipActor(Self self, Membership membership
       [=](CheckpointBegin& m, PeerRef& p) { ToJob(self, m, p); },
       [=](CheckpointWritten& m, PeerRef& p) { ToJob(self, m, p); },
       [=](ShardsDurable& m, PeerRef& p) { ToJob(self, m, p); },
+      [=](RankAddress& m, PeerRef& p) { ToJob(self, m, p); },
       [=](ShardCopy& m, PeerRef& p) { Relay(self, m, p); },
       [=](ShardCopyEnd& m, PeerRef& p) { Relay(self, m, p); },
       [=](ShardFetch& m, PeerRef& p) { Relay(self, m, p); },

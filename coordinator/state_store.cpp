@@ -170,6 +170,12 @@ std::string StateStore::EncodeJob(const JobRecord& r) {
             {"interruptions", r.interruptions},
             {"message", r.message},
             {"history", hist}};
+  json ranks = json::array();
+  for (const WorkerSlot& w : r.ranks) ranks.push_back({w.node_id, w.worker});
+  j["ranks"] = ranks;
+  j["dp"] = r.dp;
+  j["checkpoint_id"] = r.checkpoint_id;
+  j["checkpoint_step"] = r.checkpoint_step;
   return j.dump();
 }
 
@@ -210,6 +216,22 @@ Expected<JobRecord> StateStore::DecodeJob(const std::string& bytes) {
       return Status::Corruption("state store: 'job' has a malformed history point");
     }
     r.history.push_back(lp);
+  }
+  // Distributed jobs' fields; records written before them have none.
+  if (j.contains("ranks")) {
+    json ranks;
+    TROUPE_RETURN_IF_ERROR(Field(j, "ranks", ranks, key));
+    TROUPE_RETURN_IF_ERROR(Field(j, "dp", r.dp, key));
+    TROUPE_RETURN_IF_ERROR(Field(j, "checkpoint_id", r.checkpoint_id, key));
+    TROUPE_RETURN_IF_ERROR(Field(j, "checkpoint_step", r.checkpoint_step, key));
+    if (!ranks.is_array()) return Status::Corruption("state store: 'job' ranks is not an array");
+    for (const json& w : ranks) {
+      if (!w.is_array() || w.size() != 2 || !w[0].is_string() || !w[1].is_number_integer())
+        return Status::Corruption("state store: 'job' has a malformed rank entry");
+      r.ranks.push_back({w[0].get<std::string>(), w[1].get<int>()});
+    }
+  } else if (!r.node_id.empty()) {
+    r.ranks.push_back({r.node_id, r.worker});
   }
   return r;
 }

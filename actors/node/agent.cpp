@@ -83,7 +83,9 @@ void ToStorage(Self self, T&& msg) {
   if (self->state.storage) self->send(self->state.storage, std::forward<T>(msg));
 }
 
-void Report(Self self, StepReport& r) {
+// A worker's message for the coordinator, signed with this node's id.
+template <class T>
+void Report(Self self, T& r) {
   r.node_id = self->state.node_id;
   if (!r.node_id.empty()) self->send(self->state.coordinator, std::move(r));
 }
@@ -117,6 +119,7 @@ agent_actor::behavior_type Joining(Self self) {
       [=](const ShardCopyEnd& m) { ToStorage(self, m); },
       [=](const ShardFetch& m) { ToStorage(self, m); },
       [=](const DropCheckpoint& m) { ToStorage(self, m); },
+      [=](const RankTable& t) { ToWorker(self, t.worker, t); },
       [=](caf::tick_atom) {
         auto& st = self->state;
         if (st.leaving) return;
@@ -131,6 +134,7 @@ agent_actor::behavior_type Joining(Self self) {
         self->delayed_send(self, kTick, caf::tick_atom_v);
       },
       [=](StepReport& r) { Report(self, r); },
+      [=](RankAddress& a) { Report(self, a); },
       [=](stop_atom) { LeaveAndQuit(self, "shutdown", 0); },
   };
 }
@@ -158,6 +162,7 @@ agent_actor::behavior_type Running(Self self) {
       [=](const ShardCopyEnd& m) { ToStorage(self, m); },
       [=](const ShardFetch& m) { ToStorage(self, m); },
       [=](const DropCheckpoint& m) { ToStorage(self, m); },
+      [=](const RankTable& t) { ToWorker(self, t.worker, t); },
       [=](caf::tick_atom) {
         auto& st = self->state;
         if (st.leaving) return;
@@ -171,6 +176,7 @@ agent_actor::behavior_type Running(Self self) {
         self->delayed_send(self, kTick, caf::tick_atom_v);
       },
       [=](StepReport& r) { Report(self, r); },
+      [=](RankAddress& a) { Report(self, a); },
       [=](stop_atom) { LeaveAndQuit(self, "shutdown", 0); },
   };
 }
@@ -189,7 +195,8 @@ agent_actor::behavior_type Agent(Self self, AgentConfig config, std::shared_ptr<
   if (!st.config.data_dir.empty()) st.storage = SpawnStorage(self, st.config.data_dir, st.coordinator);
   for (size_t i = 0; i < st.config.devices.size(); ++i)
     st.workers.push_back(self->spawn<caf::linked>(Worker, static_cast<int>(i), st.config.devices[i],
-                                                  agent_actor(self), st.storage, st.config.cpu_threads));
+                                                  agent_actor(self), st.storage, st.config.cpu_threads,
+                                                  st.config.rank_host));
   st.next_join = SteadyClock::now();
   self->delayed_send(self, std::chrono::milliseconds(0), caf::tick_atom_v);
   return Joining(self);

@@ -87,6 +87,7 @@ void ClientBridge(caf::blocking_actor* self, std::string endpoint, std::string s
           case MsgType::kShardCopyEnd: Forward<ShardCopyEnd>(self, agent, f); break;
           case MsgType::kShardFetch: Forward<ShardFetch>(self, agent, f); break;
           case MsgType::kDropCheckpoint: Forward<DropCheckpoint>(self, agent, f); break;
+          case MsgType::kRankTable: Forward<RankTable>(self, agent, f); break;
           default: spdlog::warn("bridge: dropped a frame of unexpected type {}", f.type);
         }
       }
@@ -128,6 +129,7 @@ coordinator_actor::behavior_type CoordinatorProxy(coordinator_actor::pointer sel
       [=](const ShardCopyEnd& m) { forward(m); },
       [=](const ShardsDurable& m) { forward(m); },
       [=](const ShardFetch& m) { forward(m); },
+      [=](const RankAddress& m) { forward(m); },
   };
 }
 

@@ -23,6 +23,7 @@ Status RunNode(const NodeOptions& o, const std::function<bool(int)>& wait_for_st
   cfg.endpoint = o.join;
   cfg.cpu_threads = o.cpu_threads;
   cfg.data_dir = o.data_dir;
+  cfg.rank_host = o.rank_host;
   TROUPE_ASSIGN_OR_RETURN(cfg.keys, transport::ReadKeyPair(protocol::NodeKeyPath(o.keys_dir, o.key_name)));
   TROUPE_ASSIGN_OR_RETURN(cfg.server_public_key,
                           transport::ReadPublicKey(protocol::CoordinatorPublicKeyPath(o.keys_dir)));

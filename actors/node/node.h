@@ -17,6 +17,7 @@ struct NodeOptions {
   int cpu_threads = 0;    // threads per CPU worker (0: the job config's)
   bool use_gpus = false;  // with --cpu-slots given, also run one worker per GPU
   std::string data_dir;   // checkpoint shards go to <data_dir>/store; empty: this node keeps none
+  std::string rank_host = "127.0.0.1";  // where a distributed job's ranks listen: an address other nodes reach
 };
 
 // Runs until `wait_for_stop(ms)` returns true (then leaves cleanly), the

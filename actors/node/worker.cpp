@@ -3,19 +3,23 @@
 //   idle ──JobAssign──▶ training ──last step / StopJob / error──▶ idle
 //
 // The Trainer runs in a detached actor (its own thread): a step may take
-// seconds and must never block the actor scheduler. It checks `stop`
-// between steps.
+// seconds and must never block the actor scheduler. It checks the stop flag
+// between steps. A new attempt starts only once the previous runner is
+// down, so the two never hold the device, or a checkpoint folder, at once.
 #include <spdlog/spdlog.h>
 
 #include "actors/node/node_actors.h"
 #include "configs/config.h"
 #include "gpu/cpu/cpu_backend.h"
 #include "gpu/cuda/cuda_info.h"
+#include "train/parallel/process_group.h"
 #include "train/trainer.h"
 
 namespace troupe::node {
 
 using protocol::JobAssign;
+using protocol::RankAddress;
+using protocol::RankTable;
 using protocol::restore_atom;
 using protocol::restore_atom_v;
 using protocol::save_atom;
@@ -50,8 +54,35 @@ bool PollSaved(caf::blocking_actor* self, const JobAssign& job) {
 
 }  // namespace
 
+void RunControl::Stop(const std::string& why) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (stopped_.exchange(true)) return;
+  why_ = why;
+  if (group_) group_->Abort("stopped: " + why);
+}
+
+void RunControl::SetGroup(parallel::ProcessGroup* group) {
+  std::lock_guard<std::mutex> lock(mu_);
+  group_ = group;
+  if (group_ && stopped_) group_->Abort("stopped: " + why_);
+}
+
+Expected<std::unique_ptr<Backend>> MakeWorkerBackend(const WorkerDevice& device, const TrainConfig& tc, int worker,
+                                                     int cpu_threads) {
+  if (device.kind == "cuda") {
+    if (tc.device == "cpu")
+      return Status::InvalidArgument("the job wants device cpu but worker " + std::to_string(worker) + " is a GPU");
+    TROUPE_ASSIGN_OR_RETURN(auto be, CreateCudaBackend(device.index, /*bf16=*/false));
+    return std::unique_ptr<Backend>(std::move(be));
+  }
+  if (tc.device == "cuda")
+    return Status::InvalidArgument("the job wants device cuda but worker " + std::to_string(worker) +
+                                   " is a CPU slot");
+  return std::unique_ptr<Backend>(std::make_unique<CpuBackend>(cpu_threads > 0 ? cpu_threads : tc.threads));
+}
+
 void TrainerRunner(caf::blocking_actor* self, JobAssign job, WorkerDevice device, worker_actor worker,
-                   storage_actor storage, std::shared_ptr<std::atomic<bool>> stop, int cpu_threads) {
+                   storage_actor storage, std::shared_ptr<RunControl> control, int cpu_threads) {
   auto fail = [&](const std::string& msg) {
     StepReport r;
     r.attempt = job.attempt;
@@ -62,19 +93,9 @@ void TrainerRunner(caf::blocking_actor* self, JobAssign job, WorkerDevice device
   auto cfg = ParseConfigText(job.toml_text, job.config_name);
   if (!cfg.ok()) return fail("config: " + cfg.status().message());
   const TrainConfig& tc = cfg->train;
-  // The worker's device decides; a config that insists on the other kind is an error.
-  std::unique_ptr<Backend> backend;
-  if (device.kind == "cuda") {
-    if (tc.device == "cpu")
-      return fail("the job wants device cpu but worker " + std::to_string(job.worker) + " is a GPU");
-    auto be = CreateCudaBackend(device.index, /*bf16=*/false);
-    if (!be.ok()) return fail(be.status().message());
-    backend = std::move(be).value();
-  } else {
-    if (tc.device == "cuda")
-      return fail("the job wants device cuda but worker " + std::to_string(job.worker) + " is a CPU slot");
-    backend = std::make_unique<CpuBackend>(cpu_threads > 0 ? cpu_threads : tc.threads);
-  }
+  auto backend_or = MakeWorkerBackend(device, tc, job.worker, cpu_threads);
+  if (!backend_or.ok()) return fail(backend_or.status().message());
+  std::unique_ptr<Backend> backend = std::move(backend_or).value();
   auto trainer = Trainer::Create(*backend, *cfg);
   if (!trainer.ok()) return fail(trainer.status().message());
   if (!job.resume_manifest.empty()) {
@@ -101,7 +122,7 @@ void TrainerRunner(caf::blocking_actor* self, JobAssign job, WorkerDevice device
   bool save_in_flight = false;
   spdlog::info("worker {}: attempt {} started ({} steps)", job.worker, job.attempt, tc.steps);
   for (int s = (*trainer)->step(); s < tc.steps; ++s) {
-    if (stop->load()) {
+    if (control->stopped()) {
       spdlog::info("worker {}: attempt {} stopped at step {}", job.worker, job.attempt, s);
       return;
     }
@@ -147,42 +168,87 @@ void TrainerRunner(caf::blocking_actor* self, JobAssign job, WorkerDevice device
   spdlog::info("worker {}: attempt {} finished", job.worker, job.attempt);
 }
 
-worker_actor::behavior_type Worker(worker_actor::stateful_pointer<WorkerState> self, int index, WorkerDevice device,
-                                   agent_actor agent, storage_actor storage, int cpu_threads) {
+namespace {
+
+using WorkerSelf = worker_actor::stateful_pointer<WorkerState>;
+
+void Launch(WorkerSelf self, const JobAssign& j) {
+  auto& st = self->state;
+  if (j.world > 1) {
+    st.runner = self->spawn<caf::detached>(RankRunner, j, st.device, worker_actor(self), st.control, st.cpu_threads,
+                                           st.rank_host);
+  } else {
+    st.runner = self->spawn<caf::detached>(TrainerRunner, j, st.device, worker_actor(self), st.storage, st.control,
+                                           st.cpu_threads);
+  }
+  self->monitor(st.runner);
+}
+
+void StopCurrent(WorkerSelf self, const std::string& why) {
+  auto& st = self->state;
+  if (st.control) st.control->Stop(why);
+  st.control.reset();
+  st.pending.reset();
+  st.attempt = 0;
+}
+
+}  // namespace
+
+worker_actor::behavior_type Worker(WorkerSelf self, int index, WorkerDevice device, agent_actor agent,
+                                   storage_actor storage, int cpu_threads, std::string rank_host) {
   self->state.index = index;
   self->state.device = std::move(device);
   self->state.agent = agent;
   self->state.cpu_threads = cpu_threads;
   self->state.storage = storage;
-  auto stop_current = [self] {
-    if (self->state.stop) self->state.stop->store(true);
-    self->state.stop.reset();
-    self->state.attempt = 0;
-  };
+  self->state.rank_host = std::move(rank_host);
+  self->set_down_handler([self](caf::down_msg& dm) {
+    auto& st = self->state;
+    if (dm.source != st.runner.address()) return;
+    st.runner = nullptr;
+    if (st.pending) {
+      const JobAssign next = *st.pending;
+      st.pending.reset();
+      Launch(self, next);
+    }
+  });
   return {
       [=](const JobAssign& j) {
-        stop_current();
-        self->state.attempt = j.attempt;
-        self->state.stop = std::make_shared<std::atomic<bool>>(false);
-        self->spawn<caf::detached>(TrainerRunner, j, self->state.device, worker_actor(self), self->state.storage,
-                                   self->state.stop, self->state.cpu_threads);
+        auto& st = self->state;
+        StopCurrent(self, "attempt " + std::to_string(j.attempt) + " replaces it");
+        st.attempt = j.attempt;
+        st.control = std::make_shared<RunControl>();
+        if (st.runner) {
+          st.pending = j;  // the previous runner is still ending: it may hold the device or a checkpoint folder
+        } else {
+          Launch(self, j);
+        }
       },
       [=](const StopJob& s) {
         if (s.attempt == self->state.attempt) {
           spdlog::info("worker {}: stopping attempt {} ({})", self->state.index, s.attempt, s.reason);
-          stop_current();
+          StopCurrent(self, s.reason);
         }
       },
       [=](StepReport& r) {
-        if (r.attempt != self->state.attempt) return;  // a runner told to stop
-        if (r.done || !r.error.empty()) {
-          self->state.attempt = 0;
-          self->state.stop.reset();
+        auto& st = self->state;
+        if (r.attempt != st.attempt) return;  // a runner told to stop
+        // A distributed attempt's other ranks go on after one of them is done.
+        if (!r.error.empty() || (r.done && r.rank == 0)) {
+          st.attempt = 0;
+          st.control.reset();
         }
-        self->send(self->state.agent, std::move(r));
+        self->send(st.agent, std::move(r));
+      },
+      [=](RankAddress& a) {
+        if (a.attempt == self->state.attempt) self->send(self->state.agent, std::move(a));
+      },
+      [=](RankTable& t) {
+        auto& st = self->state;
+        if (t.attempt == st.attempt && st.runner && !st.pending) caf::anon_send(st.runner, std::move(t));
       },
       [=](stop_atom) {
-        stop_current();
+        StopCurrent(self, "the node is shutting down");
         self->quit();
       },
   };

@@ -71,6 +71,8 @@ CAF_BEGIN_TYPE_ID_BLOCK(troupe_cluster, caf::first_custom_type_id)
   CAF_ADD_TYPE_ID(troupe_cluster, (troupe::protocol::ShardFetch))
   CAF_ADD_TYPE_ID(troupe_cluster, (troupe::protocol::DropCheckpoint))
   CAF_ADD_TYPE_ID(troupe_cluster, (troupe::protocol::SnapshotPtr))
+  CAF_ADD_TYPE_ID(troupe_cluster, (troupe::protocol::RankAddress))
+  CAF_ADD_TYPE_ID(troupe_cluster, (troupe::protocol::RankTable))
   CAF_ADD_ATOM(troupe_cluster, troupe::protocol, save_atom, "save")
   CAF_ADD_ATOM(troupe_cluster, troupe::protocol, restore_atom, "restore")
   CAF_ADD_ATOM(troupe_cluster, troupe::protocol, joined_atom, "joined")
@@ -98,6 +100,8 @@ CAF_ALLOW_UNSAFE_MESSAGE_TYPE(troupe::protocol::ShardsDurable)
 CAF_ALLOW_UNSAFE_MESSAGE_TYPE(troupe::protocol::ShardFetch)
 CAF_ALLOW_UNSAFE_MESSAGE_TYPE(troupe::protocol::DropCheckpoint)
 CAF_ALLOW_UNSAFE_MESSAGE_TYPE(troupe::protocol::SnapshotPtr)
+CAF_ALLOW_UNSAFE_MESSAGE_TYPE(troupe::protocol::RankAddress)
+CAF_ALLOW_UNSAFE_MESSAGE_TYPE(troupe::protocol::RankTable)
 
 namespace troupe::protocol {
 
@@ -107,7 +111,8 @@ using node_actor = caf::typed_actor<caf::reacts_to<JoinAck>, caf::reacts_to<Join
                                     caf::reacts_to<HeartbeatAck>, caf::reacts_to<Drain>, caf::reacts_to<JobAssign>,
                                     caf::reacts_to<StopJob>, caf::reacts_to<CheckpointPlan>,
                                     caf::reacts_to<ShardCopy>, caf::reacts_to<ShardCopyEnd>,
-                                    caf::reacts_to<ShardFetch>, caf::reacts_to<DropCheckpoint>>;
+                                    caf::reacts_to<ShardFetch>, caf::reacts_to<DropCheckpoint>,
+                                    caf::reacts_to<RankTable>>;
 
 // The coordinator as a node sees it: in the node process, a coordinator
 // proxy forwarding over the transport.
@@ -115,7 +120,7 @@ using coordinator_actor = caf::typed_actor<caf::reacts_to<Join>, caf::reacts_to<
                                            caf::reacts_to<StepReport>, caf::reacts_to<CheckpointBegin>,
                                            caf::reacts_to<CheckpointWritten>, caf::reacts_to<ShardCopy>,
                                            caf::reacts_to<ShardCopyEnd>, caf::reacts_to<ShardsDurable>,
-                                           caf::reacts_to<ShardFetch>>;
+                                           caf::reacts_to<ShardFetch>, caf::reacts_to<RankAddress>>;
 
 // Outgoing frames for a transport bridge: (send_atom, peer, type, payload)
 // on the coordinator, (send_atom, type, payload) on a node.

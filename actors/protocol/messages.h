@@ -61,6 +61,8 @@ enum class MsgType : uint16_t {
   kShardsDurable = 271,
   kShardFetch = 272,
   kDropCheckpoint = 273,
+  kRankAddress = 274,
+  kRankTable = 275,
 };
 
 struct DeviceDesc {
@@ -151,8 +153,18 @@ struct JobAssign {
   std::string toml_text;     // the whole config; shard paths as written
   std::string resume_manifest;          // JSON of the checkpoint to resume from (empty: step 0)
   std::vector<std::string> live_nodes;  // nodes a restore may fetch shards from
+  // A distributed job (world > 1): this worker runs rank `rank` of `world`,
+  // in the layout the coordinator planned for them (parallel.dp resolved).
+  int32_t rank = 0;
+  int32_t world = 1;
+  int32_t dp = 1;
+  std::string checkpoint_dir;  // the job's shared checkpoint folder (empty: none)
+  std::string resume_id;       // distributed: the checkpoint in it to resume from (empty: step 0)
   template <class Archive>
-  void serialize(Archive& ar) { ar(attempt, worker, config_name, toml_text, resume_manifest, live_nodes); }
+  void serialize(Archive& ar) {
+    ar(attempt, worker, config_name, toml_text, resume_manifest, live_nodes, rank, world, dp, checkpoint_dir,
+       resume_id);
+  }
 };
 
 // node -> coordinator: after every optimizer step (and on failure).
@@ -168,10 +180,13 @@ struct StepReport {
   bool done = false;         // the last step
   std::string error;         // non-empty: the attempt failed
   double unigram_baseline = -1;  // with val_loss: the context-free baseline it must beat
+  int32_t rank = 0;              // distributed: the rank reporting (progress comes from rank 0, errors from any)
+  std::string checkpoint_id;     // distributed, rank 0: a checkpoint committed since the last report
+  int32_t checkpoint_step = 0;
   template <class Archive>
   void serialize(Archive& ar) {
     ar(node_id, attempt, worker, step, total_steps, loss, main_loss, lr, grad_norm, tokens_per_s, val_loss, done,
-       error, unigram_baseline);
+       error, unigram_baseline, rank, checkpoint_id, checkpoint_step);
   }
 };
 
@@ -286,6 +301,38 @@ struct DropCheckpoint {
   std::string id;
   template <class Archive>
   void serialize(Archive& ar) { ar(id); }
+};
+
+// A distributed job's rendezvous (docs/cluster.md, "Distributed jobs"): each
+// rank's process group listens on its node and tells the coordinator where,
+// and with which CURVE key; once every rank of the attempt has, the
+// coordinator hands the whole table to each of them. Round 0 carries the
+// addresses, round 1 says "my server admits every key" (process_group.h).
+//   RankAddress{attempt, rank, round, endpoint, key} ──────▶  (every rank)
+//                                  ◀──────  RankTable{attempt, worker, round, endpoints, keys}
+
+// node -> coordinator.
+struct RankAddress {
+  static constexpr MsgType kType = MsgType::kRankAddress;
+  std::string node_id;
+  uint64_t attempt = 0;
+  int32_t rank = 0;
+  int32_t round = 0;
+  std::string endpoint;    // tcp://HOST:PORT (round 0)
+  std::string public_key;  // Z85, 40 characters (round 0)
+  template <class Archive>
+  void serialize(Archive& ar) { ar(node_id, attempt, rank, round, endpoint, public_key); }
+};
+
+// coordinator -> node: for the rank that `worker` runs.
+struct RankTable {
+  static constexpr MsgType kType = MsgType::kRankTable;
+  uint64_t attempt = 0;
+  int32_t worker = 0;
+  int32_t round = 0;
+  std::vector<std::string> endpoints, public_keys;  // by rank (round 0)
+  template <class Archive>
+  void serialize(Archive& ar) { ar(attempt, worker, round, endpoints, public_keys); }
 };
 
 }  // namespace troupe::protocol
