@@ -95,6 +95,7 @@ struct JobActorState {
   std::string shared_dir;      // distributed jobs' checkpoints: <shared_dir>/checkpoints (empty: none)
   RankRendezvous rendezvous;   // the running distributed attempt's
   std::string waiting;         // why a distributed job waits for workers (printed once per reason)
+  int grow_to_dp = 0;          // > 0: the live workers allow this many replicas; replan at the next checkpoint
   static inline const char* name = "job";
 };
 // `checkpoints` may be null (the catalog could not be opened): the job then

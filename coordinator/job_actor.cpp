@@ -142,6 +142,7 @@ void TryAssignRanks(Self self, const JobConfig& cfg) {
     return;
   }
   st.waiting.clear();
+  st.grow_to_dp = 0;
   const JobRecord& before = st.tracker->record();
   const std::string resume = before.checkpoint_id;
   const int resume_step = resume.empty() ? 0 : before.checkpoint_step;
@@ -167,6 +168,23 @@ void TryAssignRanks(Self self, const JobConfig& cfg) {
     self->send(st.nodes[r.ranks[rank].node_id], a);
   }
   Save(self);
+}
+
+// A running distributed job with parallel.dp = 0 that the live workers now
+// allow more replicas: it grows at its next committed checkpoint (growing
+// sooner would throw away the steps since the last one).
+void ConsiderGrowing(Self self) {
+  auto& st = self->state;
+  const JobRecord& r = st.tracker->record();
+  if (r.state != JobState::kRunning || st.shared_dir.empty()) return;
+  auto cfg = ParseConfigText(r.toml_text, r.config_path);
+  if (!cfg.ok() || !IsDistributed(cfg->parallel) || cfg->parallel.dp != 0 || cfg->checkpoint.every <= 0) return;
+  auto plan = PlanRanks(*cfg, st.workers);
+  if (!plan.ok() || plan->dp <= r.dp || plan->dp == st.grow_to_dp) return;
+  st.grow_to_dp = plan->dp;
+  std::printf("job: the live workers now allow %d replicas (running %d); the job grows at its next checkpoint\n",
+              plan->dp, r.dp);
+  std::fflush(stdout);
 }
 
 // Gives the job to the first free worker of a live node, if it needs one,
@@ -228,6 +246,7 @@ job_actor::behavior_type JobActor(Self self, JobRecord record, std::shared_ptr<S
         self->state.nodes[id] = handle;
         self->state.workers[id] = workers;
         TryAssign(self);
+        ConsiderGrowing(self);
       },
       [=](node_down_atom, const std::string& id, const std::string& why) {
         auto& st = self->state;
@@ -334,6 +353,18 @@ job_actor::behavior_type JobActor(Self self, JobRecord record, std::shared_ptr<S
                       m.checkpoint_step);
         if (r.state == JobState::kCompleted) std::printf("job: completed at step %d\n", r.step);
         std::fflush(stdout);
+        if (!m.checkpoint_id.empty() && st.grow_to_dp > 0 && r.state == JobState::kRunning) {
+          const uint64_t attempt = r.attempt;
+          const std::vector<WorkerSlot> ranks = r.ranks;
+          const std::string why = "growing to " + std::to_string(st.grow_to_dp) + " replicas from checkpoint " +
+                                  m.checkpoint_id;
+          std::printf("job: %s\n", why.c_str());
+          st.tracker->Requeue(why);
+          StopRanks(self, attempt, ranks, why);
+          Save(self);
+          TryAssign(self);
+          return;
+        }
         // State changes are saved at once; plain progress at most once a second
         // (a synced write per step would fall behind fast steps).
         if (r.state != JobState::kRunning || std::chrono::steady_clock::now() - st.last_save >= std::chrono::seconds(1))

@@ -103,6 +103,16 @@ bool JobTracker::OnNodeLost(const std::string& node_id, const std::string& why) 
   return true;
 }
 
+bool JobTracker::Requeue(const std::string& why) {
+  if (rec_.state != JobState::kRunning) return false;
+  rec_.state = JobState::kInterrupted;
+  rec_.message = why;
+  rec_.node_id.clear();
+  rec_.worker = -1;
+  rec_.ranks.clear();
+  return true;
+}
+
 void JobTracker::Fail(const std::string& why) {
   if (Finished()) return;
   rec_.state = JobState::kFailed;

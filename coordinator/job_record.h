@@ -104,6 +104,10 @@ class JobTracker {
   // A node is gone (dead, drained, restarted): true if it ran a rank of the
   // current attempt, which that interrupted.
   bool OnNodeLost(const std::string& node_id, const std::string& why);
+  // Ends the running attempt so that the next one can be planned afresh
+  // (a distributed job growing onto nodes that joined): interrupted, with
+  // `why`, not counted as an interruption. False when nothing runs.
+  bool Requeue(const std::string& why);
   // The job cannot run (e.g. its layout is impossible): failed, with `why`.
   void Fail(const std::string& why);
   // Stops the job (from the API). InvalidArgument when already finished.

@@ -15,6 +15,7 @@
 #include <fstream>
 #include <functional>
 #include <map>
+#include <set>
 #include <nlohmann/json.hpp>
 #include <random>
 #include <thread>
@@ -138,12 +139,14 @@ class ClusterTest : public ::testing::Test {
 
   void StartCoordinator(const std::string& config, const std::string& data = "data") {
     Start("coordinator", {"coordinator", "--keys", keys_, "--data", (dir_ / data).string(), "--listen", endpoint_,
-                          "--http", "127.0.0.1:" + std::to_string(http_port_), "--config", config});
+                          "--http", "127.0.0.1:" + std::to_string(http_port_), "--config", config, "--shared-dir",
+                          (dir_ / (data + "-shared")).string()});
     ASSERT_TRUE(WaitFor([&] { return Get("/api/cluster").is_object(); }, 10s)) << Log("coordinator");
   }
 
-  void StartNode(const std::string& key_name, const std::string& data = "") {
-    std::vector<std::string> args{"node", "--join", endpoint_, "--keys", keys_, "--key-name", key_name, "--cpu-slots", "1"};
+  void StartNode(const std::string& key_name, const std::string& data = "", int cpu_slots = 1) {
+    std::vector<std::string> args{"node",      "--join",       endpoint_, "--keys", keys_, "--key-name", key_name,
+                                  "--cpu-slots", std::to_string(cpu_slots)};
     if (!data.empty()) args.insert(args.end(), {"--data", (dir_ / data).string()});
     Start(key_name, args);
   }
@@ -403,6 +406,54 @@ TEST_F(ClusterTest, CheckpointsReplicateAndTheReassignedJobResumesBitExactly) {
     ++compared;
   }
   EXPECT_EQ(compared, 5000);  // the history keeps the last 5000 steps
+}
+
+// A distributed job (pp 2, as many replicas as fit) on the cluster's
+// workers, elastic both ways. It starts on the first node's two workers
+// (one replica); when a second node joins it grows to two replicas at its
+// next checkpoint; when that node is killed, the next attempt is planned on
+// the survivor with one replica again. Each attempt resumes from the newest
+// checkpoint the ranks committed in the shared folder and continues the
+// same losses: the global batch is the same in every layout, so only the
+// summation order of the gradients differs.
+TEST_F(ClusterTest, ADistributedJobGrowsOntoAJoiningNodeAndShrinksWhenItDies) {
+  StartCoordinator(WriteConfig(4000, "[checkpoint]\nevery = 100\n[parallel]\npp = 2\ndp = 0\n"));
+  StartNode("node1", "", 2);
+  ASSERT_TRUE(WaitFor([&] { return Get("/api/job")["step"].is_number() && Get("/api/job")["step"] > 50; }, 30s))
+      << Get("/api/job").dump() << Log("coordinator");
+  json job = Get("/api/job");
+  EXPECT_EQ(job["dp"], 1);
+  ASSERT_EQ(job["ranks"].size(), 2u) << job.dump();
+  StartNode("node2", "", 2);
+  ASSERT_TRUE(WaitFor([&] { return Get("/api/job")["dp"] == 2 && Get("/api/job")["step"] > 250; }, 60s))
+      << Get("/api/job").dump() << Log("coordinator");
+  job = Get("/api/job");
+  ASSERT_EQ(job["ranks"].size(), 4u) << job.dump();
+  std::set<std::string> nodes_of_attempt;
+  for (const json& r : job["ranks"]) nodes_of_attempt.insert(r["node_id"].get<std::string>());
+  EXPECT_EQ(nodes_of_attempt.size(), 2u) << job.dump();
+  EXPECT_EQ(job["interruptions"], 0);  // growing is no interruption
+  std::string out = Log("coordinator");
+  EXPECT_NE(out.find("growing to 2 replicas from checkpoint ckpt-"), std::string::npos) << out;
+  const std::map<int, double> before = LossByStep();
+  const uint64_t grown_attempt = job["attempt"];
+  Kill("node2");
+  ASSERT_TRUE(WaitFor([&] { return Get("/api/job")["attempt"] == grown_attempt + 1; }, 15s))
+      << Get("/api/job").dump() << Log("coordinator");
+  job = Get("/api/job");
+  EXPECT_EQ(job["dp"], 1) << job.dump();
+  ASSERT_EQ(job["ranks"].size(), 2u) << job.dump();
+  EXPECT_EQ(job["ranks"][0]["node_id"], job["ranks"][1]["node_id"]);
+  EXPECT_EQ(job["interruptions"], 1);
+  const int resumed_at = job["step"];  // the checkpoint's step, until the first report
+  EXPECT_GE(resumed_at, 200) << job.dump();
+  ASSERT_TRUE(WaitFor([&] { return Get("/api/job")["state"] == "completed"; }, 120s))
+      << Get("/api/job").dump() << Log("coordinator") << Log("node1");
+  const std::map<int, double> after = LossByStep();
+  ASSERT_TRUE(before.count(resumed_at + 1)) << "the grown attempt reached step " << before.rbegin()->first;
+  ASSERT_TRUE(after.count(resumed_at + 1));
+  EXPECT_NEAR(after.at(resumed_at + 1), before.at(resumed_at + 1), 1e-4 * std::abs(before.at(resumed_at + 1)));
+  EXPECT_EQ(after.rbegin()->first, 4000);
 }
 
 // A damaged local copy is caught by its checksum at restore, and the shard

@@ -6,6 +6,7 @@
 #include <chrono>
 #include <filesystem>
 #include <set>
+#include <thread>
 
 #include "actors/transport/codec.h"
 #include "train/parallel/tags.h"
@@ -31,6 +32,21 @@ void serialize(Archive& ar, HostPiece& p) {
 
 namespace troupe::parallel {
 namespace {
+
+// A folder's RocksDB admits one writer. When a cluster job is replanned, a
+// stopped attempt's rank may still be closing the catalog or a store that
+// the next attempt's rank opens: wait for it, for a while.
+template <class OpenFn>
+auto OpenWhenFree(OpenFn&& open) -> decltype(open()) {
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  for (;;) {
+    auto r = open();
+    if (r.ok() || r.status().message().find("lock") == std::string::npos ||
+        std::chrono::steady_clock::now() >= deadline)
+      return r;
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+}
 
 // Messages between the ranks: tag kind kCheckpoint, index CheckpointMessage (tags.h).
 constexpr uint64_t kOrderTag = kCkptOrder, kReportTag = kCkptReport, kResumeTag = kCkptResume,
@@ -111,7 +127,7 @@ Expected<std::unique_ptr<DistCheckpointer>> DistCheckpointer::Open(const std::st
   TROUPE_RETURN_IF_ERROR(ValidateCheckpointConfig(config));
   std::unique_ptr<DistCheckpointer> c(new DistCheckpointer(dir, config, group, timeout_ms));
   if (group.rank() == 0) {
-    TROUPE_ASSIGN_OR_RETURN(c->catalog_, ckpt::Catalog::Open(dir));
+    TROUPE_ASSIGN_OR_RETURN(c->catalog_, OpenWhenFree([&] { return ckpt::Catalog::Open(dir); }));
   }
   c->worker_ = std::make_unique<SaveWorker<Job>>([p = c.get()](Job& job) { return p->Run(job); });
   return c;
@@ -205,7 +221,7 @@ SaveResult DistCheckpointer::Write(Job& job) {
   report.id = job.id;
   Status s;
   if (!store_) {
-    auto store = ckpt::ShardStore::Open(LocalStoreDir(dir_, rank), LocalStoreId(rank));
+    auto store = OpenWhenFree([&] { return ckpt::ShardStore::Open(LocalStoreDir(dir_, rank), LocalStoreId(rank)); });
     if (store.ok()) {
       store_ = std::move(store).value();
     } else {
