@@ -271,6 +271,14 @@ TEST_F(ClusterTest, KilledNodeIsDetectedWithinTheTimeoutAndRejoins) {
   EXPECT_NE(Metrics().find("troupe_nodes{state=\"alive\"} 3"), std::string::npos) << Metrics();
 }
 
+TEST_F(ClusterTest, ANodeRefusesABadRankHost) {
+  ASSERT_NE(RunToEnd({"node", "--join", endpoint_, "--keys", keys_, "--key-name", "node1", "--rank-host",
+                      "host;rm -rf /"}),
+            0);
+  EXPECT_NE(Log("cmd").find("--rank-host 'host;rm -rf /' is not a host name or IP address"), std::string::npos)
+      << Log("cmd");
+}
+
 TEST_F(ClusterTest, NodeWithAKeyNotInTheAllowListIsRefused) {
   // A valid key pair that the coordinator's allow-list does not hold.
   const std::string other = (dir_ / "other").string();

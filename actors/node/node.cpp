@@ -23,6 +23,12 @@ Status RunNode(const NodeOptions& o, const std::function<bool(int)>& wait_for_st
   cfg.endpoint = o.join;
   cfg.cpu_threads = o.cpu_threads;
   cfg.data_dir = o.data_dir;
+  // It becomes tcp://HOST:PORT in the rendezvous, where the coordinator refuses anything odd.
+  if (o.rank_host.empty() || o.rank_host.size() > 253 ||
+      o.rank_host.find_first_not_of("0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.-[]:") !=
+          std::string::npos)
+    return Status::InvalidArgument("--rank-host '" + o.rank_host.substr(0, 64) +
+                                   "' is not a host name or IP address");
   cfg.rank_host = o.rank_host;
   TROUPE_ASSIGN_OR_RETURN(cfg.keys, transport::ReadKeyPair(protocol::NodeKeyPath(o.keys_dir, o.key_name)));
   TROUPE_ASSIGN_OR_RETURN(cfg.server_public_key,
