@@ -105,8 +105,8 @@ Status RunCoordinator(const CoordinatorOptions& o, const std::function<bool(int)
   HttpApi api(sys, mem, job, counters, token);
   Status st = api.Start(o.http);
   if (st.ok()) {
-    std::printf("coordinator: transport %s, HTTP API http://%s:%d/api/cluster\n", endpoint.c_str(),
-                api.host().c_str(), api.port());
+    std::printf("coordinator: transport %s, HTTP API http://%s:%d/api/cluster\n", endpoint.c_str(), api.host().c_str(),
+                api.port());
     std::fflush(stdout);
     spdlog::info("listening on {} (CURVE, {} allowed keys); HTTP on {}:{}", endpoint, allowed.size(), api.host(),
                  api.port());

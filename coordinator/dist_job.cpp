@@ -12,8 +12,7 @@ bool IsDistributed(const ParallelConfig& p) { return p.dp == 0 || p.pp * p.ep * 
 
 namespace {
 
-Expected<RankPlan> Place(const parallel::Layout& layout,
-                         const std::map<std::string, int32_t>& workers) {
+Expected<RankPlan> Place(const parallel::Layout& layout, const std::map<std::string, int32_t>& workers) {
   std::vector<parallel::NodeWorkers> nodes;
   for (const auto& [id, n] : workers)
     if (n > 0) nodes.push_back({id, n});
@@ -79,20 +78,20 @@ bool IsTcpEndpoint(const std::string& e) {
 
 }  // namespace
 
-Expected<std::vector<std::pair<WorkerSlot, protocol::RankTable>>> RankRendezvous::Add(
-    const protocol::RankAddress& a) {
-  const std::string who = "rank " + std::to_string(a.rank) + " of attempt " + std::to_string(a.attempt) +
-                          " (from node " + a.node_id + ")";
+Expected<std::vector<std::pair<WorkerSlot, protocol::RankTable>>> RankRendezvous::Add(const protocol::RankAddress& a) {
+  const std::string who =
+      "rank " + std::to_string(a.rank) + " of attempt " + std::to_string(a.attempt) + " (from node " + a.node_id + ")";
   if (a.attempt != attempt_ || ranks_.empty())
     return Status::InvalidArgument(who + ": not the running attempt (" + std::to_string(attempt_) + ")");
-  if (a.round < 0 || a.round > 1) return Status::InvalidArgument(who + ": round " + std::to_string(a.round) + " is not 0 or 1");
+  if (a.round < 0 || a.round > 1)
+    return Status::InvalidArgument(who + ": round " + std::to_string(a.round) + " is not 0 or 1");
   if (a.rank < 0 || a.rank >= static_cast<int>(ranks_.size()))
     return Status::InvalidArgument(who + ": the attempt has " + std::to_string(ranks_.size()) + " ranks");
   if (ranks_[a.rank].node_id != a.node_id)
     return Status::InvalidArgument(who + ": that rank runs on node " + ranks_[a.rank].node_id);
   if (a.round == 0 && (!IsTcpEndpoint(a.endpoint) || !transport::ValidateKey(a.public_key).ok()))
-    return Status::InvalidArgument(who + ": malformed address (endpoint '" + a.endpoint.substr(0, 64) +
-                                   "', a key of " + std::to_string(a.public_key.size()) + " characters)");
+    return Status::InvalidArgument(who + ": malformed address (endpoint '" + a.endpoint.substr(0, 64) + "', a key of " +
+                                   std::to_string(a.public_key.size()) + " characters)");
   Entry& e = rounds_[a.round][a.rank];
   if (e.set) {
     if (e.endpoint != a.endpoint || e.public_key != a.public_key)

@@ -7,7 +7,6 @@
 #include <cmath>
 #include <cstdio>
 #include <nlohmann/json.hpp>
-
 #include <set>
 
 #include "configs/config.h"
@@ -77,10 +76,17 @@ json CheckpointJson(const ckpt::Manifest& m) {
     for (const ckpt::ShardRef& s : t.shards) nodes.insert(s.stores.begin(), s.stores.end());
   json metrics = json::object();
   for (const auto& [k, v] : m.metrics) metrics[k] = Num(v);
-  return {{"id", m.id},           {"step", m.step},         {"phase", m.phase},
-          {"created_unix_ms", m.created_unix_ms},           {"replication", m.replication},
-          {"bytes", m.TotalBytes()}, {"tensors", m.tensors.size()}, {"nodes", nodes},
-          {"pinned", m.pinned},   {"config_hash", m.config_hash}, {"metrics", metrics}};
+  return {{"id", m.id},
+          {"step", m.step},
+          {"phase", m.phase},
+          {"created_unix_ms", m.created_unix_ms},
+          {"replication", m.replication},
+          {"bytes", m.TotalBytes()},
+          {"tensors", m.tensors.size()},
+          {"nodes", nodes},
+          {"pinned", m.pinned},
+          {"config_hash", m.config_hash},
+          {"metrics", metrics}};
 }
 
 // Prints and carries out what a checkpoint event decided: a commit is
@@ -149,14 +155,14 @@ void TryAssignRanks(Self self, const JobConfig& cfg) {
   if (!st.tracker->AssignRanks(plan->ranks, plan->dp, resume_step)) return;
   const JobRecord& r = st.tracker->record();
   st.rendezvous.Reset(r.attempt, r.ranks);
-  spdlog::info("job: attempt {} of '{}' on {} ranks:\n{}", r.attempt, r.config_name, r.ranks.size(),
-               plan->explanation);
+  spdlog::info("job: attempt {} of '{}' on {} ranks:\n{}", r.attempt, r.config_name, r.ranks.size(), plan->explanation);
   std::printf("job: attempt %llu on %zu ranks (dp %d)", static_cast<unsigned long long>(r.attempt), r.ranks.size(),
               r.dp);
   if (!resume.empty()) std::printf(", resuming from %s (step %d)", resume.c_str(), resume_step);
   std::printf("\n%s", plan->explanation.c_str());
   if (st.shared_dir.empty() && cfg.checkpoint.every > 0)
-    std::printf("job: no --shared-dir: a distributed job keeps no checkpoints, and a lost node restarts it from step 0\n");
+    std::printf(
+        "job: no --shared-dir: a distributed job keeps no checkpoints, and a lost node restarts it from step 0\n");
   std::fflush(stdout);
   for (size_t rank = 0; rank < r.ranks.size(); ++rank) {
     JobAssign a = NewAssign(r, r.ranks[rank].worker);
@@ -280,8 +286,7 @@ job_actor::behavior_type JobActor(Self self, JobRecord record, std::shared_ptr<S
         } else if (r.state != JobState::kRunning || r.attempt != b.attempt || r.node_id != b.node_id) {
           plan.reason = "attempt " + std::to_string(b.attempt) + " is not the job's running attempt";
         } else {
-          auto p = st.checkpoints->Begin(b.node_id, b.attempt, b.step, LiveNodes(self),
-                                         CheckpointKeeper::Clock::now());
+          auto p = st.checkpoints->Begin(b.node_id, b.attempt, b.step, LiveNodes(self), CheckpointKeeper::Clock::now());
           if (p.ok()) {
             plan.id = p->id;
             plan.replicas = p->replicas;
@@ -295,7 +300,8 @@ job_actor::behavior_type JobActor(Self self, JobRecord record, std::shared_ptr<S
         self->send(it->second, plan);
       },
       [=](const CheckpointWritten& w) {
-        if (self->state.checkpoints) Apply(self, self->state.checkpoints->OnWritten(w.node_id, w.id, w.manifest, w.error));
+        if (self->state.checkpoints)
+          Apply(self, self->state.checkpoints->OnWritten(w.node_id, w.id, w.manifest, w.error));
       },
       [=](const ShardsDurable& d) {
         if (self->state.checkpoints) Apply(self, self->state.checkpoints->OnDurable(d.node_id, d.id, d.error));
@@ -326,8 +332,9 @@ job_actor::behavior_type JobActor(Self self, JobRecord record, std::shared_ptr<S
       },
       [=](StepReport& m) {
         auto& st = self->state;
-        StepUpdate u{m.attempt, m.step, m.total_steps, m.loss, m.main_loss, m.lr, m.grad_norm, m.tokens_per_s,
-                     m.val_loss, m.done, m.error, m.rank, m.checkpoint_id, m.checkpoint_step};
+        StepUpdate u{m.attempt, m.step,      m.total_steps,   m.loss,           m.main_loss,
+                     m.lr,      m.grad_norm, m.tokens_per_s,  m.val_loss,       m.done,
+                     m.error,   m.rank,      m.checkpoint_id, m.checkpoint_step};
         if (!st.tracker->OnReport(m.node_id, u)) {
           // Another attempt (lost earlier, or from before a restart): stop it.
           auto it = st.nodes.find(m.node_id);
@@ -342,8 +349,8 @@ job_actor::behavior_type JobActor(Self self, JobRecord record, std::shared_ptr<S
         } else if (m.rank != 0) {
           return;
         } else if (m.step % st.log_every == 0 || m.step == 1 || m.done || m.val_loss >= 0) {
-          std::printf("step %5d/%d | loss %.4f | main %.4f | lr %.2e | gnorm %.3f | %.0f tok/s", m.step,
-                      m.total_steps, m.loss, m.main_loss, m.lr, m.grad_norm, m.tokens_per_s);
+          std::printf("step %5d/%d | loss %.4f | main %.4f | lr %.2e | gnorm %.3f | %.0f tok/s", m.step, m.total_steps,
+                      m.loss, m.main_loss, m.lr, m.grad_norm, m.tokens_per_s);
           if (m.val_loss >= 0) std::printf(" | val_loss %.4f", m.val_loss);
           if (m.val_loss >= 0 && m.unigram_baseline >= 0) std::printf(" | unigram_baseline %.4f", m.unigram_baseline);
           std::printf(" | node %s\n", m.node_id.c_str());
@@ -356,8 +363,8 @@ job_actor::behavior_type JobActor(Self self, JobRecord record, std::shared_ptr<S
         if (!m.checkpoint_id.empty() && st.grow_to_dp > 0 && r.state == JobState::kRunning) {
           const uint64_t attempt = r.attempt;
           const std::vector<WorkerSlot> ranks = r.ranks;
-          const std::string why = "growing to " + std::to_string(st.grow_to_dp) + " replicas from checkpoint " +
-                                  m.checkpoint_id;
+          const std::string why =
+              "growing to " + std::to_string(st.grow_to_dp) + " replicas from checkpoint " + m.checkpoint_id;
           std::printf("job: %s\n", why.c_str());
           st.tracker->Requeue(why);
           StopRanks(self, attempt, ranks, why);
@@ -376,7 +383,8 @@ job_actor::behavior_type JobActor(Self self, JobRecord record, std::shared_ptr<S
         const JobRecord before = st.tracker->record();
         Status s = st.tracker->Stop();
         if (!s.ok()) return {409, json{{"error", s.message()}}.dump()};
-        if (before.state == JobState::kRunning) StopRanks(self, before.attempt, before.ranks, "stopped through the API");
+        if (before.state == JobState::kRunning)
+          StopRanks(self, before.attempt, before.ranks, "stopped through the API");
         spdlog::info("job: stopped through the API at step {}", before.step);
         std::printf("job: stopped at step %d\n", before.step);
         std::fflush(stdout);

@@ -4,12 +4,18 @@ namespace troupe::cluster {
 
 const char* JobStateName(JobState s) {
   switch (s) {
-    case JobState::kPending: return "pending";
-    case JobState::kRunning: return "running";
-    case JobState::kInterrupted: return "interrupted";
-    case JobState::kCompleted: return "completed";
-    case JobState::kStopped: return "stopped";
-    case JobState::kFailed: return "failed";
+    case JobState::kPending:
+      return "pending";
+    case JobState::kRunning:
+      return "running";
+    case JobState::kInterrupted:
+      return "interrupted";
+    case JobState::kCompleted:
+      return "completed";
+    case JobState::kStopped:
+      return "stopped";
+    case JobState::kFailed:
+      return "failed";
   }
   return "unknown";
 }
@@ -95,7 +101,8 @@ bool JobTracker::OnNodeLost(const std::string& node_id, const std::string& why) 
   if (rec_.state != JobState::kRunning || !RunsOn(rec_.ranks, node_id)) return false;
   rec_.state = JobState::kInterrupted;
   rec_.message = "attempt " + std::to_string(rec_.attempt) + " on " + node_id + " lost at step " +
-                 std::to_string(rec_.step) + ": " + why + "; the next attempt resumes from the newest committed checkpoint (step 0 if none)";
+                 std::to_string(rec_.step) + ": " + why +
+                 "; the next attempt resumes from the newest committed checkpoint (step 0 if none)";
   rec_.node_id.clear();
   rec_.worker = -1;
   rec_.ranks.clear();

@@ -32,9 +32,9 @@ Expected<JobState> ParseJobState(std::string_view name);
 // One point of the loss curve.
 struct LossPoint {
   int step = 0;
-  double loss = 0;          // total training loss of the step
-  double main_loss = 0;     // main-head cross-entropy
-  double val_loss = -1;     // < 0: not evaluated at this step
+  double loss = 0;       // total training loss of the step
+  double main_loss = 0;  // main-head cross-entropy
+  double val_loss = -1;  // < 0: not evaluated at this step
   double tokens_per_s = 0;
 };
 
@@ -45,19 +45,19 @@ struct WorkerSlot {
 };
 
 struct JobRecord {
-  std::string config_path;   // as given to the coordinator
-  std::string config_name;   // file stem ("tiny")
-  std::string toml_text;     // what workers parse
+  std::string config_path;  // as given to the coordinator
+  std::string config_name;  // file stem ("tiny")
+  std::string toml_text;    // what workers parse
   JobState state = JobState::kPending;
-  uint64_t attempt = 0;      // incremented at every assignment
-  std::string node_id;       // where the current attempt runs ("" when none)
-  int worker = -1;           // worker index on that node
-  int step = 0;              // last reported step of the current attempt
+  uint64_t attempt = 0;  // incremented at every assignment
+  std::string node_id;   // where the current attempt runs ("" when none)
+  int worker = -1;       // worker index on that node
+  int step = 0;          // last reported step of the current attempt
   int total_steps = 0;
   double loss = 0, main_loss = 0, lr = 0, grad_norm = 0, tokens_per_s = 0;
-  double val_loss = -1;      // latest validation loss (< 0: none yet)
-  int interruptions = 0;     // attempts lost to dead / drained nodes
-  std::string message;       // why it failed / was interrupted
+  double val_loss = -1;   // latest validation loss (< 0: none yet)
+  int interruptions = 0;  // attempts lost to dead / drained nodes
+  std::string message;    // why it failed / was interrupted
   // The current attempt's workers by rank (one for a single-worker job;
   // node_id/worker above are rank 0's), and its data-parallel replicas.
   std::vector<WorkerSlot> ranks;

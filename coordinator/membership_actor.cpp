@@ -32,7 +32,7 @@ NodeSpec ToSpec(const Join& j, const PeerRef& p) {
 template <class T>
 void SendDirect(Self self, const std::string& routing_id, const T& msg) {
   caf::anon_send(self->state.bridge, send_atom_v, routing_id, static_cast<uint16_t>(T::kType),
-             transport::Serialize(msg));
+                 transport::Serialize(msg));
 }
 
 void Persist(Self self) {
@@ -147,16 +147,15 @@ membership_actor::behavior_type MembershipActor(Self self, Membership membership
         auto& st = self->state;
         const NodeRecord* n = Sender(self, h.node_id, p);
         const NodeState before = n ? n->state : NodeState::kDead;
-        Status s = n ? st.membership->Heartbeat(h.node_id, h.incarnation)
-                     : Status::NotFound("unknown node or wrong key");
+        Status s =
+            n ? st.membership->Heartbeat(h.node_id, h.incarnation) : Status::NotFound("unknown node or wrong key");
         if (!s.ok()) {
           SendDirect(self, p.routing_id, HeartbeatAck{st.membership->epoch(), h.sequence, false});
           return;
         }
         auto proxy = ProxyFor(self, h.node_id, p.routing_id);
         if (before == NodeState::kUnconfirmed) {
-          spdlog::info("membership: node {} confirmed after the restart; epoch {}", h.node_id,
-                       st.membership->epoch());
+          spdlog::info("membership: node {} confirmed after the restart; epoch {}", h.node_id, st.membership->epoch());
           self->send(st.job, node_up_atom_v, h.node_id, node_actor(proxy), static_cast<int32_t>(n->spec.capacity));
         }
         self->send(proxy, HeartbeatAck{st.membership->epoch(), h.sequence, true});
@@ -200,8 +199,8 @@ membership_actor::behavior_type MembershipActor(Self self, Membership membership
         json nodes = json::array();
         for (const NodeRecord& n : m.Nodes()) nodes.push_back(NodeJson(n, now));
         json counts = json::object();
-        for (NodeState s : {NodeState::kAlive, NodeState::kUnconfirmed, NodeState::kDraining, NodeState::kDead,
-                            NodeState::kLeft})
+        for (NodeState s :
+             {NodeState::kAlive, NodeState::kUnconfirmed, NodeState::kDraining, NodeState::kDead, NodeState::kLeft})
           counts[NodeStateName(s)] = m.CountInState(s);
         return json{{"epoch", m.epoch()},
                     {"uptime_s", std::chrono::duration<double>(now - self->state.started).count()},

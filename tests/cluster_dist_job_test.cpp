@@ -160,7 +160,7 @@ TEST(JobTracker, RanksReportProgressFromRankZeroAndAnyNodeOfTheAttemptInterrupts
   u.rank = 1;
   EXPECT_FALSE(t.OnReport("n1", u));  // rank 1 runs on n2
   EXPECT_TRUE(t.OnReport("n2", u));
-  EXPECT_EQ(t.record().step, 0);      // only rank 0 reports progress
+  EXPECT_EQ(t.record().step, 0);  // only rank 0 reports progress
   u.rank = 0;
   u.checkpoint_id = "ckpt-000001";
   u.checkpoint_step = 4;

@@ -15,9 +15,9 @@
 #include <fstream>
 #include <functional>
 #include <map>
-#include <set>
 #include <nlohmann/json.hpp>
 #include <random>
+#include <set>
 #include <thread>
 
 #include "actors/protocol/key_layout.h"
@@ -145,8 +145,8 @@ class ClusterTest : public ::testing::Test {
   }
 
   void StartNode(const std::string& key_name, const std::string& data = "", int cpu_slots = 1) {
-    std::vector<std::string> args{"node",      "--join",       endpoint_, "--keys", keys_, "--key-name", key_name,
-                                  "--cpu-slots", std::to_string(cpu_slots)};
+    std::vector<std::string> args{
+        "node", "--join", endpoint_, "--keys", keys_, "--key-name", key_name, "--cpu-slots", std::to_string(cpu_slots)};
     if (!data.empty()) args.insert(args.end(), {"--data", (dir_ / data).string()});
     Start(key_name, args);
   }
@@ -257,8 +257,7 @@ TEST_F(ClusterTest, KilledNodeIsDetectedWithinTheTimeoutAndRejoins) {
   Kill("node2");
   ASSERT_TRUE(WaitFor([&] { return NodeByName("node2")["state"] == "dead"; }, 6s));
   const double detect_s = std::chrono::duration<double>(Clock::now() - killed).count();
-  std::printf("failure detection: node declared dead %.2f s after SIGKILL (timeout 3 s, heartbeats 0.5 s)\n",
-              detect_s);
+  std::printf("failure detection: node declared dead %.2f s after SIGKILL (timeout 3 s, heartbeats 0.5 s)\n", detect_s);
   EXPECT_GE(detect_s, 2.4);  // the last heartbeat is at most 0.5 s old when it dies
   EXPECT_LE(detect_s, 3.8);  // timeout + tick + polling
   EXPECT_GT(Epoch(), epoch);
@@ -272,9 +271,9 @@ TEST_F(ClusterTest, KilledNodeIsDetectedWithinTheTimeoutAndRejoins) {
 }
 
 TEST_F(ClusterTest, ANodeRefusesABadRankHost) {
-  ASSERT_NE(RunToEnd({"node", "--join", endpoint_, "--keys", keys_, "--key-name", "node1", "--rank-host",
-                      "host;rm -rf /"}),
-            0);
+  ASSERT_NE(
+      RunToEnd({"node", "--join", endpoint_, "--keys", keys_, "--key-name", "node1", "--rank-host", "host;rm -rf /"}),
+      0);
   EXPECT_NE(Log("cmd").find("--rank-host 'host;rm -rf /' is not a host name or IP address"), std::string::npos)
       << Log("cmd");
 }
@@ -485,7 +484,7 @@ TEST_F(ClusterTest, ADamagedCopyIsFetchedFromAnotherNodesReplica) {
   const json nodes = Get("/api/nodes");
   for (const json& n : nodes["nodes"]) name_of[n["id"]] = n["name"];
   const std::string victim = name_of[job_node];
-  Kill(victim);  // no save after this one: the next attempt resumes from the newest
+  Kill(victim);                        // no save after this one: the next attempt resumes from the newest
   std::this_thread::sleep_for(500ms);  // a save the victim had finished may still be committing
   const std::string newest = Get("/api/checkpoints")["checkpoints"].back()["id"];
   // Flip one byte of a different shard in each survivor's copy.

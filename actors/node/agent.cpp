@@ -189,14 +189,13 @@ agent_actor::behavior_type Agent(Self self, AgentConfig config, std::shared_ptr<
   st.outcome = std::move(outcome);
   std::random_device rd;
   st.incarnation = (static_cast<uint64_t>(rd()) << 32) ^ rd() ^ static_cast<uint64_t>(getpid());
-  st.bridge = self->spawn<caf::detached>(ClientBridge, st.config.endpoint, st.config.server_public_key,
-                                         st.config.keys, agent_actor(self));
+  st.bridge = self->spawn<caf::detached>(ClientBridge, st.config.endpoint, st.config.server_public_key, st.config.keys,
+                                         agent_actor(self));
   st.coordinator = self->spawn(CoordinatorProxy, st.bridge);
   if (!st.config.data_dir.empty()) st.storage = SpawnStorage(self, st.config.data_dir, st.coordinator);
   for (size_t i = 0; i < st.config.devices.size(); ++i)
-    st.workers.push_back(self->spawn<caf::linked>(Worker, static_cast<int>(i), st.config.devices[i],
-                                                  agent_actor(self), st.storage, st.config.cpu_threads,
-                                                  st.config.rank_host));
+    st.workers.push_back(self->spawn<caf::linked>(Worker, static_cast<int>(i), st.config.devices[i], agent_actor(self),
+                                                  st.storage, st.config.cpu_threads, st.config.rank_host));
   st.next_join = SteadyClock::now();
   self->delayed_send(self, std::chrono::milliseconds(0), caf::tick_atom_v);
   return Joining(self);

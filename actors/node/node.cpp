@@ -15,7 +15,8 @@ namespace troupe::node {
 Status RunNode(const NodeOptions& o, const std::function<bool(int)>& wait_for_stop) {
   spdlog::set_default_logger(spdlog::stderr_color_mt("node"));
   spdlog::set_pattern("[%H:%M:%S.%e] [" + o.key_name + "] [%l] %v");
-  if (o.join.rfind("tcp://", 0) != 0) return Status::InvalidArgument("--join must be tcp://HOST:PORT, not '" + o.join + "'");
+  if (o.join.rfind("tcp://", 0) != 0)
+    return Status::InvalidArgument("--join must be tcp://HOST:PORT, not '" + o.join + "'");
   if (o.key_name.empty() || o.key_name.find('/') != std::string::npos)
     return Status::InvalidArgument("--key-name must be a plain name like node1");
   AgentConfig cfg;
@@ -27,8 +28,7 @@ Status RunNode(const NodeOptions& o, const std::function<bool(int)>& wait_for_st
   if (o.rank_host.empty() || o.rank_host.size() > 253 ||
       o.rank_host.find_first_not_of("0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.-[]:") !=
           std::string::npos)
-    return Status::InvalidArgument("--rank-host '" + o.rank_host.substr(0, 64) +
-                                   "' is not a host name or IP address");
+    return Status::InvalidArgument("--rank-host '" + o.rank_host.substr(0, 64) + "' is not a host name or IP address");
   cfg.rank_host = o.rank_host;
   TROUPE_ASSIGN_OR_RETURN(cfg.keys, transport::ReadKeyPair(protocol::NodeKeyPath(o.keys_dir, o.key_name)));
   TROUPE_ASSIGN_OR_RETURN(cfg.server_public_key,
@@ -36,7 +36,8 @@ Status RunNode(const NodeOptions& o, const std::function<bool(int)>& wait_for_st
   int gpus = 0;
   if (o.cpu_slots < 0 || o.use_gpus) {  // dlopens the CUDA module only when GPUs may be used
     gpus = CudaDeviceCount();
-    for (int g = 0; g < gpus; ++g) cfg.devices.push_back({"cuda", g, "GPU " + std::to_string(g) + " of " + CudaDeviceSummary(), 0});
+    for (int g = 0; g < gpus; ++g)
+      cfg.devices.push_back({"cuda", g, "GPU " + std::to_string(g) + " of " + CudaDeviceSummary(), 0});
   }
   const int cpu_slots = o.cpu_slots >= 0 ? o.cpu_slots : (gpus == 0 ? 1 : 0);
   for (int c = 0; c < cpu_slots; ++c) cfg.devices.push_back({"cpu", c, "cpu slot " + std::to_string(c), 0});

@@ -22,13 +22,12 @@
 #pragma once
 
 #include <atomic>
+#include <caf/all.hpp>
 #include <memory>
 #include <mutex>
 #include <optional>
 #include <string>
 #include <vector>
-
-#include <caf/all.hpp>
 
 #include "actors/protocol/actor_types.h"
 #include "actors/transport/keys.h"
@@ -46,8 +45,8 @@ namespace troupe::node {
 struct NodeOutcome {
   std::atomic<bool> done{false};
   std::mutex mu;
-  int exit_code = 0;      // 0: drained / stopped; 1: refused
-  std::string message;    // why, for the error line
+  int exit_code = 0;    // 0: drained / stopped; 1: refused
+  std::string message;  // why, for the error line
   void Set(int code, std::string msg) {
     std::lock_guard<std::mutex> lock(mu);
     if (done) return;
@@ -69,9 +68,9 @@ struct WorkerDevice {
 // is written and the replicas' copies are on their way; (restore_atom,
 // SnapshotPtr, error) when every shard is here and verified.
 using storage_actor = caf::typed_actor<
-    caf::reacts_to<protocol::joined_atom, std::string>,                      // the node id, after a join
+    caf::reacts_to<protocol::joined_atom, std::string>,                                // the node id, after a join
     caf::reacts_to<protocol::save_atom, uint64_t, protocol::SnapshotPtr, caf::actor>,  // attempt, state, runner
-    caf::reacts_to<protocol::restore_atom, protocol::JobAssign, caf::actor>,  // its resume_manifest, runner
+    caf::reacts_to<protocol::restore_atom, protocol::JobAssign, caf::actor>,           // its resume_manifest, runner
     caf::reacts_to<protocol::CheckpointPlan>, caf::reacts_to<protocol::ShardCopy>,
     caf::reacts_to<protocol::ShardCopyEnd>, caf::reacts_to<protocol::ShardFetch>,
     caf::reacts_to<protocol::DropCheckpoint>, caf::reacts_to<protocol::timeout_atom, std::string>>;
@@ -87,10 +86,10 @@ using worker_actor = caf::typed_actor<caf::reacts_to<protocol::JobAssign>, caf::
                                       caf::reacts_to<protocol::RankTable>,    // for its rank runner
                                       caf::reacts_to<protocol::stop_atom>>;
 
-using agent_actor = protocol::node_actor::extend<caf::reacts_to<caf::tick_atom>,          // timer
-                                                 caf::reacts_to<protocol::StepReport>,     // from workers
-                                                 caf::reacts_to<protocol::RankAddress>,    // from workers
-                                                 caf::reacts_to<protocol::stop_atom>>;     // leave and quit
+using agent_actor = protocol::node_actor::extend<caf::reacts_to<caf::tick_atom>,         // timer
+                                                 caf::reacts_to<protocol::StepReport>,   // from workers
+                                                 caf::reacts_to<protocol::RankAddress>,  // from workers
+                                                 caf::reacts_to<protocol::stop_atom>>;   // leave and quit
 
 struct AgentConfig {
   std::string name;               // key name: the node's identity
@@ -99,8 +98,8 @@ struct AgentConfig {
   transport::KeyPair keys;
   std::vector<WorkerDevice> devices;
   int64_t memory_bytes = 0;
-  int cpu_threads = 0;            // per CPU worker (0 = the config's)
-  std::string data_dir;           // checkpoint shards go to <data_dir>/store (empty: this node keeps none)
+  int cpu_threads = 0;                  // per CPU worker (0 = the config's)
+  std::string data_dir;                 // checkpoint shards go to <data_dir>/store (empty: this node keeps none)
   std::string rank_host = "127.0.0.1";  // where a distributed job's ranks listen (an address the other nodes reach)
 };
 
@@ -149,9 +148,9 @@ struct WorkerState {
   storage_actor storage;
   int cpu_threads = 0;
   std::string rank_host;
-  uint64_t attempt = 0;                  // running attempt (0: idle)
-  std::shared_ptr<RunControl> control;   // the running attempt's
-  caf::actor runner;                     // alive until its down message (a stopped one may still be ending)
+  uint64_t attempt = 0;                        // running attempt (0: idle)
+  std::shared_ptr<RunControl> control;         // the running attempt's
+  caf::actor runner;                           // alive until its down message (a stopped one may still be ending)
   std::optional<protocol::JobAssign> pending;  // starts once the previous runner is down
   static inline const char* name = "worker";
 };
@@ -161,8 +160,8 @@ worker_actor::behavior_type Worker(worker_actor::stateful_pointer<WorkerState> s
 // The backend a worker's device gives a job: its GPU, or a CPU backend of
 // `cpu_threads` (0: the config's threads). A config that insists on the
 // other kind of device is refused, naming the worker.
-Expected<std::unique_ptr<Backend>> MakeWorkerBackend(const WorkerDevice& device, const TrainConfig& train,
-                                                     int worker, int cpu_threads);
+Expected<std::unique_ptr<Backend>> MakeWorkerBackend(const WorkerDevice& device, const TrainConfig& train, int worker,
+                                                     int cpu_threads);
 
 // Runs one attempt: parses the config, builds the Trainer, restores the
 // job's checkpoint if it names one, steps until the end or a stop,

@@ -38,8 +38,7 @@ constexpr int kPeerTimeoutMs = 120000;
 // The ranks' rendezvous through the coordinator (parallel::Rendezvous).
 class CoordinatorRendezvous final : public parallel::Rendezvous {
  public:
-  CoordinatorRendezvous(caf::blocking_actor* self, worker_actor worker, const JobAssign& job,
-                        const RunControl& control)
+  CoordinatorRendezvous(caf::blocking_actor* self, worker_actor worker, const JobAssign& job, const RunControl& control)
       : self_(self), worker_(std::move(worker)), attempt_(job.attempt), control_(control) {}
 
   Status Publish(int rank, const parallel::PeerAddress& address) override {
@@ -132,8 +131,8 @@ void RankRunner(caf::blocking_actor* self, JobAssign job, WorkerDevice device, w
   auto key = transport::GenerateKeyPair();
   if (!key.ok()) return fail(key.status());
   CoordinatorRendezvous rendezvous(self, worker, job, *control);
-  auto group = parallel::CreateZmqGroup(job.rank, job.world, *key, "tcp://" + rank_host + ":0", rendezvous,
-                                        kPeerTimeoutMs);
+  auto group =
+      parallel::CreateZmqGroup(job.rank, job.world, *key, "tcp://" + rank_host + ":0", rendezvous, kPeerTimeoutMs);
   if (!group.ok()) return fail(group.status().WithContext(me));
   control->SetGroup(group->get());
   GroupRegistration registered{*control};
@@ -152,8 +151,8 @@ void RankRunner(caf::blocking_actor* self, JobAssign job, WorkerDevice device, w
     ckpt::ReadStats stats;
     auto m = ckpt->Resume(job.resume_id, t, &stats);
     if (!m.ok()) return fail(m.status().WithContext(me + " resume from " + job.resume_id));
-    spdlog::info("worker {}: {} of attempt {} resumed from {} at step {} ({} shards read)", job.worker, me,
-                 job.attempt, m->id, t.step(), stats.shards_read);
+    spdlog::info("worker {}: {} of attempt {} resumed from {} at step {} ({} shards read)", job.worker, me, job.attempt,
+                 m->id, t.step(), stats.shards_read);
   }
   spdlog::info("worker {}: {} of attempt {} started ({} steps)", job.worker, me, job.attempt, tc.steps);
   // Rank 0 tells the coordinator about each commit with its next report.
@@ -200,7 +199,8 @@ void RankRunner(caf::blocking_actor* self, JobAssign job, WorkerDevice device, w
         std::string skipped;
         Status st = ckpt->Save(t, metrics, &skipped);  // collective
         if (!st.ok()) return fail(st.WithContext(me + " checkpoint"));
-        if (!skipped.empty()) spdlog::warn("worker {}: checkpoint at step {} skipped: {}", job.worker, r->step, skipped);
+        if (!skipped.empty())
+          spdlog::warn("worker {}: checkpoint at step {} skipped: {}", job.worker, r->step, skipped);
       }
       if (rep.done) take_result(ckpt->WaitIdle());
     }

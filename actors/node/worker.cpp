@@ -76,8 +76,7 @@ Expected<std::unique_ptr<Backend>> MakeWorkerBackend(const WorkerDevice& device,
     return std::unique_ptr<Backend>(std::move(be));
   }
   if (tc.device == "cuda")
-    return Status::InvalidArgument("the job wants device cuda but worker " + std::to_string(worker) +
-                                   " is a CPU slot");
+    return Status::InvalidArgument("the job wants device cuda but worker " + std::to_string(worker) + " is a CPU slot");
   return std::unique_ptr<Backend>(std::make_unique<CpuBackend>(cpu_threads > 0 ? cpu_threads : tc.threads));
 }
 
