@@ -23,6 +23,7 @@
 
 #include <atomic>
 #include <caf/all.hpp>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <optional>

@@ -17,6 +17,7 @@
 #include <thread>
 
 #include "actors/node/node_actors.h"
+#include "actors/node/step_report.h"
 #include "train/parallel/dist_checkpoint.h"
 #include "train/parallel/dist_trainer.h"
 #include "train/parallel/process_group.h"
@@ -172,15 +173,7 @@ void RankRunner(caf::blocking_actor* self, JobAssign job, WorkerDevice device, w
     if (control->stopped()) return;
     auto r = t.Step();
     if (!r.ok()) return fail(r.status().WithContext(me));
-    StepReport rep;
-    rep.step = r->step;
-    rep.total_steps = tc.steps;
-    rep.loss = r->loss.total;
-    rep.main_loss = r->loss.main;
-    rep.lr = r->lr;
-    rep.grad_norm = r->grad_norm;
-    rep.tokens_per_s = r->seconds > 0 ? r->tokens / r->seconds : 0;
-    rep.done = r->step == tc.steps;
+    StepReport rep = ReportOfStep(*r, tc.steps);
     if ((tc.eval_every > 0 && r->step % tc.eval_every == 0) || rep.done) {
       auto val = t.Evaluate();  // collective
       if (!val.ok()) return fail(val.status().WithContext(me + " evaluation"));
@@ -190,14 +183,8 @@ void RankRunner(caf::blocking_actor* self, JobAssign job, WorkerDevice device, w
       take_result(ckpt->Poll());
       if (saving && r->step % cfg->checkpoint.every == 0 && !rep.done) {
         take_result(ckpt->WaitIdle());
-        std::map<std::string, double> metrics{{"loss", rep.loss},
-                                              {"main_loss", rep.main_loss},
-                                              {"lr", rep.lr},
-                                              {"grad_norm", rep.grad_norm},
-                                              {"tokens_per_s", rep.tokens_per_s}};
-        if (rep.val_loss >= 0) metrics["val_loss"] = rep.val_loss;
         std::string skipped;
-        Status st = ckpt->Save(t, metrics, &skipped);  // collective
+        Status st = ckpt->Save(t, CheckpointMetrics(rep), &skipped);  // collective
         if (!st.ok()) return fail(st.WithContext(me + " checkpoint"));
         if (!skipped.empty())
           spdlog::warn("worker {}: checkpoint at step {} skipped: {}", job.worker, r->step, skipped);

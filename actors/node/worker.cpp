@@ -9,6 +9,7 @@
 #include <spdlog/spdlog.h>
 
 #include "actors/node/node_actors.h"
+#include "actors/node/step_report.h"
 #include "configs/config.h"
 #include "gpu/cpu/cpu_backend.h"
 #include "gpu/cuda/cuda_info.h"
@@ -53,6 +54,29 @@ bool PollSaved(caf::blocking_actor* self, const JobAssign& job) {
 }
 
 }  // namespace
+
+StepReport ReportOfStep(const troupe::StepReport& step, int total_steps) {
+  StepReport rep;
+  rep.step = step.step;
+  rep.total_steps = total_steps;
+  rep.loss = step.loss.total;
+  rep.main_loss = step.loss.main;
+  rep.lr = step.lr;
+  rep.grad_norm = step.grad_norm;
+  rep.tokens_per_s = step.seconds > 0 ? step.tokens / step.seconds : 0;
+  rep.done = step.step == total_steps;
+  return rep;
+}
+
+std::map<std::string, double> CheckpointMetrics(const StepReport& r) {
+  std::map<std::string, double> m{{"loss", r.loss},
+                                  {"main_loss", r.main_loss},
+                                  {"lr", r.lr},
+                                  {"grad_norm", r.grad_norm},
+                                  {"tokens_per_s", r.tokens_per_s}};
+  if (r.val_loss >= 0) m["val_loss"] = r.val_loss;
+  return m;
+}
 
 void RunControl::Stop(const std::string& why) {
   std::lock_guard<std::mutex> lock(mu_);
@@ -127,17 +151,9 @@ void TrainerRunner(caf::blocking_actor* self, JobAssign job, WorkerDevice device
     }
     auto r = (*trainer)->Step();
     if (!r.ok()) return fail(r.status().message());
-    StepReport rep;
+    StepReport rep = ReportOfStep(*r, tc.steps);
     rep.attempt = job.attempt;
     rep.worker = job.worker;
-    rep.step = r->step;
-    rep.total_steps = tc.steps;
-    rep.loss = r->loss.total;
-    rep.main_loss = r->loss.main;
-    rep.lr = r->lr;
-    rep.grad_norm = r->grad_norm;
-    rep.tokens_per_s = r->seconds > 0 ? r->tokens / r->seconds : 0;
-    rep.done = r->step == tc.steps;
     if ((tc.eval_every > 0 && r->step % tc.eval_every == 0) || rep.done) {
       auto val = (*trainer)->Evaluate();
       if (!val.ok()) return fail(val.status().message());
@@ -151,13 +167,7 @@ void TrainerRunner(caf::blocking_actor* self, JobAssign job, WorkerDevice device
       // own copy (the replicas' copies are in flight by then).
       if (save_in_flight && !AwaitSaved(self, job, std::chrono::seconds(300)))
         return fail("checkpoint: the storage actor did not finish the previous save within 300 s");
-      std::map<std::string, double> metrics{{"loss", rep.loss},
-                                            {"main_loss", rep.main_loss},
-                                            {"lr", rep.lr},
-                                            {"grad_norm", rep.grad_norm},
-                                            {"tokens_per_s", rep.tokens_per_s}};
-      if (rep.val_loss >= 0) metrics["val_loss"] = rep.val_loss;
-      auto snap = (*trainer)->Capture(metrics);
+      auto snap = (*trainer)->Capture(CheckpointMetrics(rep));
       if (!snap.ok()) return fail("checkpoint capture: " + snap.status().message());
       self->send(storage, save_atom_v, job.attempt, std::make_shared<ckpt::Snapshot>(std::move(snap).value()),
                  caf::actor_cast<caf::actor>(self));
