@@ -93,11 +93,9 @@ Expected<std::vector<std::pair<WorkerSlot, protocol::RankTable>>> RankRendezvous
     return Status::InvalidArgument(who + ": malformed address (endpoint '" + a.endpoint.substr(0, 64) + "', a key of " +
                                    std::to_string(a.public_key.size()) + " characters)");
   Entry& e = rounds_[a.round][a.rank];
-  if (e.set) {
-    if (e.endpoint != a.endpoint || e.public_key != a.public_key)
-      return Status::InvalidArgument(who + ": a second, different entry for round " + std::to_string(a.round));
-    return std::vector<std::pair<WorkerSlot, protocol::RankTable>>{};  // a repeat: already counted
-  }
+  const bool repeat = e.set;
+  if (repeat && (e.endpoint != a.endpoint || e.public_key != a.public_key))
+    return Status::InvalidArgument(who + ": a second, different entry for round " + std::to_string(a.round));
   e = Entry{true, a.endpoint, a.public_key};
   std::vector<std::pair<WorkerSlot, protocol::RankTable>> out;
   for (const Entry& x : rounds_[a.round])
@@ -110,9 +108,12 @@ Expected<std::vector<std::pair<WorkerSlot, protocol::RankTable>>> RankRendezvous
       table.endpoints.push_back(x.endpoint);
       table.public_keys.push_back(x.public_key);
     }
-  for (const WorkerSlot& slot : ranks_) {
-    table.worker = slot.worker;
-    out.emplace_back(slot, table);
+  // A repeat after the round was complete: that rank's table was lost on
+  // the way (a node reconnecting drops frames), so it alone gets it again.
+  for (size_t r = 0; r < ranks_.size(); ++r) {
+    if (repeat && static_cast<int>(r) != a.rank) continue;
+    table.worker = ranks_[r].worker;
+    out.emplace_back(ranks_[r], table);
   }
   return out;
 }

@@ -46,7 +46,9 @@ class RankRendezvous {
   void Reset(uint64_t attempt, std::vector<WorkerSlot> ranks);
 
   // A rank's entry. When it completes its round, the tables to send, each
-  // with the slot (node, worker) it goes to; otherwise none. InvalidArgument
+  // with the slot (node, worker) it goes to; otherwise none. Ranks repeat
+  // their entry until their table comes: a repeat of a complete round gets
+  // that rank's table again, one of an incomplete round nothing. InvalidArgument
   // (naming the problem) for another attempt, a round other than 0 or 1, a
   // rank out of range or not run by the sender's node, a malformed endpoint
   // or key, or a second entry of a rank that differs from its first.

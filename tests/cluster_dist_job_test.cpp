@@ -102,6 +102,13 @@ TEST(RankRendezvous, HandsEveryRankTheWholeTableOnceAllAreIn) {
     EXPECT_EQ(table.endpoints, (std::vector<std::string>{"tcp://127.0.0.1:4000", "tcp://10.0.0.2:4001"}));
     EXPECT_EQ(table.public_keys, (std::vector<std::string>{k0->public_key, k1->public_key}));
   }
+  // Rank 1 repeats its entry (its table was lost): it alone gets it again.
+  auto again = r.Add(Entry("n2", 5, 1, 0, "tcp://10.0.0.2:4001", k1->public_key));
+  ASSERT_TRUE(again.ok()) << again.status().message();
+  ASSERT_EQ(again->size(), 1u);
+  EXPECT_EQ((*again)[0].first.node_id, "n2");
+  EXPECT_EQ((*again)[0].second.worker, 3);
+  EXPECT_EQ((*again)[0].second.endpoints.size(), 2u);
   ASSERT_TRUE(r.Add(Entry("n2", 5, 1, 1, "", "")).ok());
   auto ready = r.Add(Entry("n1", 5, 0, 1, "", ""));
   ASSERT_TRUE(ready.ok()) << ready.status().message();

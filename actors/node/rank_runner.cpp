@@ -31,10 +31,18 @@ using protocol::StepReport;
 
 namespace {
 
-// How long a rank waits for a peer (a message, the rendezvous). A dead peer
-// is normally noticed sooner: the coordinator stops the attempt when its
-// node misses heartbeats, and the stop aborts this rank's group.
+// How long a rank waits for a peer's message in a step. A dead peer is
+// normally noticed sooner: the coordinator stops the attempt when its node
+// misses heartbeats, and the stop aborts this rank's group.
 constexpr int kPeerTimeoutMs = 120000;
+// The process group's bootstrap. Its waits for the other ranks (the
+// rendezvous) end on a stop instead: a rank may start late while its
+// worker's previous runner finishes a checkpoint write. Only the last
+// seconds, connecting to ranks that are all ready, are bounded by this.
+constexpr int kBootstrapTimeoutMs = 600000;
+// A rank repeats its rendezvous entry this often until its table comes
+// (frames are dropped while a node reconnects to the coordinator).
+constexpr auto kRendezvousRepeat = std::chrono::seconds(2);
 
 // The ranks' rendezvous through the coordinator (parallel::Rendezvous).
 class CoordinatorRendezvous final : public parallel::Rendezvous {
@@ -43,7 +51,8 @@ class CoordinatorRendezvous final : public parallel::Rendezvous {
       : self_(self), worker_(std::move(worker)), attempt_(job.attempt), control_(control) {}
 
   Status Publish(int rank, const parallel::PeerAddress& address) override {
-    self_->send(worker_, RankAddress{"", attempt_, rank, 0, address.endpoint, address.public_key});
+    entry_ = RankAddress{"", attempt_, rank, 0, address.endpoint, address.public_key};
+    self_->send(worker_, entry_);
     return Status::Ok();
   }
 
@@ -59,22 +68,26 @@ class CoordinatorRendezvous final : public parallel::Rendezvous {
   }
 
   Status MarkReady(int rank) override {
-    self_->send(worker_, RankAddress{"", attempt_, rank, 1, "", ""});
+    entry_ = RankAddress{"", attempt_, rank, 1, "", ""};
+    self_->send(worker_, entry_);
     return Status::Ok();
   }
 
   Status WaitAllReady(int /*size*/, int timeout_ms) override { return Await(1, timeout_ms).status(); }
 
  private:
-  // The table of `round`, waiting in short slices so that a stop is seen.
-  Expected<RankTable> Await(int round, int timeout_ms) {
-    const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
+  // The table of `round`. No deadline: the coordinator knows whether the
+  // other ranks' nodes live and stops this attempt when one does not; the
+  // wait is in short slices so that the stop is seen.
+  Expected<RankTable> Await(int round, int /*timeout_ms*/) {
+    auto next_repeat = std::chrono::steady_clock::now() + kRendezvousRepeat;
     std::optional<RankTable> got;
     while (!got) {
       if (control_.stopped()) return Status::IOError("stopped during the rendezvous");
-      if (std::chrono::steady_clock::now() >= deadline)
-        return Status::IOError("the coordinator sent no rank table (round " + std::to_string(round) + ") within " +
-                               std::to_string(timeout_ms) + " ms: a rank of the attempt never published");
+      if (std::chrono::steady_clock::now() >= next_repeat) {
+        self_->send(worker_, entry_);
+        next_repeat += kRendezvousRepeat;
+      }
       self_->receive(
           [&](RankTable& t) {
             if (t.attempt == attempt_ && t.round == round) got = std::move(t);
@@ -88,6 +101,7 @@ class CoordinatorRendezvous final : public parallel::Rendezvous {
   worker_actor worker_;
   uint64_t attempt_;
   const RunControl& control_;
+  RankAddress entry_;  // this rank's entry of the round in progress
 };
 
 // Clears the control's pointer to the group before the group goes.
@@ -133,7 +147,7 @@ void RankRunner(caf::blocking_actor* self, JobAssign job, WorkerDevice device, w
   if (!key.ok()) return fail(key.status());
   CoordinatorRendezvous rendezvous(self, worker, job, *control);
   auto group =
-      parallel::CreateZmqGroup(job.rank, job.world, *key, "tcp://" + rank_host + ":0", rendezvous, kPeerTimeoutMs);
+      parallel::CreateZmqGroup(job.rank, job.world, *key, "tcp://" + rank_host + ":0", rendezvous, kBootstrapTimeoutMs);
   if (!group.ok()) return fail(group.status().WithContext(me));
   control->SetGroup(group->get());
   GroupRegistration registered{*control};
