@@ -540,6 +540,32 @@ TEST_F(ClusterTest, RestartedCoordinatorRecoversStateAndNodesReconnect) {
   EXPECT_EQ(WaitExit("node1", 0ms), -1);  // still the same processes
 }
 
+// A distributed job's ranks talk to each other directly: they go on while
+// the coordinator is down, and the restarted coordinator takes the same
+// attempt's reports (its record names every rank's node).
+TEST_F(ClusterTest, ADistributedJobOutlivesACoordinatorRestart) {
+  const std::string config = WriteConfig(1000000, "[parallel]\npp = 2\n");
+  StartCoordinator(config);
+  StartNode("node1");
+  StartNode("node2");
+  ASSERT_TRUE(WaitFor([&] { return Get("/api/job")["step"].is_number() && Get("/api/job")["step"] > 5; }, 30s))
+      << Get("/api/job").dump() << Log("coordinator");
+  const json job = Get("/api/job");
+  ASSERT_EQ(job["ranks"].size(), 2u) << job.dump();
+  EXPECT_NE(job["ranks"][0]["node_id"], job["ranks"][1]["node_id"]);  // one worker per node
+  Kill("coordinator");
+  std::this_thread::sleep_for(6s);
+  StartCoordinator(config);
+  ASSERT_TRUE(WaitFor([&] { return CountAlive() == 2; }, 10s)) << Get("/api/nodes").dump();
+  // Six seconds of steps taken while nobody listened to their reports.
+  EXPECT_TRUE(WaitFor([&] { return Get("/api/job")["step"].get<int>() > job["step"].get<int>() + 50; }, 10s))
+      << Get("/api/job").dump();
+  const json after = Get("/api/job");
+  EXPECT_EQ(after["attempt"], job["attempt"]);  // the same attempt went on
+  EXPECT_EQ(after["ranks"], job["ranks"]);
+  EXPECT_EQ(after["interruptions"], 0);
+}
+
 TEST_F(ClusterTest, MalformedBytesNeverCrashTheCoordinator) {
   StartCoordinator(WriteConfig(20));
   // 1. Raw TCP garbage.
