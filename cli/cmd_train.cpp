@@ -30,6 +30,7 @@ struct TrainFlags {
   std::string resume;    // a checkpoint id, or "latest"
   ParallelFlags parallel;
   int timeout_s = 60;
+  bool kernel_timeline = false;
 };
 
 int RunTrain(const TrainFlags& f) {
@@ -54,6 +55,7 @@ int RunTrain(const TrainFlags& f) {
     d.steps = f.steps;
     d.threads = f.threads;
     d.timeout_s = f.timeout_s;
+    d.kernel_timeline = f.kernel_timeline;
     d.parallel = job->parallel;
     d.ckpt_dir = f.ckpt_dir;
     d.ckpt_every = f.ckpt_every;
@@ -229,6 +231,9 @@ void AddTrainCommand(CLI::App& app, RunFn& run) {
   AddParallelOptions(*cmd, flags->parallel);
   cmd->add_option("--timeout", flags->timeout_s, "distributed runs: seconds a rank waits for a peer before failing")
       ->check(IntAtLeast(1));
+  cmd->add_flag("--kernel-timeline", flags->kernel_timeline,
+                "distributed GPU runs: measure from the device's kernel record (CUPTI) how much of the "
+                "communication kernels' time compute kernels overlapped");
   cmd->callback([flags, &run] { run = [flags] { return RunTrain(*flags); }; });
 }
 

@@ -71,6 +71,7 @@ std::vector<std::string> PassOn(const DistFlags& f) {
   a.insert(a.end(), {"--checkpoint-dir", f.ckpt_dir});
   if (f.ckpt_every >= 0) a.insert(a.end(), {"--checkpoint-every", std::to_string(f.ckpt_every)});
   if (!f.resume.empty()) a.insert(a.end(), {"--resume", f.resume});
+  if (f.kernel_timeline) a.push_back("--kernel-timeline");
   return a;
 }
 
@@ -89,6 +90,8 @@ void PrintTimingSummary(const parallel::DistributedTrainer& t, const std::vector
     avg.mean_w_s += steps[i].mean_w_s;
     avg.comm_waited_s += steps[i].comm_waited_s;
     avg.comm_hidden_s += steps[i].comm_hidden_s;
+    avg.kernel_comm_s += steps[i].kernel_comm_s;
+    avg.kernel_hidden_s += steps[i].kernel_hidden_s;
   }
   const double n = static_cast<double>(steps.size() - 1);
   const parallel::Layout& l = t.layout();
@@ -108,6 +111,11 @@ void PrintTimingSummary(const parallel::DistributedTrainer& t, const std::vector
                 t.overlaps_pairs() ? "pairs on two threads" : "pairs run F then B");
   }
   std::printf("\n");
+  if (avg.kernel_comm_s > 0)
+    std::printf(
+        "device timeline (steps 2..%zu): communication kernels ran %.1f ms per step, summed over ranks; %.1f%% of "
+        "that time compute kernels ran too\n",
+        steps.size(), 1e3 * avg.kernel_comm_s / n, 100.0 * avg.kernel_hidden_s / avg.kernel_comm_s);
   if (l.pp < 2) return;
   // The table's B is a whole backward and its F&B an F paired with a whole
   // backward; split runs measured B and F&B without their W.
@@ -171,6 +179,10 @@ int RunRank(const RankFlags& f) {
   auto trainer = parallel::DistributedTrainer::Create(**backend, *job, *layout, **group, 1000 * f.dist.timeout_s);
   if (!trainer.ok()) return Fail(trainer.status());
   parallel::DistributedTrainer& t = **trainer;
+  if (f.dist.kernel_timeline) {
+    Status on = t.EnableKernelTimeline();
+    if (!on.ok()) return Fail(on.WithContext("--kernel-timeline"));
+  }
   const bool lead = f.rank == 0;
   if (lead) {
     std::printf("troupe train: %s on %d ranks (processes over CURVE ZeroMQ), %s per rank\n", f.dist.config.c_str(),
@@ -412,6 +424,7 @@ void AddRankCommand(CLI::App& app, RunFn& run) {
                   "checkpoint catalog and shard stores (default: checkpoints/ beside --run-dir)");
   cmd->add_option("--checkpoint-every", flags->dist.ckpt_every, "steps between checkpoints")->check(IntAtLeast(0));
   cmd->add_option("--resume", flags->dist.resume, "continue from this checkpoint id, or 'latest'");
+  cmd->add_flag("--kernel-timeline", flags->dist.kernel_timeline, "measure communication kernels' overlap (CUPTI)");
   AddParallelOptions(*cmd, flags->parallel);
   cmd->callback([flags, &run] {
     run = [flags] {

@@ -36,6 +36,7 @@ struct DistFlags {
   std::string ckpt_dir;  // default <out>/checkpoints
   int ckpt_every = -1;   // default: the config's checkpoint.every
   std::string resume;    // a checkpoint id, or "latest"
+  bool kernel_timeline = false;  // DistributedTrainer::EnableKernelTimeline on every rank
 };
 
 // One line on a finished checkpoint save (committed, or why not).

@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "common/status.h"
+#include "gpu/kernel_overlap.h"
 #include "gpu/tensor.h"
 
 namespace troupe {
@@ -123,6 +124,15 @@ class Backend {
   virtual int RecordTimer() = 0;
   virtual double TimerMs(int start, int end) = 0;
   virtual void ResetTimers() = 0;
+  // The device's record of when its kernels ran (gpu/kernel_overlap.h).
+  // After StartKernelTimeline(), each TakeKernelSpans() waits for the device
+  // and returns this backend's kernels that ended since the previous take.
+  // Costs a little per kernel while on. Unimplemented where the device keeps
+  // no such record (the CPU) or its profiling library is missing.
+  virtual Status StartKernelTimeline() { return Status::Unimplemented("no kernel timeline on " + Describe()); }
+  virtual Expected<std::vector<KernelSpan>> TakeKernelSpans() {
+    return Status::Unimplemented("no kernel timeline on " + Describe());
+  }
 
   // ---- dense algebra -----------------------------------------------------
   // c = alpha * op(a) @ op(b) + beta * c, op = transpose when the flag is set.

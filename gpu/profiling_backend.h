@@ -46,6 +46,8 @@ class ProfilingBackend final : public Backend {
   }
   void FenceHostCopies() override { inner_.FenceHostCopies(); }
   int RecordTimer() override { return inner_.RecordTimer(); }
+  Status StartKernelTimeline() override { return inner_.StartKernelTimeline(); }
+  Expected<std::vector<KernelSpan>> TakeKernelSpans() override { return inner_.TakeKernelSpans(); }
   double TimerMs(int start, int end) override { return inner_.TimerMs(start, end); }
   void ResetTimers() override { inner_.ResetTimers(); }
 

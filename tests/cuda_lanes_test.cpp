@@ -134,6 +134,40 @@ TEST_F(CudaLanesTest, TwoModelsAtOnceOnTwoLanesGiveTheSerialBits) {
   }
 }
 
+// The kernel timeline (CUPTI) records the kernels two lanes ran, and that
+// they ran at once: with no communication kernel, nothing counts as hidden.
+TEST_F(CudaLanesTest, TheKernelTimelineRecordsBothLanesKernels) {
+  CudaBackend& be = *be_;
+  Status on = be.StartKernelTimeline();
+  if (on.code() == StatusCode::kUnimplemented) GTEST_SKIP() << on.message();
+  ASSERT_TRUE(on.ok()) << on.message();
+  const int64_t n = 16 << 20;
+  auto x = be.Alloc({n / 1024, 1024}, DType::kF32, "x");
+  auto y = be.Alloc({n / 1024, 1024}, DType::kF32, "y");
+  ASSERT_TRUE(x.ok() && y.ok());
+  be.Zero(*x);
+  be.Zero(*y);
+  ASSERT_TRUE(be.TakeKernelSpans().ok());  // what came before
+  be.OrderLanes();
+  std::thread second([&] {
+    ASSERT_TRUE(be.SetCallerLane(1));
+    for (int i = 0; i < 32; ++i) be.Add(*y, *y, *y);
+  });
+  for (int i = 0; i < 32; ++i) be.Add(*x, *x, *x);
+  second.join();
+  be.OrderLanes();
+  auto spans = be.TakeKernelSpans();
+  ASSERT_TRUE(spans.ok()) << spans.status().message();
+  const KernelOverlap o = OverlapOf(*spans);
+  EXPECT_GE(o.compute_kernels, 64);
+  EXPECT_EQ(o.comm_kernels, 0);
+  EXPECT_GT(o.compute_s, 0.0);
+  EXPECT_EQ(o.hidden_s, 0.0);
+  auto again = be.TakeKernelSpans();  // nothing ran since
+  ASSERT_TRUE(again.ok());
+  EXPECT_TRUE(again->empty());
+}
+
 #else
 
 TEST(CudaLanesTest, NotBuilt) { GTEST_SKIP() << "no CUDA device: built without TROUPE_CUDA"; }

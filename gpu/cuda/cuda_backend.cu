@@ -9,6 +9,7 @@
 #include <mutex>
 
 #include "gpu/cuda/cuda_backend.h"
+#include "gpu/cuda/kernel_timeline.h"
 
 namespace troupe {
 namespace {
@@ -321,5 +322,9 @@ double CudaBackend::TimerMs(int start, int end) {
 }
 
 void CudaBackend::ResetTimers() { timers_used_ = 0; }
+
+Status CudaBackend::StartKernelTimeline() { return cuda_timeline::Start(); }
+
+Expected<std::vector<KernelSpan>> CudaBackend::TakeKernelSpans() { return cuda_timeline::Take(device_); }
 
 }  // namespace troupe

@@ -63,6 +63,8 @@ class CudaBackend final : public Backend {
   int RecordTimer() override;
   double TimerMs(int start, int end) override;
   void ResetTimers() override;
+  Status StartKernelTimeline() override;
+  Expected<std::vector<KernelSpan>> TakeKernelSpans() override;
   // Lanes 0 and 1; false for any other.
   bool SetCallerLane(int lane) override;
   void OrderLanes() override;

@@ -460,6 +460,12 @@ Status DistributedTrainer::Restore(const ckpt::Manifest& m, const RowReader& rea
   return be_.Synchronize().WithContext("checkpoint restore");
 }
 
+Status DistributedTrainer::EnableKernelTimeline() {
+  TROUPE_RETURN_IF_ERROR(be_.StartKernelTimeline());
+  kernel_timeline_ = true;
+  return Status::Ok();
+}
+
 Expected<StepReport> DistributedTrainer::Step() {
   const TrainConfig& tc = job_.train;
   const ModelConfig& mc = job_.model;
@@ -477,9 +483,15 @@ Expected<StepReport> DistributedTrainer::Step() {
 
   if (expert_exchange_) expert_exchange_->stats() = ExpertRouteStats{};  // this step's routing only
   TROUPE_RETURN_IF_ERROR(Barrier(group_, world_, Tag(TagKind::kBarrier), timeout_ms_).WithContext("step start"));
+  if (kernel_timeline_) TROUPE_RETURN_IF_ERROR(be_.TakeKernelSpans().status());  // the previous step's tail: not ours
   const double wait_before = group_.stats().recv_wait_s;
   TROUPE_RETURN_IF_ERROR(runner_->RunTrainStep(micro, LossWeights{tc.mtp_lambda, tc.balance_alpha}, scale)
                              .WithContext("step " + std::to_string(step_ + 1)));
+  KernelOverlap kernels;
+  if (kernel_timeline_) {
+    TROUPE_ASSIGN_OR_RETURN(std::vector<KernelSpan> spans, be_.TakeKernelSpans());
+    kernels = OverlapOf(std::move(spans));
+  }
   timing_ = StepTiming{};
   double waited = 0, hidden = 0;
   for (const OpRecord& r : runner_->timeline()) {
@@ -496,6 +508,10 @@ Expected<StepReport> DistributedTrainer::Step() {
   timing_.bubble_share = timing_.pipeline_s > 0 ? 1.0 - busy / (layout_.world() * timing_.pipeline_s) : 0.0;
   TROUPE_ASSIGN_OR_RETURN(timing_.comm_waited_s, SumOverWorld(waited, Tag(TagKind::kWorld, 12)));
   TROUPE_ASSIGN_OR_RETURN(timing_.comm_hidden_s, SumOverWorld(hidden, Tag(TagKind::kWorld, 12)));
+  if (kernel_timeline_) {
+    TROUPE_ASSIGN_OR_RETURN(timing_.kernel_comm_s, SumOverWorld(kernels.comm_s, Tag(TagKind::kWorld, 13)));
+    TROUPE_ASSIGN_OR_RETURN(timing_.kernel_hidden_s, SumOverWorld(kernels.hidden_s, Tag(TagKind::kWorld, 13)));
+  }
   {
     double sums[4] = {0, 0, 0, 0}, counts[4] = {0, 0, 0, 0};
     for (const OpRecord& op : runner_->timeline()) {

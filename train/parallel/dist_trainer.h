@@ -58,6 +58,11 @@ struct StepTiming {
   // (device-limited routing keeps it <= model.topk_group).
   double ep_remote_share = 0;
   int ep_max_ranks_per_token = 0;
+  // With the kernel timeline on (EnableKernelTimeline), over all ranks,
+  // pipeline ops only, from the device's record of its kernels: the time
+  // communication kernels ran, and the part of it during which compute
+  // kernels ran too (gpu/kernel_overlap.h).
+  double kernel_comm_s = 0, kernel_hidden_s = 0;
 };
 
 // Whether parallel.overlap_pairs asks F&B pairs to run their chunks at once
@@ -74,6 +79,11 @@ class DistributedTrainer {
   static Expected<std::unique_ptr<DistributedTrainer>> Create(Backend& be, const JobConfig& job, const Layout& layout,
                                                               ProcessGroup& group, int timeout_ms = 60000,
                                                               DeviceCommsMaker device_comms = nullptr);
+
+  // Every rank calls it, or none: from the next step on, timing() holds the
+  // device's kernel overlap as well. Unimplemented on a backend without a
+  // kernel timeline (the CPU, or no libcupti).
+  Status EnableKernelTimeline();
 
   // One optimizer step. Every rank returns the same report.
   Expected<StepReport> Step();
@@ -156,6 +166,7 @@ class DistributedTrainer {
   std::unique_ptr<data::TokenLoader> train_loader_, val_loader_;
   std::vector<int> world_;
   int step_ = 0;
+  bool kernel_timeline_ = false;
   StepTiming timing_;
 };
 
