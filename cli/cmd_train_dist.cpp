@@ -92,6 +92,7 @@ void PrintTimingSummary(const parallel::DistributedTrainer& t, const std::vector
     avg.comm_hidden_s += steps[i].comm_hidden_s;
     avg.kernel_comm_s += steps[i].kernel_comm_s;
     avg.kernel_hidden_s += steps[i].kernel_hidden_s;
+    avg.kernel_compute_s += steps[i].kernel_compute_s;
   }
   const double n = static_cast<double>(steps.size() - 1);
   const parallel::Layout& l = t.layout();
@@ -113,9 +114,10 @@ void PrintTimingSummary(const parallel::DistributedTrainer& t, const std::vector
   std::printf("\n");
   if (avg.kernel_comm_s > 0)
     std::printf(
-        "device timeline (steps 2..%zu): communication kernels ran %.1f ms per step, summed over ranks; %.1f%% of "
-        "that time compute kernels ran too\n",
-        steps.size(), 1e3 * avg.kernel_comm_s / n, 100.0 * avg.kernel_hidden_s / avg.kernel_comm_s);
+        "device timeline (steps 2..%zu, per step, summed over ranks): communication kernels ran %.1f ms, compute "
+        "kernels %.1f ms; compute ran during %.1f ms of the communication (%.1f%% of it hidden)\n",
+        steps.size(), 1e3 * avg.kernel_comm_s / n, 1e3 * avg.kernel_compute_s / n, 1e3 * avg.kernel_hidden_s / n,
+        100.0 * avg.kernel_hidden_s / avg.kernel_comm_s);
   if (l.pp < 2) return;
   // The table's B is a whole backward and its F&B an F paired with a whole
   // backward; split runs measured B and F&B without their W.

@@ -21,6 +21,11 @@ for b in "${bins[@]}"; do ldd "$b"; done | awk '/=> \//{print $3}' | sort -u | w
   [[ $name =~ $skip ]] && continue
   cp -L "$lib" .device/lib/
 done
+# CUPTI (the kernel timeline) is dlopen'ed too, and its records must match
+# the headers it was built with: bring ours.
+for c in /usr/local/cuda/lib64/libcupti.so.13 /usr/local/cuda/extras/CUPTI/lib64/libcupti.so.13; do
+  [ -f "$c" ] && cp -L "$c" .device/lib/ && break
+done
 strip --strip-unneeded .device/bin/* .device/lib/* 2>/dev/null || true
 tar -cJf .device.tar.xz .device
 du -sh .device .device.tar.xz

@@ -510,6 +510,7 @@ Expected<StepReport> DistributedTrainer::Step() {
   TROUPE_ASSIGN_OR_RETURN(timing_.comm_hidden_s, SumOverWorld(hidden, Tag(TagKind::kWorld, 12)));
   if (kernel_timeline_) {
     TROUPE_ASSIGN_OR_RETURN(timing_.kernel_comm_s, SumOverWorld(kernels.comm_s, Tag(TagKind::kWorld, 13)));
+    TROUPE_ASSIGN_OR_RETURN(timing_.kernel_compute_s, SumOverWorld(kernels.compute_s, Tag(TagKind::kWorld, 13)));
     TROUPE_ASSIGN_OR_RETURN(timing_.kernel_hidden_s, SumOverWorld(kernels.hidden_s, Tag(TagKind::kWorld, 13)));
   }
   {

@@ -62,7 +62,7 @@ struct StepTiming {
   // pipeline ops only, from the device's record of its kernels: the time
   // communication kernels ran, and the part of it during which compute
   // kernels ran too (gpu/kernel_overlap.h).
-  double kernel_comm_s = 0, kernel_hidden_s = 0;
+  double kernel_comm_s = 0, kernel_compute_s = 0, kernel_hidden_s = 0;
 };
 
 // Whether parallel.overlap_pairs asks F&B pairs to run their chunks at once
