@@ -48,6 +48,8 @@ int RunTrain(const TrainFlags& f) {
     if (!f.weights.empty() || f.profile)
       return Fail(Status::Unimplemented(
           "a distributed run (more than one rank in [parallel]) does not take --weights or --profile yet"));
+    if (f.kernel_timeline && tc.device == "cpu")
+      return Fail(Status::InvalidArgument("--kernel-timeline measures GPU ranks' kernels; this run's device is cpu"));
     DistFlags d;
     d.config = f.config;
     d.device = f.device;
@@ -62,6 +64,10 @@ int RunTrain(const TrainFlags& f) {
     d.resume = f.resume;
     return LaunchDistributedTrain(d, *job);
   }
+  if (f.kernel_timeline)
+    return Fail(
+        Status::Unimplemented("--kernel-timeline is for distributed runs (more than one rank); one process "
+                              "has no communication kernels to measure"));
   auto backend = MakeBackend(tc.device, tc.threads, f.precision);
   if (!backend.ok()) return Fail(backend.status());
   // --profile: every backend op timed on the device clock; the table is

@@ -334,6 +334,9 @@ TEST_F(CliTest, BadParallelAndScheduleInputsAreOneError) {
   EXPECT_FAILS((Args{"train", "--config", "cfg.toml", "--pp", "2", "--resume", "latest"}), "--resume");
   EXPECT_FAILS((Args{"rank", "--config", "cfg.toml", "--rank", "5", "--world", "2", "--run-dir", "d"}), "--rank 5",
                "--world 2");
+  EXPECT_FAILS((Args{"train", "--config", "cfg.toml", "--pp", "2", "--device", "cpu", "--kernel-timeline"}),
+               "--kernel-timeline", "cpu");
+  EXPECT_FAILS((Args{"train", "--config", "cfg.toml", "--kernel-timeline"}), "--kernel-timeline", "distributed");
   EXPECT_FAILS((Args{"schedule", "--kind", "nope", "--pp", "2", "--micro", "4"}), "--kind", "nope");
   EXPECT_FAILS((Args{"schedule", "--kind", "dualpipe", "--pp", "3", "--micro", "6"}), "even");
   EXPECT_FAILS((Args{"schedule", "--kind", "1f1b", "--pp", "0", "--micro", "4"}), "--pp");

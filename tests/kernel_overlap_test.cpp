@@ -1,9 +1,9 @@
 // The overlap of communication kernels with compute kernels, from a
 // device's kernel record (gpu/kernel_overlap.h): unions per kind, then the
 // part of the communication time some compute kernel covered.
-#include <gtest/gtest.h>
-
 #include "gpu/kernel_overlap.h"
+
+#include <gtest/gtest.h>
 
 namespace troupe {
 namespace {

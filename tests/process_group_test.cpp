@@ -466,7 +466,8 @@ TEST_F(ZmqGroupTest, ARankWhoseKeyIsNotAllowedCannotJoin) {
         // silence ("no handshake"); the impostor, whose own handshake may pass before rank 0 gives up, can hear
         // only that rank 0 never said hello ("no hello from ranks 0"). Each names the other rank.
         const std::string other = "rank " + std::to_string(1 - r);
-        const bool clear = msg.find(other) != std::string::npos || msg.find("no hello from ranks 0") != std::string::npos;
+        const bool clear =
+            msg.find(other) != std::string::npos || msg.find("no hello from ranks 0") != std::string::npos;
         const bool said = msg.find("refused") != std::string::npos || msg.find("no handshake") != std::string::npos ||
                           msg.find("no hello from ranks") != std::string::npos;
         return clear && said ? 0 : Fail(r, 3, "error does not name " + other + " and a refusal");
