@@ -35,7 +35,7 @@ Expected<RankPlan> PlanRanks(const JobConfig& job, const std::map<std::string, i
   if (smallest.dp == 0) smallest.dp = 1;
   auto possible = parallel::PlanLayout(job.model, job.train, smallest, per_replica * smallest.dp);
   if (!possible.ok()) return Status::InvalidArgument(possible.status().message());
-  int available = 0;
+  int64_t available = 0;
   for (const auto& [id, n] : workers) available += std::max(0, n);
   const auto too_few = [&](int need) {
     return Status::NotFound("the layout needs " + std::to_string(need) + " workers; the live nodes have " +
@@ -46,7 +46,9 @@ Expected<RankPlan> PlanRanks(const JobConfig& job, const std::map<std::string, i
     return Place(*possible, workers);
   }
   // dp = 0: the most replicas that fit and split the global batch.
-  for (int dp = available / per_replica; dp >= 1; --dp) {
+  // A replica needs a sequence of the global batch at least.
+  const int most = static_cast<int>(std::min<int64_t>(available / per_replica, std::max(1, job.train.batch_size)));
+  for (int dp = most; dp >= 1; --dp) {
     par.dp = dp;
     auto layout = parallel::PlanLayout(job.model, job.train, par, per_replica * dp);
     if (layout.ok()) return Place(*layout, workers);
@@ -89,14 +91,18 @@ Expected<std::vector<std::pair<WorkerSlot, protocol::RankTable>>> RankRendezvous
     return Status::InvalidArgument(who + ": the attempt has " + std::to_string(ranks_.size()) + " ranks");
   if (ranks_[a.rank].node_id != a.node_id)
     return Status::InvalidArgument(who + ": that rank runs on node " + ranks_[a.rank].node_id);
-  if (a.round == 0 && (!IsTcpEndpoint(a.endpoint) || !transport::ValidateKey(a.public_key).ok()))
+  if (!IsTcpEndpoint(a.endpoint) || !transport::ValidateKey(a.public_key).ok())
     return Status::InvalidArgument(who + ": malformed address (endpoint '" + a.endpoint.substr(0, 64) + "', a key of " +
                                    std::to_string(a.public_key.size()) + " characters)");
-  Entry& e = rounds_[a.round][a.rank];
-  const bool repeat = e.set;
-  if (repeat && (e.endpoint != a.endpoint || e.public_key != a.public_key))
-    return Status::InvalidArgument(who + ": a second, different entry for round " + std::to_string(a.round));
-  e = Entry{true, a.endpoint, a.public_key};
+  // An entry of round 1 stands for round 0 too: a coordinator that restarted
+  // mid-rendezvous learns round 0 from ranks that are past it.
+  for (int round = 0; round <= a.round; ++round) {
+    const Entry& e = rounds_[round][a.rank];
+    if (e.set && (e.endpoint != a.endpoint || e.public_key != a.public_key))
+      return Status::InvalidArgument(who + ": a second, different entry for round " + std::to_string(round));
+  }
+  const bool repeat = rounds_[a.round][a.rank].set;
+  for (int round = 0; round <= a.round; ++round) rounds_[round][a.rank] = Entry{true, a.endpoint, a.public_key};
   std::vector<std::pair<WorkerSlot, protocol::RankTable>> out;
   for (const Entry& x : rounds_[a.round])
     if (!x.set) return out;

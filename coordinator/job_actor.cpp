@@ -171,6 +171,7 @@ void TryAssignRanks(Self self, const JobConfig& cfg) {
     a.dp = r.dp;
     if (!st.shared_dir.empty()) a.checkpoint_dir = st.shared_dir + "/checkpoints";
     a.resume_id = resume;
+    a.ranked = true;
     self->send(st.nodes[r.ranks[rank].node_id], a);
   }
   Save(self);
@@ -245,6 +246,10 @@ job_actor::behavior_type JobActor(Self self, JobRecord record, std::shared_ptr<S
   if (auto cfg = ParseConfigText(record.toml_text, record.config_path); cfg.ok())
     self->state.log_every = std::max(1, cfg->train.log_every);
   self->state.tracker = std::make_unique<JobTracker>(std::move(record));
+  // A coordinator that restarts while a distributed attempt runs takes up
+  // its rendezvous where it is (ranks repeat their entries until answered).
+  if (const JobRecord& r = self->state.tracker->record(); r.state == JobState::kRunning && !r.ranks.empty())
+    self->state.rendezvous.Reset(r.attempt, r.ranks);
   self->state.store = std::move(store);
   Save(self);
   return {
@@ -310,7 +315,13 @@ job_actor::behavior_type JobActor(Self self, JobRecord record, std::shared_ptr<S
         auto& st = self->state;
         auto tables = st.rendezvous.Add(a);
         if (!tables.ok()) {
-          spdlog::warn("job: rendezvous entry refused: {}", tables.status().message());
+          spdlog::debug("job: rendezvous entry refused: {}", tables.status().message());
+          // A rank of an attempt that is over waits for a table that will not
+          // come: tell its worker to stop it (its StopJob may have been lost).
+          const JobRecord& r = st.tracker->record();
+          auto it = st.nodes.find(a.node_id);
+          if ((a.attempt != r.attempt || r.state != JobState::kRunning) && it != st.nodes.end())
+            self->send(it->second, StopJob{a.attempt, a.worker, "stale attempt"});
           return;
         }
         for (auto& [slot, table] : *tables) {
@@ -361,6 +372,14 @@ job_actor::behavior_type JobActor(Self self, JobRecord record, std::shared_ptr<S
         if (r.state == JobState::kCompleted) std::printf("job: completed at step %d\n", r.step);
         std::fflush(stdout);
         if (!m.checkpoint_id.empty() && st.grow_to_dp > 0 && r.state == JobState::kRunning) {
+          // The workers may have left again since: grow only if they still allow more replicas.
+          auto cfg = ParseConfigText(r.toml_text, r.config_path);
+          auto plan = cfg.ok() ? PlanRanks(*cfg, st.workers) : Expected<RankPlan>(cfg.status());
+          if (!plan.ok() || plan->dp <= r.dp) {
+            st.grow_to_dp = 0;
+            return;
+          }
+          st.grow_to_dp = plan->dp;
           const uint64_t attempt = r.attempt;
           const std::vector<WorkerSlot> ranks = r.ranks;
           const std::string why =

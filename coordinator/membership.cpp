@@ -14,26 +14,29 @@ std::optional<uint64_t> IdNumber(const std::string& id) {
   return v;
 }
 
-bool IsLive(NodeState s) {
-  return s == NodeState::kAlive || s == NodeState::kUnconfirmed || s == NodeState::kDraining;
-}
+bool IsLive(NodeState s) { return s == NodeState::kAlive || s == NodeState::kUnconfirmed || s == NodeState::kDraining; }
 
 }  // namespace
 
 const char* NodeStateName(NodeState s) {
   switch (s) {
-    case NodeState::kAlive: return "alive";
-    case NodeState::kUnconfirmed: return "unconfirmed";
-    case NodeState::kDraining: return "draining";
-    case NodeState::kDead: return "dead";
-    case NodeState::kLeft: return "left";
+    case NodeState::kAlive:
+      return "alive";
+    case NodeState::kUnconfirmed:
+      return "unconfirmed";
+    case NodeState::kDraining:
+      return "draining";
+    case NodeState::kDead:
+      return "dead";
+    case NodeState::kLeft:
+      return "left";
   }
   return "unknown";
 }
 
 Expected<NodeState> ParseNodeState(std::string_view name) {
-  for (NodeState s : {NodeState::kAlive, NodeState::kUnconfirmed, NodeState::kDraining, NodeState::kDead,
-                      NodeState::kLeft})
+  for (NodeState s :
+       {NodeState::kAlive, NodeState::kUnconfirmed, NodeState::kDraining, NodeState::kDead, NodeState::kLeft})
     if (name == NodeStateName(s)) return s;
   return Status::Corruption("unknown node state '" + std::string(name) + "'");
 }
@@ -79,7 +82,9 @@ void Membership::SetState(NodeRecord& n, NodeState s) {
 
 Expected<JoinResult> Membership::Join(const NodeSpec& spec) {
   if (spec.name.empty()) return Status::InvalidArgument("join: empty node name");
-  if (spec.capacity < 0) return Status::InvalidArgument("join: negative capacity");
+  if (spec.capacity < 0 || spec.capacity > kMaxCapacity)
+    return Status::InvalidArgument("join: capacity " + std::to_string(spec.capacity) + " is not 0.." +
+                                   std::to_string(kMaxCapacity) + " workers");
   JoinResult res;
   NodeRecord* known = nullptr;
   for (auto& [num, n] : nodes_)

@@ -95,6 +95,9 @@ struct MembershipSnapshot {
   std::vector<NodeRecord> nodes;  // last_heartbeat is not durable
 };
 
+// The most workers a node may bring (GPUs or CPU slots): a larger claim is refused at join.
+inline constexpr int kMaxCapacity = 1024;
+
 class Membership {
  public:
   explicit Membership(MembershipOptions options = {}, ClockFn now = nullptr);

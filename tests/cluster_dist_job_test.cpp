@@ -75,7 +75,7 @@ TEST(PlanRanks, TooFewWorkersWaitAndAnImpossibleLayoutFails) {
 
 protocol::RankAddress Entry(const std::string& node, uint64_t attempt, int rank, int round, const std::string& endpoint,
                             const std::string& key) {
-  return protocol::RankAddress{node, attempt, rank, round, endpoint, key};
+  return protocol::RankAddress{node, attempt, rank, round, endpoint, key, 0};
 }
 
 TEST(RankRendezvous, HandsEveryRankTheWholeTableOnceAllAreIn) {
@@ -109,11 +109,27 @@ TEST(RankRendezvous, HandsEveryRankTheWholeTableOnceAllAreIn) {
   EXPECT_EQ((*again)[0].first.node_id, "n2");
   EXPECT_EQ((*again)[0].second.worker, 3);
   EXPECT_EQ((*again)[0].second.endpoints.size(), 2u);
-  ASSERT_TRUE(r.Add(Entry("n2", 5, 1, 1, "", "")).ok());
-  auto ready = r.Add(Entry("n1", 5, 0, 1, "", ""));
+  ASSERT_TRUE(r.Add(Entry("n2", 5, 1, 1, "tcp://10.0.0.2:4001", k1->public_key)).ok());
+  auto ready = r.Add(Entry("n1", 5, 0, 1, "tcp://127.0.0.1:4000", k0->public_key));
   ASSERT_TRUE(ready.ok()) << ready.status().message();
   ASSERT_EQ(ready->size(), 2u);
   EXPECT_EQ((*ready)[0].second.round, 1);
+  // A coordinator that restarted mid-rendezvous: rank 0 is past round 0
+  // (it repeats round 1), rank 1 still waits for round 0's table.
+  RankRendezvous restarted;
+  restarted.Reset(5, {{"n1", 0}, {"n2", 3}});
+  auto r1 = restarted.Add(Entry("n1", 5, 0, 1, "tcp://127.0.0.1:4000", k0->public_key));
+  ASSERT_TRUE(r1.ok()) << r1.status().message();
+  EXPECT_TRUE(r1->empty());
+  auto r0 = restarted.Add(Entry("n2", 5, 1, 0, "tcp://10.0.0.2:4001", k1->public_key));
+  ASSERT_TRUE(r0.ok()) << r0.status().message();
+  ASSERT_EQ(r0->size(), 2u);  // round 0 complete: rank 0's round-1 entry stood for its round 0
+  EXPECT_EQ((*r0)[0].second.round, 0);
+  EXPECT_EQ((*r0)[0].second.endpoints[0], "tcp://127.0.0.1:4000");
+  auto r1done = restarted.Add(Entry("n2", 5, 1, 1, "tcp://10.0.0.2:4001", k1->public_key));
+  ASSERT_TRUE(r1done.ok());
+  ASSERT_EQ(r1done->size(), 2u);  // and round 1
+  EXPECT_EQ((*r1done)[0].second.round, 1);
   // A new attempt starts from nothing.
   r.Reset(6, {{"n1", 0}, {"n2", 3}});
   auto stale = r.Add(Entry("n1", 5, 0, 0, "tcp://127.0.0.1:4000", k0->public_key));
@@ -135,6 +151,7 @@ TEST(RankRendezvous, RefusesEntriesANodeMayNotMake) {
       {Entry("n1", 2, 2, 0, good, k->public_key), "has 2 ranks"},
       {Entry("n1", 2, -1, 0, good, k->public_key), "has 2 ranks"},
       {Entry("n1", 2, 0, 7, good, k->public_key), "is not 0 or 1"},
+      {Entry("n1", 2, 0, 1, "", ""), "malformed address"},  // round 1 carries the address too
       {Entry("n1", 2, 0, 0, "ipc:///tmp/x", k->public_key), "malformed address"},
       {Entry("n1", 2, 0, 0, "tcp://127.0.0.1:0", k->public_key), "malformed address"},
       {Entry("n1", 2, 0, 0, "tcp://127.0.0.1:99999", k->public_key), "malformed address"},

@@ -49,6 +49,20 @@ TEST(Membership, JoinAssignsIdsAndBumpsEpoch) {
   EXPECT_FALSE(m.Join(Spec("")).ok());
 }
 
+TEST(Membership, AnImpossibleCapacityIsRefused) {
+  FakeClock c;
+  Membership m({}, c.fn());
+  NodeSpec huge = Spec("node1");
+  huge.capacity = 1 << 30;  // would make the planner loop and place ranks on workers the node lacks
+  auto r = m.Join(huge);
+  ASSERT_FALSE(r.ok());
+  EXPECT_NE(r.status().message().find("capacity 1073741824 is not 0..1024"), std::string::npos) << r.status().message();
+  huge.capacity = -1;
+  EXPECT_FALSE(m.Join(huge).ok());
+  huge.capacity = 1024;
+  EXPECT_TRUE(m.Join(huge).ok());
+}
+
 TEST(Membership, HeartbeatsKeepANodeAliveAndSilenceKillsIt) {
   FakeClock c;
   Membership m({500ms, 3000ms}, c.fn());
@@ -276,8 +290,7 @@ TEST_F(StateStoreTest, DamagedOrUnknownVersionValuesAreClearErrors) {
       {R"({"format":"troupe.membership","version":99,"epoch":1})", "format version 99"},
       {R"({"format":"troupe.membership","version":1,"epoch":"x","next_id":1,"nodes":[]})", "wrong type"},
       {R"({"format":"troupe.membership","version":1,"epoch":1,"next_id":1})", "lacks field 'nodes'"},
-      {R"({"format":"troupe.membership","version":1,"epoch":1,"next_id":1,"nodes":[{"id":"bad"}]})",
-       "lacks field"},
+      {R"({"format":"troupe.membership","version":1,"epoch":1,"next_id":1,"nodes":[{"id":"bad"}]})", "lacks field"},
   };
   for (const auto& [value, expect] : bad) {
     ASSERT_TRUE(st.PutRaw("membership", value).ok());

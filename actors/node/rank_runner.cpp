@@ -35,11 +35,11 @@ namespace {
 // normally noticed sooner: the coordinator stops the attempt when its node
 // misses heartbeats, and the stop aborts this rank's group.
 constexpr int kPeerTimeoutMs = 120000;
-// The process group's bootstrap. Its waits for the other ranks (the
-// rendezvous) end on a stop instead: a rank may start late while its
-// worker's previous runner finishes a checkpoint write. Only the last
-// seconds, connecting to ranks that are all ready, are bounded by this.
-constexpr int kBootstrapTimeoutMs = 600000;
+// The process group's connections, once every rank is ready. The waits for
+// the other ranks before that (the rendezvous) have no deadline and end on
+// a stop instead: a rank may start late while its worker's previous runner
+// finishes a checkpoint write.
+constexpr int kConnectTimeoutMs = 60000;
 // A rank repeats its rendezvous entry this often until its table comes
 // (frames are dropped while a node reconnects to the coordinator).
 constexpr auto kRendezvousRepeat = std::chrono::seconds(2);
@@ -48,10 +48,10 @@ constexpr auto kRendezvousRepeat = std::chrono::seconds(2);
 class CoordinatorRendezvous final : public parallel::Rendezvous {
  public:
   CoordinatorRendezvous(caf::blocking_actor* self, worker_actor worker, const JobAssign& job, const RunControl& control)
-      : self_(self), worker_(std::move(worker)), attempt_(job.attempt), control_(control) {}
+      : self_(self), worker_(std::move(worker)), attempt_(job.attempt), worker_index_(job.worker), control_(control) {}
 
   Status Publish(int rank, const parallel::PeerAddress& address) override {
-    entry_ = RankAddress{"", attempt_, rank, 0, address.endpoint, address.public_key};
+    entry_ = RankAddress{"", attempt_, rank, 0, address.endpoint, address.public_key, worker_index_};
     self_->send(worker_, entry_);
     return Status::Ok();
   }
@@ -68,7 +68,7 @@ class CoordinatorRendezvous final : public parallel::Rendezvous {
   }
 
   Status MarkReady(int rank) override {
-    entry_ = RankAddress{"", attempt_, rank, 1, "", ""};
+    entry_.round = 1;  // with the round-0 address: a restarted coordinator learns it from here
     self_->send(worker_, entry_);
     return Status::Ok();
   }
@@ -100,6 +100,7 @@ class CoordinatorRendezvous final : public parallel::Rendezvous {
   caf::blocking_actor* self_;
   worker_actor worker_;
   uint64_t attempt_;
+  int32_t worker_index_;
   const RunControl& control_;
   RankAddress entry_;  // this rank's entry of the round in progress
 };
@@ -147,7 +148,7 @@ void RankRunner(caf::blocking_actor* self, JobAssign job, WorkerDevice device, w
   if (!key.ok()) return fail(key.status());
   CoordinatorRendezvous rendezvous(self, worker, job, *control);
   auto group =
-      parallel::CreateZmqGroup(job.rank, job.world, *key, "tcp://" + rank_host + ":0", rendezvous, kBootstrapTimeoutMs);
+      parallel::CreateZmqGroup(job.rank, job.world, *key, "tcp://" + rank_host + ":0", rendezvous, kConnectTimeoutMs);
   if (!group.ok()) return fail(group.status().WithContext(me));
   control->SetGroup(group->get());
   GroupRegistration registered{*control};

@@ -160,10 +160,11 @@ struct JobAssign {
   int32_t dp = 1;
   std::string checkpoint_dir;  // the job's shared checkpoint folder (empty: none)
   std::string resume_id;       // distributed: the checkpoint in it to resume from (empty: step 0)
+  bool ranked = false;         // a rank of a distributed job (world may be 1 when the job shrank to one worker)
   template <class Archive>
   void serialize(Archive& ar) {
     ar(attempt, worker, config_name, toml_text, resume_manifest, live_nodes, rank, world, dp, checkpoint_dir,
-       resume_id);
+       resume_id, ranked);
   }
 };
 
@@ -317,11 +318,12 @@ struct RankAddress {
   std::string node_id;
   uint64_t attempt = 0;
   int32_t rank = 0;
-  int32_t round = 0;
-  std::string endpoint;    // tcp://HOST:PORT (round 0)
-  std::string public_key;  // Z85, 40 characters (round 0)
+  int32_t round = 0;       // the round reached: an entry of round 1 stands for round 0 too
+  std::string endpoint;    // tcp://HOST:PORT
+  std::string public_key;  // Z85, 40 characters
+  int32_t worker = 0;      // the worker running the rank (a stale one is told to stop)
   template <class Archive>
-  void serialize(Archive& ar) { ar(node_id, attempt, rank, round, endpoint, public_key); }
+  void serialize(Archive& ar) { ar(node_id, attempt, rank, round, endpoint, public_key, worker); }
 };
 
 // coordinator -> node: for the rank that `worker` runs.

@@ -1,5 +1,3 @@
-#include "gpu/cuda/kernel_timeline.h"
-
 #include <cuda_runtime.h>
 #include <cupti.h>
 #include <dlfcn.h>
@@ -8,6 +6,8 @@
 #include <map>
 #include <mutex>
 #include <string>
+
+#include "gpu/cuda/kernel_timeline.h"
 
 namespace troupe::cuda_timeline {
 namespace {
@@ -46,6 +46,7 @@ void CUPTIAPI BufferCompleted(CUcontext, uint32_t, uint8_t* buffer, size_t, size
   while (g_cupti.next_record(buffer, valid, &record) == CUPTI_SUCCESS) {
     if (record->kind != CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL && record->kind != CUPTI_ACTIVITY_KIND_KERNEL) continue;
     const auto* k = reinterpret_cast<const CUpti_ActivityKernel10*>(record);
+    if (k->start == 0 || k->end <= k->start) continue;  // incomplete (a forced flush)
     g_spans[k->deviceId].push_back({k->start, k->end, k->name != nullptr && IsCommKernel(k->name)});
   }
   std::free(buffer);
@@ -67,9 +68,9 @@ Status Start() {
   if (lib == nullptr) lib = dlopen("libcupti.so", RTLD_NOW | RTLD_LOCAL);
   if (lib == nullptr) return g_started = Status::Unimplemented(std::string("no kernel timeline: ") + dlerror());
   Cupti c;
-  if (!Bind(lib, "cuptiActivityRegisterCallbacks", c.register_callbacks) || !Bind(lib, "cuptiActivityEnable", c.enable) ||
-      !Bind(lib, "cuptiActivityFlushAll", c.flush_all) || !Bind(lib, "cuptiActivityGetNextRecord", c.next_record) ||
-      !Bind(lib, "cuptiGetResultString", c.result_string))
+  if (!Bind(lib, "cuptiActivityRegisterCallbacks", c.register_callbacks) ||
+      !Bind(lib, "cuptiActivityEnable", c.enable) || !Bind(lib, "cuptiActivityFlushAll", c.flush_all) ||
+      !Bind(lib, "cuptiActivityGetNextRecord", c.next_record) || !Bind(lib, "cuptiGetResultString", c.result_string))
     return g_started = Status::Unimplemented("no kernel timeline: libcupti lacks the activity API");
   g_cupti = c;
   CUptiResult r = c.register_callbacks(BufferRequested, BufferCompleted);

@@ -35,10 +35,11 @@ namespace {
 
 // A folder's RocksDB admits one writer. When a cluster job is replanned, a
 // stopped attempt's rank may still be closing the catalog or a store that
-// the next attempt's rank opens: wait for it, for a while.
+// the next attempt's rank opens: wait for it, longer than a rank waits for
+// a peer (a partitioned node's rank holds on until then).
 template <class OpenFn>
 auto OpenWhenFree(OpenFn&& open) -> decltype(open()) {
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(180);
   for (;;) {
     auto r = open();
     if (r.ok() || r.status().message().find("lock") == std::string::npos ||

@@ -162,7 +162,8 @@ class FileRendezvous final : public Rendezvous {
 // One process per rank over CURVE-authenticated ZeroMQ. The rank binds a SecureServer on `bind_endpoint` ("tcp://
 // 127.0.0.1:0" picks a free port) whose allow-list is exactly the other ranks' published keys, publishes its
 // address, waits for everyone's, marks itself ready, connects one SecureClient to every other rank and waits for
-// each CURVE handshake and for a hello from every rank. connect_timeout_ms bounds the whole bootstrap; the error
+// each CURVE handshake and for a hello from every rank. connect_timeout_ms bounds the rendezvous's waits (the
+// rendezvous may wait longer, or end them itself) and, from the moment every rank is ready, again the connecting; the error
 // names the ranks that never answered or that refused us. A message whose claimed sender does not own the key
 // its connection authenticated with is dropped and counted. The rendezvous is trusted: whoever can write it
 // decides the allow-lists. Destruction sends what is still queued, waiting up to 1 s per unreachable peer.

@@ -157,8 +157,11 @@ Status ZmqGroup::Start(const std::string& bind_endpoint, Rendezvous& rendezvous,
   TROUPE_RETURN_IF_ERROR(rendezvous.MarkReady(rank_).WithContext(me));
   TROUPE_RETURN_IF_ERROR(rendezvous.WaitAllReady(size_, RemainingMs(deadline)).WithContext(me));
 
+  // Every rank is ready: connecting gets a timeout of its own, whatever the
+  // rendezvous took (a rendezvous may wait on late ranks as long as it likes).
+  const auto connect_deadline = Clock::now() + std::chrono::milliseconds(timeout_ms);
   auto connected_future = connected_.get_future();
-  send_thread_ = std::thread(&ZmqGroup::SendLoop, this, deadline);
+  send_thread_ = std::thread(&ZmqGroup::SendLoop, this, connect_deadline);
   TROUPE_RETURN_IF_ERROR(connected_future.get().WithContext(me));
 
   // Our handshakes only prove our clients got in; a hello from each peer proves theirs did too, i.e. that every
@@ -169,7 +172,7 @@ Status ZmqGroup::Start(const std::string& bind_endpoint, Rendezvous& rendezvous,
   std::vector<std::string> silent;
   for (int p = 0; p < size_; ++p) {
     if (p == rank_) continue;
-    if (!mailbox_.Take(rank_, p, kReservedTag, RemainingMs(deadline), nullptr).ok())
+    if (!mailbox_.Take(rank_, p, kReservedTag, RemainingMs(connect_deadline), nullptr).ok())
       silent.push_back(std::to_string(p));
   }
   if (!silent.empty()) {
