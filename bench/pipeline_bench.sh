@@ -19,7 +19,9 @@
 # tokens/s over 1F1B's in the same run. Needs pp x ep x threads cores to mean
 # anything: ranks that share cores stretch each other's chunks. On GPUs
 # (-d cuda) -n sets parallel.device_comm (auto, nccl, host): how gradient
-# buckets, expert rows and stage-to-stage transfers travel (docs/parallel.md, "NCCL on GPU ranks").
+# buckets, expert rows and stage-to-stage transfers travel (docs/parallel.md, "NCCL on GPU ranks"),
+# and the runs take --kernel-timeline: the "device" column is the share of
+# the NCCL kernels' time during which compute kernels ran (CUPTI records).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -73,17 +75,19 @@ with_pairs off
 
 echo "config $config_name, device $device (device_comm $device_comm), pp $pp, ep $ep, $micro micro-batches, $steps steps, $threads threads per rank, $(nproc) cores, load $(cut -d' ' -f1 /proc/loadavg)"
 echo
-echo "| schedule | bubble measured | formula | simulated | chunk times (ms) | chunk waits (ms/step, all ranks) | hidden by pairs | tokens/s | vs 1f1b |"
-echo "|---|---|---|---|---|---|---|---|---|"
+echo "| schedule | bubble measured | formula | simulated | chunk times (ms) | chunk waits (ms/step, all ranks) | hidden by pairs | device: NCCL time overlapped | tokens/s | vs 1f1b |"
+echo "|---|---|---|---|---|---|---|---|---|---|"
 base=""
+timeline=()
+[ "$device" = cuda ] && timeline=(--kernel-timeline)
 for run in 1f1b zb1p dualpipe dualpipe-serial dualpipev dualpipev-serial; do
   sched=${run%-serial}
   cfg=$out/pairs-on.toml
   [ "$run" = "$sched" ] || cfg=$out/pairs-off.toml
   log="$out/$run.log"
   if ! "$troupe" train --config "$cfg" --pp "$pp" --ep "$ep" --schedule "$sched" --micro-batches "$micro" --steps "$steps" \
-      --device "$device" --threads "$threads" --out "$out/$run" >"$log" 2>&1; then
-    echo "| $run | refused: $(grep -o 'error: .*' "$log" | head -1) | | | | | | | |"
+      --device "$device" --threads "$threads" --out "$out/$run" "${timeline[@]}" >"$log" 2>&1; then
+    echo "| $run | refused: $(grep -o 'error: .*' "$log" | head -1) | | | | | | | | |"
     continue
   fi
   bubble=$(grep '^bubble' "$log")
@@ -94,8 +98,9 @@ for run in 1f1b zb1p dualpipe dualpipe-serial dualpipev dualpipev-serial; do
   wait=$(sed -E 's/.*waited ([0-9.]+) ms.*/\1/' <<<"$comm")
   hidden=$(grep -o '[0-9.]*% of it hidden' <<<"$comm" | sed 's/ of it hidden//' || true)
   chunks=$(grep '^pipeline' "$log" | grep -v '^pipeline transfers' | sed -E 's/.*sync; //')
+  overlapped=$(grep '^device timeline' "$log" | grep -o '([0-9.]*% of it hidden)' | tr -d '()' | sed 's/ of it hidden//' || true)
   tps=$(grep '^done:' "$log" | sed -E 's/.*; ([0-9]+) training tokens.*/\1/')
   [ -n "$base" ] || base=$tps
   ratio=$(awk -v a="$tps" -v b="$base" 'BEGIN { printf "%.2f", a / b }')
-  echo "| $run | $measured | $formula | $simulated | $chunks | $wait | ${hidden:--} | $tps | $ratio |"
+  echo "| $run | $measured | $formula | $simulated | $chunks | $wait | ${hidden:--} | ${overlapped:--} | $tps | $ratio |"
 done
