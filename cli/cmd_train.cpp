@@ -162,13 +162,8 @@ int RunTrain(const TrainFlags& f) {
         // The stall: wait for the previous save (one staging copy at most) + the device-to-host copy.
         const auto t0 = std::chrono::steady_clock::now();
         if (auto done = ckpt->WaitIdle()) PrintSave(*done);
-        std::map<std::string, double> metrics = {{"loss", r->loss.total},
-                                                 {"main_loss", r->loss.main},
-                                                 {"lr", r->lr},
-                                                 {"grad_norm", r->grad_norm},
-                                                 {"tokens_per_s", r->tokens / r->seconds}};
-        if (evaluated) metrics["val_loss"] = last_val;  // the latest evaluation's
-        auto snap = trainer.Capture(metrics);
+        // With the latest evaluation's loss.
+        auto snap = trainer.Capture(CheckpointMetrics(*r, evaluated ? std::optional<double>(last_val) : std::nullopt));
         if (!snap.ok()) return Fail(snap.status());
         ckpt->Submit(std::move(snap).value());
         const double stall = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();

@@ -255,14 +255,9 @@ int RunRank(const RankFlags& f) {
         // The stall: this rank's previous save, the moments' gather and the device-to-host copies.
         const auto t0 = std::chrono::steady_clock::now();
         report_saves(ckpt->WaitIdle());
-        std::map<std::string, double> metrics = {{"loss", r->loss.total},
-                                                 {"main_loss", r->loss.main},
-                                                 {"lr", r->lr},
-                                                 {"grad_norm", r->grad_norm},
-                                                 {"tokens_per_s", r->tokens / r->seconds}};
-        if (last_val > 0) metrics["val_loss"] = last_val;
         std::string skipped;
-        Status st = ckpt->Save(t, metrics, &skipped);
+        Status st = ckpt->Save(t, CheckpointMetrics(*r, last_val > 0 ? std::optional<double>(last_val) : std::nullopt),
+                               &skipped);
         if (!st.ok()) return Fail(st.WithContext("rank " + std::to_string(f.rank) + " checkpoint"));
         const double stall = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
         stall_seconds += stall;

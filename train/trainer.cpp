@@ -26,6 +26,16 @@ Expected<std::vector<uint16_t>> ReadAll(const std::vector<std::string>& paths, i
 
 }  // namespace
 
+std::map<std::string, double> CheckpointMetrics(const StepReport& step, std::optional<double> val_loss) {
+  std::map<std::string, double> m{{"loss", step.loss.total},
+                                  {"main_loss", step.loss.main},
+                                  {"lr", step.lr},
+                                  {"grad_norm", step.grad_norm},
+                                  {"tokens_per_s", step.seconds > 0 ? step.tokens / step.seconds : 0}};
+  if (val_loss) m["val_loss"] = *val_loss;
+  return m;
+}
+
 Status OpenJobLoaders(const JobConfig& job, std::unique_ptr<data::TokenLoader>* train,
                       std::unique_ptr<data::TokenLoader>* val) {
   const int extra = 1 + job.model.num_nextn_predict_layers;

@@ -6,7 +6,9 @@
 // reproducible on the CPU backend whatever the thread count.
 #pragma once
 
+#include <map>
 #include <memory>
+#include <optional>
 #include <string>
 
 #include "common/status.h"
@@ -27,6 +29,10 @@ struct StepReport {
   int64_t tokens = 0;         // tokens in the batch (B * T)
   double max_load_ratio = 0;  // max over MoE layers of max_i load_i / mean load
 };
+
+// What a checkpoint's manifest keeps of the step it was taken after: the
+// losses, lr, grad norm and tokens/s, and the latest validation loss if any.
+std::map<std::string, double> CheckpointMetrics(const StepReport& step, std::optional<double> val_loss);
 
 // The job's training loader (seeded order) and validation loader (fixed
 // order), over its shards; a clear Status on missing or bad shards.

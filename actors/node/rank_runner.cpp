@@ -199,7 +199,7 @@ void RankRunner(caf::blocking_actor* self, JobAssign job, WorkerDevice device, w
       if (saving && r->step % cfg->checkpoint.every == 0 && !rep.done) {
         take_result(ckpt->WaitIdle());
         std::string skipped;
-        Status st = ckpt->Save(t, CheckpointMetrics(rep), &skipped);  // collective
+        Status st = ckpt->Save(t, CheckpointMetrics(*r, ValLossOf(rep)), &skipped);  // collective
         if (!st.ok()) return fail(st.WithContext(me + " checkpoint"));
         if (!skipped.empty())
           spdlog::warn("worker {}: checkpoint at step {} skipped: {}", job.worker, r->step, skipped);

@@ -68,16 +68,6 @@ StepReport ReportOfStep(const troupe::StepReport& step, int total_steps) {
   return rep;
 }
 
-std::map<std::string, double> CheckpointMetrics(const StepReport& r) {
-  std::map<std::string, double> m{{"loss", r.loss},
-                                  {"main_loss", r.main_loss},
-                                  {"lr", r.lr},
-                                  {"grad_norm", r.grad_norm},
-                                  {"tokens_per_s", r.tokens_per_s}};
-  if (r.val_loss >= 0) m["val_loss"] = r.val_loss;
-  return m;
-}
-
 void RunControl::Stop(const std::string& why) {
   std::lock_guard<std::mutex> lock(mu_);
   if (stopped_.exchange(true)) return;
@@ -167,7 +157,7 @@ void TrainerRunner(caf::blocking_actor* self, JobAssign job, WorkerDevice device
       // own copy (the replicas' copies are in flight by then).
       if (save_in_flight && !AwaitSaved(self, job, std::chrono::seconds(300)))
         return fail("checkpoint: the storage actor did not finish the previous save within 300 s");
-      auto snap = (*trainer)->Capture(CheckpointMetrics(rep));
+      auto snap = (*trainer)->Capture(CheckpointMetrics(*r, ValLossOf(rep)));
       if (!snap.ok()) return fail("checkpoint capture: " + snap.status().message());
       self->send(storage, save_atom_v, job.attempt, std::make_shared<ckpt::Snapshot>(std::move(snap).value()),
                  caf::actor_cast<caf::actor>(self));
