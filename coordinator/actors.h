@@ -16,14 +16,15 @@
 #pragma once
 
 #include <atomic>
+#include <caf/all.hpp>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
-
-#include <caf/all.hpp>
 
 #include "actors/protocol/actor_types.h"
 #include "actors/transport/socket.h"
+#include "configs/config.h"
 #include "coordinator/checkpoint_keeper.h"
 #include "coordinator/dist_job.h"
 #include "coordinator/job_record.h"
@@ -45,16 +46,16 @@ struct CoordinatorCounters {
 using ApiAnswer = std::pair<int, std::string>;
 
 using job_actor = caf::typed_actor<
-    caf::reacts_to<protocol::node_up_atom, std::string, protocol::node_actor, int32_t>,  // id, handle, workers
-    caf::reacts_to<protocol::node_down_atom, std::string, std::string>,                   // id, why
-    caf::reacts_to<protocol::StepReport>,                                                  // sender checked
+    caf::reacts_to<protocol::node_up_atom, std::string, protocol::node_actor, int32_t>,      // id, handle, workers
+    caf::reacts_to<protocol::node_down_atom, std::string, std::string>,                      // id, why
+    caf::reacts_to<protocol::StepReport>,                                                    // sender checked
     caf::reacts_to<protocol::CheckpointBegin>, caf::reacts_to<protocol::CheckpointWritten>,  // sender checked
-    caf::reacts_to<protocol::ShardsDurable>,                                               // sender checked
-    caf::reacts_to<protocol::RankAddress>,                                                 // sender checked
-    caf::reacts_to<caf::tick_atom>,                                                        // save timeouts
-    caf::replies_to<protocol::ckpt_atom>::with<int, std::string>,                          // JSON: checkpoints
-    caf::replies_to<caf::get_atom>::with<std::string>,                                     // JSON of the job
-    caf::replies_to<protocol::stop_atom>::with<int, std::string>>;                         // status, JSON
+    caf::reacts_to<protocol::ShardsDurable>,                                                 // sender checked
+    caf::reacts_to<protocol::RankAddress>,                                                   // sender checked
+    caf::reacts_to<caf::tick_atom>,                                                          // save timeouts
+    caf::replies_to<protocol::ckpt_atom>::with<int, std::string>,                            // JSON: checkpoints
+    caf::replies_to<caf::get_atom>::with<std::string>,                                       // JSON of the job
+    caf::replies_to<protocol::stop_atom>::with<int, std::string>>;                           // status, JSON
 
 using membership_actor = caf::typed_actor<
     caf::reacts_to<protocol::Join, protocol::PeerRef>, caf::reacts_to<protocol::Heartbeat, protocol::PeerRef>,
@@ -65,8 +66,8 @@ using membership_actor = caf::typed_actor<
     caf::reacts_to<protocol::ShardCopy, protocol::PeerRef>,  // relayed to `to_node`
     caf::reacts_to<protocol::ShardCopyEnd, protocol::PeerRef>, caf::reacts_to<protocol::ShardFetch, protocol::PeerRef>,
     caf::reacts_to<protocol::RankAddress, protocol::PeerRef>,
-    caf::reacts_to<caf::tick_atom>,                                          // failure detection
-    caf::replies_to<caf::get_atom>::with<std::string>,                       // JSON: epoch, counts, nodes
+    caf::reacts_to<caf::tick_atom>,                     // failure detection
+    caf::replies_to<caf::get_atom>::with<std::string>,  // JSON: epoch, counts, nodes
     caf::replies_to<protocol::drain_atom, std::string>::with<int, std::string>,
     caf::reacts_to<protocol::stop_atom>>;  // stops the bridge, then itself
 
@@ -92,10 +93,12 @@ struct JobActorState {
   std::map<std::string, int32_t> workers;             // their worker counts
   int log_every = 10;                                 // print a step line every this many steps
   std::chrono::steady_clock::time_point last_save{};  // progress is saved at most once a second
-  std::string shared_dir;      // distributed jobs' checkpoints: <shared_dir>/checkpoints (empty: none)
-  RankRendezvous rendezvous;   // the running distributed attempt's
-  std::string waiting;         // why a distributed job waits for workers (printed once per reason)
-  int grow_to_dp = 0;          // > 0: the live workers allow this many replicas; replan at the next checkpoint
+  std::string shared_dir;     // distributed jobs' checkpoints: <shared_dir>/checkpoints (empty: none)
+  RankRendezvous rendezvous;  // the running distributed attempt's
+  std::string waiting;        // why a distributed job waits for workers (printed once per reason)
+  int grow_to_dp = 0;         // > 0: the live workers allow this many replicas; replan at the next checkpoint
+  std::optional<JobConfig>
+      config;  // the job's, parsed once (the record's text never changes); none if it does not parse
   static inline const char* name = "job";
 };
 // `checkpoints` may be null (the catalog could not be opened): the job then
@@ -110,16 +113,15 @@ struct MembershipActorState {
   std::shared_ptr<StateStore> store;
   job_actor job;
   caf::actor bridge;
-  std::map<std::string, node_proxy_actor> proxies;    // node id -> proxy (kept for the coordinator's life)
-  std::map<std::string, std::string> routing;         // node id -> current transport routing id
+  std::map<std::string, node_proxy_actor> proxies;  // node id -> proxy (kept for the coordinator's life)
+  std::map<std::string, std::string> routing;       // node id -> current transport routing id
   std::shared_ptr<CoordinatorCounters> counters;
   uint64_t saved_epoch = 0;
   Clock::time_point started{};
   static inline const char* name = "membership";
 };
 membership_actor::behavior_type MembershipActor(membership_actor::stateful_pointer<MembershipActorState> self,
-                                                Membership membership,
-                                                std::shared_ptr<StateStore> store, job_actor job,
+                                                Membership membership, std::shared_ptr<StateStore> store, job_actor job,
                                                 std::shared_ptr<transport::SecureServer> server,
                                                 std::shared_ptr<CoordinatorCounters> counters);
 

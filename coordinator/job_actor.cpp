@@ -120,12 +120,11 @@ JobAssign NewAssign(const JobRecord& r, int worker) {
   return a;
 }
 
-// Tells every rank of an attempt still on a live node to stop (except on `skip`, a node already gone).
-void StopRanks(Self self, uint64_t attempt, const std::vector<WorkerSlot>& ranks, const std::string& why,
-               const std::string& skip = "") {
+// Tells every rank of an attempt still on a live node to stop.
+void StopRanks(Self self, uint64_t attempt, const std::vector<WorkerSlot>& ranks, const std::string& why) {
   for (const WorkerSlot& w : ranks) {
     auto it = self->state.nodes.find(w.node_id);
-    if (w.node_id != skip && it != self->state.nodes.end()) self->send(it->second, StopJob{attempt, w.worker, why});
+    if (it != self->state.nodes.end()) self->send(it->second, StopJob{attempt, w.worker, why});
   }
 }
 
@@ -177,20 +176,28 @@ void TryAssignRanks(Self self, const JobConfig& cfg) {
   Save(self);
 }
 
-// A running distributed job with parallel.dp = 0 that the live workers now
-// allow more replicas: it grows at its next committed checkpoint (growing
-// sooner would throw away the steps since the last one).
-void ConsiderGrowing(Self self) {
+// The replicas a running distributed job with parallel.dp = 0 and
+// checkpoints could grow to on the live workers; 0 when it cannot grow.
+int ReplicasToGrowTo(Self self) {
   auto& st = self->state;
   const JobRecord& r = st.tracker->record();
-  if (r.state != JobState::kRunning || st.shared_dir.empty()) return;
-  auto cfg = ParseConfigText(r.toml_text, r.config_path);
-  if (!cfg.ok() || !IsDistributed(cfg->parallel) || cfg->parallel.dp != 0 || cfg->checkpoint.every <= 0) return;
-  auto plan = PlanRanks(*cfg, st.workers);
-  if (!plan.ok() || plan->dp <= r.dp || plan->dp == st.grow_to_dp) return;
-  st.grow_to_dp = plan->dp;
-  std::printf("job: the live workers now allow %d replicas (running %d); the job grows at its next checkpoint\n",
-              plan->dp, r.dp);
+  if (r.state != JobState::kRunning || st.shared_dir.empty() || !st.config) return 0;
+  const JobConfig& cfg = *st.config;
+  if (!IsDistributed(cfg.parallel) || cfg.parallel.dp != 0 || cfg.checkpoint.every <= 0) return 0;
+  auto plan = PlanRanks(cfg, st.workers);
+  return plan.ok() && plan->dp > r.dp ? plan->dp : 0;
+}
+
+// Workers joined: if they allow more replicas, the job grows at its next
+// committed checkpoint (growing sooner would throw away the steps since the
+// last one).
+void ConsiderGrowing(Self self) {
+  auto& st = self->state;
+  const int dp = ReplicasToGrowTo(self);
+  if (dp == 0 || dp == st.grow_to_dp) return;
+  st.grow_to_dp = dp;
+  std::printf("job: the live workers now allow %d replicas (running %d); the job grows at its next checkpoint\n", dp,
+              st.tracker->record().dp);
   std::fflush(stdout);
 }
 
@@ -199,9 +206,7 @@ void ConsiderGrowing(Self self) {
 void TryAssign(Self self) {
   auto& st = self->state;
   if (!st.tracker->NeedsWorker()) return;
-  if (auto cfg = ParseConfigText(st.tracker->record().toml_text, st.tracker->record().config_path);
-      cfg.ok() && IsDistributed(cfg->parallel))
-    return TryAssignRanks(self, *cfg);
+  if (st.config && IsDistributed(st.config->parallel)) return TryAssignRanks(self, *st.config);
   std::vector<WorkerSlot> slots;
   for (const auto& [id, n] : st.workers)
     if (n > 0 && st.nodes.count(id)) slots.push_back({id, 0});
@@ -243,8 +248,10 @@ job_actor::behavior_type JobActor(Self self, JobRecord record, std::shared_ptr<S
   self->state.checkpoints = std::move(checkpoints);
   self->state.shared_dir = std::move(shared_dir);
   self->delayed_send(self, kCheckpointTick, caf::tick_atom_v);
-  if (auto cfg = ParseConfigText(record.toml_text, record.config_path); cfg.ok())
+  if (auto cfg = ParseConfigText(record.toml_text, record.config_path); cfg.ok()) {
     self->state.log_every = std::max(1, cfg->train.log_every);
+    self->state.config = std::move(cfg).value();
+  }
   self->state.tracker = std::make_unique<JobTracker>(std::move(record));
   // A coordinator that restarts while a distributed attempt runs takes up
   // its rendezvous where it is (ranks repeat their entries until answered).
@@ -295,8 +302,7 @@ job_actor::behavior_type JobActor(Self self, JobRecord record, std::shared_ptr<S
           if (p.ok()) {
             plan.id = p->id;
             plan.replicas = p->replicas;
-            if (auto cfg = ParseConfigText(r.toml_text, r.config_path); cfg.ok())
-              plan.shards_per_tensor = cfg->checkpoint.shards_per_tensor;
+            if (st.config) plan.shards_per_tensor = st.config->checkpoint.shards_per_tensor;
           } else {
             plan.reason = p.status().message();
           }
@@ -373,13 +379,8 @@ job_actor::behavior_type JobActor(Self self, JobRecord record, std::shared_ptr<S
         std::fflush(stdout);
         if (!m.checkpoint_id.empty() && st.grow_to_dp > 0 && r.state == JobState::kRunning) {
           // The workers may have left again since: grow only if they still allow more replicas.
-          auto cfg = ParseConfigText(r.toml_text, r.config_path);
-          auto plan = cfg.ok() ? PlanRanks(*cfg, st.workers) : Expected<RankPlan>(cfg.status());
-          if (!plan.ok() || plan->dp <= r.dp) {
-            st.grow_to_dp = 0;
-            return;
-          }
-          st.grow_to_dp = plan->dp;
+          st.grow_to_dp = ReplicasToGrowTo(self);
+          if (st.grow_to_dp == 0) return;
           const uint64_t attempt = r.attempt;
           const std::vector<WorkerSlot> ranks = r.ranks;
           const std::string why =

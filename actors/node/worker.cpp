@@ -173,7 +173,7 @@ using WorkerSelf = worker_actor::stateful_pointer<WorkerState>;
 
 void Launch(WorkerSelf self, const JobAssign& j) {
   auto& st = self->state;
-  if (j.ranked || j.world > 1) {
+  if (j.ranked) {
     st.runner = self->spawn<caf::detached>(RankRunner, j, st.device, worker_actor(self), st.control, st.cpu_threads,
                                            st.rank_host);
   } else {
