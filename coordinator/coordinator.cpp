@@ -52,6 +52,14 @@ Status RunCoordinator(const CoordinatorOptions& o, const std::function<bool(int)
 
   TROUPE_ASSIGN_OR_RETURN(std::unique_ptr<StateStore> store_ptr, StateStore::Open(o.data_dir));
   std::shared_ptr<StateStore> store(std::move(store_ptr));
+  if (!o.shared_dir.empty()) {
+    // Refused here, once, rather than by every rank of every attempt.
+    std::error_code ec;
+    std::filesystem::create_directories(o.shared_dir, ec);
+    if (ec || !std::filesystem::is_directory(o.shared_dir))
+      return Status::IOError("cannot create --shared-dir " + o.shared_dir + ": " +
+                             (ec ? ec.message() : std::string("not a directory")));
+  }
 
   MembershipOptions mo;
   mo.failure_timeout = std::chrono::milliseconds(static_cast<int64_t>(o.heartbeat_timeout_s * 1000));

@@ -244,5 +244,23 @@ TEST(StateStore, ADistributedJobsRanksAndCheckpointSurviveTheRoundTrip) {
   std::filesystem::remove_all(dir);
 }
 
+TEST(StateStore, AMalformedRankEntryIsACorruptionNamingIt) {
+  JobRecord r;
+  r.config_name = "micro";
+  r.ranks = {{"n1", 0}};
+  const std::string good = StateStore::EncodeJob(r);
+  ASSERT_TRUE(StateStore::DecodeJob(good).ok());
+  for (const char* ranks : {R"("ranks":[["n1"]])", R"("ranks":[["n1","0"]])", R"("ranks":{"n1":0})"}) {
+    std::string bad = good;
+    const size_t at = bad.find(R"("ranks":[["n1",0]])");
+    ASSERT_NE(at, std::string::npos) << good;
+    bad.replace(at, std::string(R"("ranks":[["n1",0]])").size(), ranks);
+    auto d = StateStore::DecodeJob(bad);
+    ASSERT_FALSE(d.ok()) << ranks;
+    EXPECT_TRUE(d.status().IsCorruption()) << d.status().message();
+    EXPECT_NE(d.status().message().find("rank"), std::string::npos) << d.status().message();
+  }
+}
+
 }  // namespace
 }  // namespace troupe::cluster

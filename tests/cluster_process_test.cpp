@@ -278,6 +278,16 @@ TEST_F(ClusterTest, ANodeRefusesABadRankHost) {
       << Log("cmd");
 }
 
+TEST_F(ClusterTest, ACoordinatorRefusesASharedDirItCannotCreate) {
+  std::ofstream(dir_ / "a_file") << "x";
+  const std::string bad = (dir_ / "a_file" / "shared").string();
+  ASSERT_NE(
+      RunToEnd({"coordinator", "--keys", keys_, "--data", (dir_ / "data").string(), "--listen", endpoint_, "--http",
+                "127.0.0.1:" + std::to_string(http_port_), "--config", WriteConfig(20), "--shared-dir", bad}),
+      0);
+  EXPECT_NE(Log("cmd").find("cannot create --shared-dir " + bad), std::string::npos) << Log("cmd");
+}
+
 TEST_F(ClusterTest, NodeWithAKeyNotInTheAllowListIsRefused) {
   // A valid key pair that the coordinator's allow-list does not hold.
   const std::string other = (dir_ / "other").string();
